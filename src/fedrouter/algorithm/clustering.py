@@ -1,0 +1,129 @@
+"""Local and global clustering: K-Means with the number of clusters fixed or chosen by silhouette score.
+
+Estimator-like (``fit`` / ``predict``, fitted state ends in ``_``), NumPy only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from sklearn.cluster import KMeans
+from sklearn.metrics import silhouette_score
+
+
+class ClusteringError(ValueError):
+    """Too few points for the requested clusters, or points that are not finite."""
+
+
+@dataclass
+class SilhouetteKMeans:
+    """K-Means whose k is fixed (``k=int``) or chosen by the best silhouette over ``k_min..k_max``.
+
+    With ``k="auto"`` and ``k_min == 1``, k=1 is chosen when no k>1 reaches ``threshold``: the points are
+    then treated as one group (a single-task client). ``scores_`` keeps every k's silhouette for plots.
+    """
+
+    k: int | str = "auto"
+    k_min: int = 1
+    k_max: int = 6
+    threshold: float = 0.1
+    random_state: int = 0
+    n_init: int = 10
+    what: str = "points"  # named in error messages: "client 3's samples", "local centroids"
+
+    centers_: np.ndarray = field(init=False, repr=False)
+    labels_: np.ndarray = field(init=False, repr=False)
+    scores_: dict[int, float] = field(init=False, repr=False)
+
+    def fit(self, points: np.ndarray, sample_weight: np.ndarray | None = None) -> SilhouetteKMeans:
+        points = np.asarray(points, dtype=np.float64)
+        if points.ndim != 2 or len(points) == 0:
+            raise ClusteringError(f"{self.what}: expected a non-empty 2-D array, got shape {points.shape}")
+        if not np.isfinite(points).all():
+            raise ClusteringError(f"{self.what}: contain NaN or infinite values")
+        n = len(points)
+        distinct = len(np.unique(points, axis=0))
+        self.scores_ = {}
+        if self.k != "auto":
+            k = int(self.k)
+            if k > n:
+                raise ClusteringError(
+                    f"{self.what}: {n} point(s) cannot form {k} clusters (fewer samples than clusters)"
+                )
+            self._fit_k(points, min(k, distinct), sample_weight)
+            return self
+        best_k, best_score = 1, -np.inf
+        for k in range(max(2, self.k_min), min(self.k_max, n - 1, distinct) + 1):
+            labels = self._fit_k(points, k, sample_weight).labels_
+            score = float(silhouette_score(points, labels))
+            self.scores_[k] = score
+            if score > best_score:
+                best_k, best_score = k, score
+        if self.k_min <= 1 and best_score < self.threshold:
+            best_k = 1
+        if best_k == 1 and self.k_min > 1:
+            best_k = min(self.k_min, distinct)
+        self._fit_k(points, best_k, sample_weight)
+        return self
+
+    def _fit_k(self, points: np.ndarray, k: int, sample_weight: np.ndarray | None) -> SilhouetteKMeans:
+        if k <= 1:
+            weights = np.ones(len(points)) if sample_weight is None else np.asarray(sample_weight, float)
+            self.centers_ = (weights[:, None] * points).sum(0, keepdims=True) / weights.sum()
+            self.labels_ = np.zeros(len(points), dtype=np.int64)
+            return self
+        model = KMeans(n_clusters=k, n_init=self.n_init, random_state=self.random_state)
+        model.fit(points, sample_weight=sample_weight)
+        self.centers_ = model.cluster_centers_
+        self.labels_ = model.labels_.astype(np.int64)
+        return self
+
+    @property
+    def n_clusters_(self) -> int:
+        return len(self.centers_)
+
+    def predict(self, points: np.ndarray) -> np.ndarray:
+        return nearest(points, self.centers_)
+
+
+def nearest(points: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """Index of the nearest center (Euclidean) for every point."""
+    points = np.asarray(points, dtype=np.float64)
+    centers = np.asarray(centers, dtype=np.float64)
+    distances = ((points[:, None, :] - centers[None, :, :]) ** 2).sum(-1)
+    return distances.argmin(1)
+
+
+def local_clusters(
+    embeddings: np.ndarray,
+    *,
+    k: int | str,
+    k_max: int,
+    threshold: float,
+    seed: int,
+    what: str = "samples",
+) -> SilhouetteKMeans:
+    """Cluster one client's sample embeddings (k=1 reachable)."""
+    return SilhouetteKMeans(k=k, k_min=1, k_max=k_max, threshold=threshold, random_state=seed, what=what).fit(
+        embeddings
+    )
+
+
+def global_clusters(
+    centroids: np.ndarray,
+    counts: np.ndarray,
+    *,
+    k: int | str,
+    k_max: int,
+    threshold: float,
+    seed: int,
+) -> SilhouetteKMeans:
+    """Cluster all clients' local centroids on the server (weighted by their sample counts).
+
+    With ``k="auto"`` a single global cluster is chosen when no k>1 reaches ``threshold`` (every client
+    holds the same task).
+    """
+    return SilhouetteKMeans(
+        k=k, k_min=1, k_max=k_max, threshold=threshold, random_state=seed, what="local centroids"
+    ).fit(centroids, sample_weight=np.asarray(counts, dtype=np.float64))

@@ -1,0 +1,150 @@
+"""The three model computations: sample embeddings, LoRA training steps and batched generation.
+
+All work on the process's one ``BaseModel``: the frozen backbone is shared, the adapter slot is switched.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedrouter.model.loading import BaseModel
+from fedrouter.model.prompts import embedding_ids, prompt_ids, training_ids
+
+
+def _pad(rows: Sequence[list[int]], value: int, left: bool = False) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor(
+        [([value] * (width - len(r)) + r) if left else (r + [value] * (width - len(r))) for r in rows],
+        dtype=torch.long,
+    )
+
+
+@torch.inference_mode()
+def embed(base: BaseModel, texts: Sequence[str], *, batch_size: int = 32, max_len: int = 256) -> np.ndarray:
+    """Mean of the backbone's last hidden layer over non-padding tokens, one row per text (float32).
+
+    Runs the frozen backbone only (no adapter, no LM head), batched by similar length.
+    """
+    tokenizer = base.tokenizer
+    encoded = [embedding_ids(tokenizer, text, max_len) for text in texts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    out = np.zeros((len(texts), base.hidden_size), dtype=np.float32)
+    backbone = base.model.get_base_model().base_model
+    with base.model.disable_adapter(), base.autocast():
+        for start in range(0, len(order), batch_size):
+            index = order[start : start + batch_size]
+            ids = _pad([encoded[i] for i in index], tokenizer.pad_token_id).to(base.device)
+            mask = _pad([[1] * len(encoded[i]) for i in index], 0).to(base.device)
+            hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+            weights = mask.unsqueeze(-1).float()
+            pooled = (hidden * weights).sum(1) / weights.sum(1)
+            out[index] = pooled.cpu().numpy()
+    return out
+
+
+def encode_training(
+    base: BaseModel, pairs: Sequence[tuple[str, str]], max_len: int
+) -> list[tuple[list[int], list[int]]]:
+    """Tokenize (instruction, response) pairs once; reused across rounds."""
+    return [training_ids(base.tokenizer, instruction, response, max_len) for instruction, response in pairs]
+
+
+def answer_loss(base: BaseModel, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over answer tokens, projecting only those positions through the LM head.
+
+    The LM head over the whole sequence (vocab 49k x every token) costs more than the rest of a small model's
+    step; answer positions are a few percent of the tokens.
+    """
+    causal_lm = base.model.get_base_model()
+    hidden = causal_lm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != -100
+    logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep])
+    return F.cross_entropy(logits.float(), targets[keep])
+
+
+def train_adapter(
+    base: BaseModel,
+    examples: Sequence[tuple[list[int], list[int]]],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+) -> list[float]:
+    """Train the adapter in the slot for ``steps`` AdamW steps on ``examples``; returns the step losses.
+
+    Batches are drawn without replacement (reshuffled each pass) from a generator seeded by ``seed``.
+    """
+    if not examples:
+        raise ValueError("no training examples")
+    rng = random.Random(seed)
+    torch.manual_seed(seed)  # LoRA dropout
+    params = [p for p in base.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    pad = base.tokenizer.pad_token_id
+    queue: list[int] = []
+    losses: list[float] = []
+    base.model.train()
+    try:
+        for _ in range(steps):
+            batch: list[int] = []
+            while len(batch) < min(batch_size, len(examples)):
+                if not queue:
+                    queue = list(range(len(examples)))
+                    rng.shuffle(queue)
+                candidate = queue.pop()
+                if candidate not in batch:
+                    batch.append(candidate)
+            rows = [examples[i] for i in batch]
+            ids = _pad([r[0] for r in rows], pad).to(base.device)
+            mask = _pad([[1] * len(r[0]) for r in rows], 0).to(base.device)
+            labels = _pad([r[1] for r in rows], -100).to(base.device)
+            with base.autocast():
+                loss = answer_loss(base, ids, mask, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    finally:
+        base.model.eval()
+    return losses
+
+
+@torch.inference_mode()
+def generate(
+    base: BaseModel,
+    instructions: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    max_len: int = 256,
+) -> list[str]:
+    """Greedy answers for a group of prompts with the adapter in the slot: batched, KV cache, stop at EOS."""
+    tokenizer = base.tokenizer
+    encoded = [prompt_ids(tokenizer, text, max(max_len - max_new_tokens, 16)) for text in instructions]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    answers = [""] * len(encoded)
+    with base.autocast():
+        for start in range(0, len(order), batch_size):
+            index = order[start : start + batch_size]
+            ids = _pad([encoded[i] for i in index], tokenizer.pad_token_id, left=True).to(base.device)
+            mask = _pad([[1] * len(encoded[i]) for i in index], 0, left=True).to(base.device)
+            out = base.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                use_cache=True,
+            )
+            for row, i in enumerate(index):
+                answers[i] = tokenizer.decode(out[row, ids.shape[1] :], skip_special_tokens=True).strip()
+    return answers

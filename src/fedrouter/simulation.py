@@ -1,0 +1,78 @@
+"""Running a FedRouter experiment in Flower's simulation runtime, on this machine, in this process."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import warnings
+from pathlib import Path
+
+from fedrouter.config import Config
+from fedrouter.runlog import METRICS, RunFolder, default_run_dir
+
+log = logging.getLogger("fedrouter")
+
+
+def backend_config(cfg: Config) -> dict:
+    """One client at a time gets every core: a small CPU box runs clients sequentially, each multi-threaded."""
+    cores = os.cpu_count() or 1
+    per_client = cores if not cfg["model.threads"] else min(cfg["model.threads"], cores)
+    return {
+        "client_resources": {"num_cpus": per_client, "num_gpus": 0.0},
+        "init_args": {
+            "num_cpus": cores,
+            "include_dashboard": False,
+            "logging_level": "ERROR",
+            "log_to_driver": True,
+        },
+    }
+
+
+def run_experiment(cfg: Config, run_dir: Path | None = None, on_start=None) -> tuple[Path, dict]:
+    """Run a whole experiment in simulation; returns the run folder and its metrics.
+
+    ``on_start(run_dir)`` is called before the simulation starts (the CLI uses it to follow progress).
+    Raises ``RuntimeError`` when the run did not finish, with the reason the server recorded.
+    """
+    # Imported here: flwr's simulation runtime and torch are heavy and only needed for a run.
+    from flwr.simulation import run_simulation
+
+    from fedrouter.federated.app import client_app, make_server_app
+
+    run_dir = Path(run_dir or default_run_dir(cfg))
+    if (run_dir / METRICS).exists():
+        raise FileExistsError(f"run folder {run_dir} already holds a run; choose another run.name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if on_start is not None:
+        on_start(run_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        # `run_simulation` is Flower's deprecated Python entry point. It is the one that runs the simulation
+        # inside this process: `flwr run .` (also supported, see pyproject.toml) needs a packaged app and
+        # starts a SuperLink that outlives the run. The ServerApp/ClientApp are the same in both.
+        run_simulation(
+            server_app=make_server_app(cfg, run_dir),
+            client_app=client_app,
+            num_supernodes=cfg["data.num_clients"],
+            backend_config=backend_config(cfg),
+        )
+    return run_dir, finished_metrics(run_dir)
+
+
+def finished_metrics(run_dir: Path) -> dict:
+    """The run's final metrics, or an error naming why the run did not finish (flwr may not raise)."""
+    import json
+
+    from fedrouter.runlog import EVENTS, read_events
+
+    events, _ = read_events(run_dir / EVENTS)
+    failed = [e for e in events if e["event"] == "failed"]
+    if failed:
+        raise RuntimeError(f"run failed: {failed[-1].get('error')}")
+    if not any(e["event"] == "done" for e in events):
+        raise RuntimeError(f"run did not finish (no 'done' event in {run_dir / EVENTS}); see {run_dir / 'log.txt'}")
+    return json.loads((run_dir / METRICS).read_text())
+
+
+__all__ = ["RunFolder", "run_experiment", "threading"]
