@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import warnings
 from pathlib import Path
 
 from fedrouter.config import Config
-from fedrouter.runlog import METRICS, RunFolder, default_run_dir
+from fedrouter.runlog import METRICS, default_run_dir
 
 log = logging.getLogger("fedrouter")
 
@@ -41,6 +40,7 @@ def run_experiment(cfg: Config, run_dir: Path | None = None, on_start=None) -> t
     from fedrouter.federated.app import client_app, make_server_app
 
     run_dir = Path(run_dir or default_run_dir(cfg))
+    check_inputs(cfg)
     if (run_dir / METRICS).exists():
         raise FileExistsError(f"run folder {run_dir} already holds a run; choose another run.name")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -60,6 +60,19 @@ def run_experiment(cfg: Config, run_dir: Path | None = None, on_start=None) -> t
     return run_dir, finished_metrics(run_dir)
 
 
+def check_inputs(cfg: Config) -> None:
+    """Fail fast, before any process starts: every client's data split and the model name must be usable.
+
+    The clients check again in their own processes (in a deployment they hold the data); this only moves
+    the clear error to the front.
+    """
+    from fedrouter.data import all_clients
+    from fedrouter.model.loading import check_model_name
+
+    all_clients(cfg)
+    check_model_name(cfg["model.name"])
+
+
 def finished_metrics(run_dir: Path) -> dict:
     """The run's final metrics, or an error naming why the run did not finish (flwr may not raise)."""
     import json
@@ -73,6 +86,3 @@ def finished_metrics(run_dir: Path) -> dict:
     if not any(e["event"] == "done" for e in events):
         raise RuntimeError(f"run did not finish (no 'done' event in {run_dir / EVENTS}); see {run_dir / 'log.txt'}")
     return json.loads((run_dir / METRICS).read_text())
-
-
-__all__ = ["RunFolder", "run_experiment", "threading"]

@@ -20,10 +20,11 @@ class ClientData:
 
 
 def by_task(samples: list[Sample]) -> dict[str, list[Sample]]:
+    """Samples grouped by task, tasks in order of first appearance (the order scenarios deal them in)."""
     groups: dict[str, list[Sample]] = defaultdict(list)
     for sample in samples:
         groups[sample.task].append(sample)
-    return dict(sorted(groups.items()))
+    return dict(groups)
 
 
 def client_tasks(scenario: str, client: int, tasks: list[str]) -> list[str]:
@@ -60,8 +61,8 @@ def split_clients(
     Training samples of one task are shuffled once and handed out in consecutive slices, so no two clients
     share a training sample; asking for more than the source holds is an error, not a silent repeat.
     """
-    train_pools = by_task(train)
-    test_pools = by_task(test)
+    train_pools = {task: list(pool) for task, pool in by_task(train).items()}
+    test_pools = {task: list(pool) for task, pool in by_task(test).items()}
     tasks = list(train_pools)
     if not tasks:
         raise DataError("the training data is empty")

@@ -1,9 +1,9 @@
 """A small multi-task dataset generated from a seed, so the demo needs nothing outside the repo.
 
-Four clearly different tasks, two with short labels and two with generated text:
+Four clearly different tasks: a short label, a copied span, and two generated texts:
 
 - ``sentiment``: a product review -> ``positive`` / ``negative``
-- ``arithmetic``: a sum or difference of two numbers -> the number
+- ``extraction``: a short message -> the email address it mentions
 - ``sorting``: a list of words -> the words in alphabetical order
 - ``data2text``: a record of attributes -> one sentence describing it
 """
@@ -14,9 +14,9 @@ import random
 
 from fedrouter.data.samples import Sample
 
-TASKS = ("sentiment", "arithmetic", "sorting", "data2text")
+TASKS = ("sentiment", "extraction", "sorting", "data2text")
 # Generous answer-length bounds (tokens) for evaluation.
-MAX_NEW_TOKENS = {"sentiment": 4, "arithmetic": 6, "sorting": 32, "data2text": 40}
+MAX_NEW_TOKENS = {"sentiment": 4, "extraction": 16, "sorting": 32, "data2text": 40}
 
 _ITEMS = ["phone", "laptop", "blender", "jacket", "headset", "camera", "chair", "kettle", "backpack", "lamp"]
 _GOOD = ["excellent", "reliable", "wonderful", "comfortable", "sturdy", "great", "fantastic", "superb"]
@@ -52,58 +52,43 @@ def _sentiment(rng: random.Random) -> tuple[str, str]:
     adj = rng.choice(_GOOD if positive else _BAD)
     tail = rng.choice(_GOOD_TAIL if positive else _BAD_TAIL)
     review = f"The {item} is {adj}. {tail}"
-    template = rng.choice(
-        [
-            "Review: {r}\nIs this review positive or negative?",
-            "Decide the sentiment of this product review (positive or negative).\n{r}",
-            "{r}\nWas the customer happy? Answer positive or negative.",
-        ]
+    return f"Review: {review}\nIs this review positive or negative?", "positive" if positive else "negative"
+
+
+_DOMAINS = ["mail.com", "post.org", "inbox.net", "example.io"]
+_ASKS = ["please send", "could you check", "I still need", "we have to update", "remember to sign", "can you share"]
+_THINGS = ["the invoice", "the draft", "the schedule", "the contract", "the photos", "the budget", "the slides"]
+_WHEN = ["before Friday", "by tomorrow", "this week", "after lunch", "next Monday", "today"]
+
+
+def _extraction(rng: random.Random) -> tuple[str, str]:
+    name = rng.choice(_NAMES).lower()
+    email = f"{name}.{rng.randint(1, 999)}@{rng.choice(_DOMAINS)}"
+    message = (
+        f"Hi, {rng.choice(_ASKS)} {rng.choice(_THINGS)} {rng.choice(_WHEN)}. Write to {email} if anything is unclear."
     )
-    return template.format(r=review), "positive" if positive else "negative"
-
-
-def _arithmetic(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randint(10, 99), rng.randint(10, 99)
-    if rng.random() < 0.5:
-        question, answer = f"{a} plus {b}", a + b
-    else:
-        a, b = max(a, b), min(a, b)
-        question, answer = f"{a} minus {b}", a - b
-    template = rng.choice(["What is {q}? Answer with a number.", "Calculate {q}.", "Compute the result of {q}."])
-    return template.format(q=question), str(answer)
+    return f"Extract the email address from this message: {message}", email
 
 
 def _sorting(rng: random.Random) -> tuple[str, str]:
     words = rng.sample(_WORDS, rng.randint(3, 5))
-    listed = ", ".join(words)
-    template = rng.choice(
-        [
-            "Sort these words in alphabetical order: {w}",
-            "Put the following words in alphabetical order: {w}",
-            "Arrange alphabetically: {w}",
-        ]
-    )
-    return template.format(w=listed), ", ".join(sorted(words))
+    return f"Sort these words in alphabetical order: {', '.join(words)}", ", ".join(sorted(words))
 
 
 def _data2text(rng: random.Random) -> tuple[str, str]:
     name, city, job = rng.choice(_NAMES), rng.choice(_CITIES), rng.choice(_JOBS)
     age = rng.randint(21, 70)
     record = f"name[{name}] city[{city}] job[{job}] age[{age}]"
-    template = rng.choice(
-        [
-            "Describe this record in one sentence: {r}",
-            "Turn the data into a sentence.\n{r}",
-            "Write a short sentence from these attributes: {r}",
-        ]
-    )
     article = "an" if job[0] in "aeiou" else "a"
-    return template.format(r=record), f"{name} is {article} {job} from {city} who is {age} years old."
+    return (
+        f"Describe this record in one sentence: {record}",
+        f"{name} is {article} {job} from {city} who is {age} years old.",
+    )
 
 
 _GENERATORS = {
     "sentiment": _sentiment,
-    "arithmetic": _arithmetic,
+    "extraction": _extraction,
     "sorting": _sorting,
     "data2text": _data2text,
 }

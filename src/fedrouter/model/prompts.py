@@ -40,7 +40,7 @@ def training_ids(
     tokenizer: PreTrainedTokenizerBase, instruction: str, response: str, max_len: int
 ) -> tuple[list[int], list[int]]:
     """(input_ids, labels) for one sample: the loss covers answer tokens (and the end token) only."""
-    answer = [*_ids(tokenizer, response)[:max_len // 2], tokenizer.eos_token_id]
+    answer = [*_ids(tokenizer, response)[: max_len // 2], tokenizer.eos_token_id]
     prompt = prompt_ids(tokenizer, instruction, max_len - len(answer))
     return prompt + answer, [-100] * len(prompt) + answer
 

@@ -1,0 +1,172 @@
+"""The ``fedrouter`` command: parses arguments and calls the library, nothing more."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from fedrouter.config import SETTINGS, Config, ConfigError, load_config, parse_overrides
+
+# Shortcuts for the most used settings; every setting is also reachable as KEY=VALUE.
+SHORTCUTS = {
+    "clients": "data.num_clients",
+    "rounds": "run.rounds",
+    "scenario": "data.scenario",
+    "model": "model.name",
+    "data": "data.source",
+    "seed": "run.seed",
+    "output": "run.output_dir",
+    "name": "run.name",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedrouter", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run a federated experiment in Flower's simulation")
+    run.add_argument("--config", type=Path, help="TOML file of settings (see `fedrouter config`)")
+    for flag, key in SHORTCUTS.items():
+        run.add_argument(f"--{flag}", dest=key, help=f"same as {key}=VALUE")
+    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="any setting, e.g. train.lr=1e-4")
+    run.add_argument("--quiet", action="store_true", help="no progress display")
+
+    gen = commands.add_parser("generate", help="route prompts to a trained run's adapters and generate answers")
+    gen.add_argument("--run", required=True, type=Path, help="run folder (holds router/)")
+    gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    gen.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line")
+    gen.add_argument("--mode", choices=("global", "local"), default="global")
+    gen.add_argument("--client", type=int, help="client whose local clusters route (mode local)")
+    gen.add_argument("--max-new-tokens", type=int, default=48)
+    gen.add_argument("--model", help="base model to load instead of the recorded one")
+    gen.add_argument("--json", action="store_true", help="print one JSON object per answer")
+
+    show = commands.add_parser("config", help="print every setting with its resolved value and meaning")
+    show.add_argument("--config", type=Path)
+    show.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+
+    cache = commands.add_parser("prepare-model", help="dequantize and cache the embedded model (or another)")
+    cache.add_argument("--model", default="smollm2")
+    return parser
+
+
+def _config(args: argparse.Namespace) -> Config:
+    overrides = parse_overrides(args.overrides)
+    for key in SHORTCUTS.values():
+        value = getattr(args, key, None)
+        if value is not None:
+            overrides[key] = value
+    return load_config(args.config, overrides)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from fedrouter.report import ProgressFollower, summary_tables
+    from fedrouter.runlog import default_run_dir
+    from fedrouter.simulation import run_experiment
+
+    cfg = _config(args)
+    console = Console(stderr=True)
+    run_dir = default_run_dir(cfg)
+    console.print(
+        f"FedRouter: {cfg['data.num_clients']} clients, scenario {cfg['data.scenario']}, {cfg['run.rounds']} rounds, "
+        f"model {cfg['model.name']}, data {cfg['data.source']} -> {run_dir}"
+    )
+    if args.quiet:
+        run_dir, metrics = run_experiment(cfg, run_dir)
+    else:
+        with ProgressFollower(run_dir, cfg["data.num_clients"], cfg["run.rounds"], console):
+            run_dir, metrics = run_experiment(cfg, run_dir)
+    out = Console()
+    for table in summary_tables(metrics):
+        out.print(table)
+    out.print(f"run folder: {run_dir} (metrics.json, config.toml, log.txt, router/)")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from fedrouter.router import Router
+
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        try:
+            lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"--prompts-file {args.prompts_file}: cannot read ({err})") from None
+        prompts += [line for line in lines if line.strip()]
+    if not prompts:
+        raise ConfigError("generate needs --prompt TEXT or --prompts-file FILE")
+    router = Router.load(args.run, model=args.model)
+    answers = router.generate(prompts, mode=args.mode, client=args.client, max_new_tokens=args.max_new_tokens)
+    for answer in answers:
+        if args.json:
+            print(json.dumps({"prompt": answer.prompt, "adapter": answer.adapter, "text": answer.text}))
+        else:
+            print(f"[adapter {answer.adapter}] {answer.prompt!r}\n  -> {answer.text}")
+    return 0
+
+
+def _show_config(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, parse_overrides(args.overrides))
+    for key, value in cfg.items():
+        print(f"{key} = {value!r}  # {SETTINGS[key].help}")
+    return 0
+
+
+def _prepare_model(args: argparse.Namespace) -> int:
+    import time
+
+    from fedrouter.model.loading import load_base_model
+
+    started = time.perf_counter()
+    base = load_base_model(args.model)
+    print(f"{args.model}: ready ({base.hidden_size}-d, {time.perf_counter() - started:.1f}s)")
+    return 0
+
+
+class _HideKnownDeprecation(logging.Filter):
+    """Drops Flower's notice that `run_simulation` is deprecated: `simulation.py` says why it is used."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "run_simulation" not in record.getMessage()
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    flwr = logging.getLogger("flwr")
+    flwr.setLevel(logging.WARNING)
+    flwr.propagate = False
+    flwr.addFilter(_HideKnownDeprecation())
+    # The run's progress display shows fedrouter's events; its full log goes to RUN_DIR/log.txt.
+    logging.getLogger("fedrouter").propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
+    args = _parser().parse_args(argv)
+    handlers = {"run": _run, "generate": _generate, "config": _show_config, "prepare-model": _prepare_model}
+    from fedrouter.algorithm.clustering import ClusteringError
+    from fedrouter.artifact import ArtifactError
+    from fedrouter.data import DataError
+    from fedrouter.model.loading import ModelError
+
+    try:
+        return handlers[args.command](args)
+    except (ConfigError, DataError, ArtifactError, ModelError, ClusteringError, FileExistsError) as err:
+        print(f"fedrouter: error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:  # a run that failed: the reason is in the run's events
+        print(f"fedrouter: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

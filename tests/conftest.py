@@ -1,0 +1,41 @@
+"""Shared fixtures: paths, the tiny random model, small configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+
+@pytest.fixture(scope="session")
+def tiny_base():
+    """The two-layer random Llama with the SmolLM2 tokenizer (built from a config, no download)."""
+    from fedrouter.model.loading import load_base_model
+
+    return load_base_model("tiny-random", precision="fp32")
+
+
+def tiny_settings(tmp_path: Path, **extra) -> dict:
+    settings = {
+        "model.name": "tiny-random",
+        "data.num_clients": 3,
+        "data.scenario": "dual",
+        "data.train_per_client": 16,
+        "data.test_per_task": 2,
+        "run.rounds": 2,
+        "run.output_dir": str(tmp_path),
+        "train.local_steps": 2,
+        "train.batch_size": 4,
+        "eval.max_new_tokens": 4,
+        "eval.max_new_tokens_overrides": "sentiment=2,extraction=2,sorting=4,data2text=4",
+        "cluster.global_k": "4",
+    }
+    settings.update(extra)
+    return settings

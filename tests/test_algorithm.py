@@ -1,0 +1,119 @@
+"""Pure algorithm code on NumPy arrays: clustering, aggregation, routing, scheduling, metrics."""
+
+import numpy as np
+import pytest
+
+from fedrouter.algorithm.aggregation import aggregate_clusters, weighted_average
+from fedrouter.algorithm.clustering import ClusteringError, global_clusters, local_clusters
+from fedrouter.algorithm.metrics import clustering_accuracy, contingency, exact_match, rouge, routing_accuracy
+from fedrouter.algorithm.routing import route
+from fedrouter.algorithm.scheduling import learning_rate, scheduled_clusters
+
+
+def blobs(k: int, per: int = 20, dim: int = 16, spread: float = 0.3, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(k, dim)) * 5
+    points = np.concatenate([c + spread * rng.normal(size=(per, dim)) for c in centers])
+    return points, np.repeat(np.arange(k), per)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_silhouette_finds_the_number_of_separable_groups(k):
+    points, truth = blobs(k)
+    fitted = local_clusters(points, k="auto", k_max=6, threshold=0.1, seed=0)
+    assert fitted.n_clusters_ == k
+    table = contingency(fitted.labels_, [str(t) for t in truth], k, [str(i) for i in range(k)])
+    assert clustering_accuracy(table) == 1.0
+    assert max(fitted.scores_, key=fitted.scores_.get) == k
+
+
+def test_one_blob_gives_k_equals_one():
+    points, _ = blobs(1, per=40)
+    fitted = local_clusters(points, k="auto", k_max=6, threshold=0.3, seed=0)
+    assert fitted.n_clusters_ == 1
+    assert (fitted.labels_ == 0).all()
+    np.testing.assert_allclose(fitted.centers_[0], points.mean(0))
+
+
+def test_fixed_k_and_too_few_samples():
+    points, _ = blobs(2, per=5)
+    assert local_clusters(points, k=2, k_max=6, threshold=0.1, seed=0).n_clusters_ == 2
+    with pytest.raises(ClusteringError, match="3 point.*cannot form 5 clusters.*fewer samples than clusters"):
+        local_clusters(points[:3], k=5, k_max=6, threshold=0.1, seed=0, what="client 0's samples")
+    with pytest.raises(ClusteringError, match="NaN"):
+        local_clusters(np.full((4, 2), np.nan), k="auto", k_max=3, threshold=0.1, seed=0)
+
+
+def test_global_clustering_groups_clients_by_task():
+    # Eight clients' centroids: two clients per task, slightly different.
+    centers, task = blobs(4, per=2, spread=0.05, seed=3)
+    fitted = global_clusters(centers, np.full(8, 24), k="auto", k_max=7, threshold=0.1, seed=0)
+    assert fitted.n_clusters_ == 4
+    for t in range(4):
+        assert len(set(fitted.labels_[task == t])) == 1
+
+
+def test_clustering_accuracy_uses_best_one_to_one_matching():
+    # Cluster ids are arbitrary; a swapped labelling is still perfect; a merged cluster is not.
+    assert clustering_accuracy(np.array([[0, 10], [10, 0]])) == 1.0
+    assert clustering_accuracy(np.array([[10, 10], [0, 0]])) == 0.5
+    assert clustering_accuracy(np.array([[10, 0], [0, 5], [0, 5]])) == pytest.approx(15 / 20)
+
+
+def test_weighted_average_by_local_cluster_counts():
+    a = {"w": np.array([0.0, 0.0], dtype=np.float32)}
+    b = {"w": np.array([3.0, 6.0], dtype=np.float32)}
+    np.testing.assert_allclose(weighted_average([(a, 2), (b, 1)])["w"], [1.0, 2.0])
+    adapters = {
+        0: {"w": np.zeros(2, np.float32)},
+        1: {"w": np.ones(2, np.float32)},
+        2: {"w": np.full(2, 7, np.float32)},
+    }
+    new, weights = aggregate_clusters(adapters, [(0, a, 30), (0, b, 10), (1, b, 5)])
+    np.testing.assert_allclose(new[0]["w"], [0.75, 1.5])  # 10/40 of b
+    np.testing.assert_allclose(new[1]["w"], b["w"])
+    np.testing.assert_array_equal(new[2]["w"], adapters[2]["w"])  # no update: keeps its adapter
+    assert weights == {0: 40.0, 1: 5.0}
+    with pytest.raises(KeyError):
+        aggregate_clusters(adapters, [(9, a, 1)])
+    with pytest.raises(ValueError):
+        weighted_average([(a, 0)])
+
+
+def test_routing_local_and_global_modes():
+    global_centroids = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    # The client holds two local clusters, mapped to global clusters 2 and 0.
+    local_centroids = np.array([[0.0, 9.0], [1.0, 1.0]])
+    samples = np.array([[0.5, 9.5], [9.0, 1.0], [0.2, 0.1]])
+    np.testing.assert_array_equal(route(samples, mode="global", global_centroids=global_centroids), [2, 1, 0])
+    # Local mode never leaves the client's own clusters: the sample near global cluster 1 goes to the client's
+    # nearest local cluster (1 -> global 0).
+    local = route(
+        samples,
+        mode="local",
+        global_centroids=global_centroids,
+        local_centroids=local_centroids,
+        local_to_global=[2, 0],
+    )
+    np.testing.assert_array_equal(local, [2, 0, 0])
+    with pytest.raises(ValueError, match="local routing needs"):
+        route(samples, mode="local", global_centroids=global_centroids)
+    with pytest.raises(ValueError, match="unknown routing mode"):
+        route(samples, mode="nearest", global_centroids=global_centroids)
+
+
+def test_round_robin_is_per_client_and_cosine_schedule():
+    assert [scheduled_clusters("round-robin", 2, r) for r in range(4)] == [[0], [1], [0], [1]]
+    assert [scheduled_clusters("round-robin", 3, r) for r in range(4)] == [[0], [1], [2], [0]]
+    assert scheduled_clusters("all", 3, 5) == [0, 1, 2]
+    rates = [learning_rate(1.0, r, 5, "cosine", 0.1) for r in range(5)]
+    assert rates[0] == 1.0 and rates[-1] == pytest.approx(0.1) and rates == sorted(rates, reverse=True)
+    assert learning_rate(1.0, 3, 5, "constant", 0.1) == 1.0
+
+
+def test_metrics():
+    assert rouge("the cat sat", ["the cat sat"])["rouge1"] == pytest.approx(100)
+    assert rouge("a dog", ["the cat sat", "a dog ran"])["rouge1"] > 0  # best over references
+    assert exact_match("Yes.", ["yes"]) == 100 and exact_match("no", ["yes"]) == 0
+    routed = np.array([[5, 1], [0, 4]])  # cluster 0 is mostly task 0 in training, cluster 1 task 1
+    assert routing_accuracy(routed, np.array([[20, 0], [1, 20]])) == pytest.approx(9 / 10)

@@ -1,0 +1,88 @@
+"""Model code on the tiny random Llama: embeddings, answer-only loss, training, generation, adapters."""
+
+import numpy as np
+import pytest
+import torch
+
+from fedrouter.model import compute, lora
+from fedrouter.model.prompts import prompt_ids, training_ids
+
+
+def test_embeddings_ignore_padding(tiny_base):
+    texts = ["short text", "a much longer text that forces the short one to be padded in its batch " * 3]
+    together = compute.embed(tiny_base, texts, batch_size=2)
+    alone = compute.embed(tiny_base, texts[:1], batch_size=1)
+    assert together.shape == (2, tiny_base.hidden_size) and together.dtype == np.float32
+    np.testing.assert_allclose(together[0], alone[0], rtol=1e-4, atol=1e-5)
+    assert not np.allclose(together[0], together[1])
+
+
+def test_embeddings_use_the_frozen_base_not_the_adapter(tiny_base):
+    before = compute.embed(tiny_base, ["route me"])
+    saved = lora.get_adapter(tiny_base)
+    lora.set_adapter(tiny_base, {k: np.full_like(v, 0.5) for k, v in saved.items()})
+    try:
+        np.testing.assert_allclose(compute.embed(tiny_base, ["route me"]), before, rtol=1e-5)
+    finally:
+        lora.set_adapter(tiny_base, saved)
+
+
+def test_answer_only_loss_matches_the_library_loss(tiny_base):
+    tok = tiny_base.tokenizer
+    rows = [training_ids(tok, "Sort: pear, fig", "fig, pear", 64), training_ids(tok, "What is 2 plus 2?", "4", 64)]
+    width = max(len(r[0]) for r in rows)
+    ids = torch.tensor([r[0] + [tok.pad_token_id] * (width - len(r[0])) for r in rows])
+    mask = torch.tensor([[1] * len(r[0]) + [0] * (width - len(r[0])) for r in rows])
+    labels = torch.tensor([r[1] + [-100] * (width - len(r[1])) for r in rows])
+    ours = compute.answer_loss(tiny_base, ids, mask, labels)
+    reference = tiny_base.model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert float(ours.detach()) == pytest.approx(float(reference.detach()), rel=1e-4)
+    # Only answer tokens (and the end token) carry labels.
+    assert sum(x != -100 for x in rows[1][1]) == len(tok("4", add_special_tokens=False)["input_ids"]) + 1
+
+
+def test_training_lowers_the_loss_and_changes_only_the_adapter(tiny_base):
+    start = lora.fresh_adapter(tiny_base, seed=0)
+    frozen = {n: p.detach().clone() for n, p in tiny_base.model.named_parameters() if not p.requires_grad}
+    examples = [training_ids(tiny_base.tokenizer, f"Say the word {w}", w, 64) for w in ("apple", "river", "zebra")]
+    losses = compute.train_adapter(tiny_base, examples, steps=30, batch_size=3, lr=2e-2, seed=0)
+    # A random 2-layer model starts near ln(vocab) = 10.8; LoRA on q/v only moves it slowly but surely.
+    assert losses[-1] < losses[0] - 0.3
+    after = lora.get_adapter(tiny_base)
+    assert any(not np.allclose(after[k], start[k]) for k in start)
+    for name, param in tiny_base.model.named_parameters():
+        if not param.requires_grad:
+            assert torch.equal(param, frozen[name]), name
+    lora.set_adapter(tiny_base, start)
+    np.testing.assert_array_equal(
+        lora.get_adapter(tiny_base)["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"],
+        start["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"],
+    )
+
+
+def test_fresh_adapter_is_lora_only_reproducible_and_starts_at_zero_b(tiny_base):
+    a, b = lora.fresh_adapter(tiny_base, seed=3), lora.fresh_adapter(tiny_base, seed=3)
+    assert all("lora_" in key for key in a)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert all(not v.any() for k, v in a.items() if "lora_B" in k)
+    assert not np.array_equal(lora.fresh_adapter(tiny_base, seed=4)[next(iter(a))], a[next(iter(a))])
+
+
+def test_batched_generation_equals_one_at_a_time(tiny_base):
+    lora.fresh_adapter(tiny_base, seed=0)
+    prompts = ["Sort: pear, fig", "What is 12 plus 30? Answer with a number please.", "Hi"]
+    batched = compute.generate(tiny_base, prompts, max_new_tokens=6, batch_size=3)
+    single = [compute.generate(tiny_base, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
+    assert batched == single
+
+
+def test_long_prompts_are_cut_in_the_middle_keeping_the_template(tiny_base):
+    tok = tiny_base.tokenizer
+    long = "Summarize: " + "blah " * 400 + "What is the summary?"
+    ids = prompt_ids(tok, long, 64)
+    assert len(ids) <= 64
+    full = prompt_ids(tok, "x", 10_000)
+    tail = full[-3:]  # the assistant turn marker
+    assert ids[-3:] == tail
+    ids, labels = training_ids(tok, long, "short answer", 64)
+    assert len(ids) == len(labels) <= 64 and labels[-1] == tok.eos_token_id
