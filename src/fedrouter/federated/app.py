@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import logging
+
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedrouter.config import Config, ConfigError
+from fedrouter.config import Config
 from fedrouter.federated.client import app as client_app
 from fedrouter.federated.server import run_fedrouter
 from fedrouter.runlog import default_run_dir
+
+log = logging.getLogger("fedrouter")
+
+
+def _show_progress_in_flower_logs() -> None:
+    """Under ``flwr run`` nobody configured logging: send fedrouter's events to Flower's log stream."""
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s fedrouter: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
 
 
 def make_server_app(cfg: Config | None = None, run_dir=None) -> ServerApp:
@@ -19,11 +32,15 @@ def make_server_app(cfg: Config | None = None, run_dir=None) -> ServerApp:
     def main(grid: Grid, context: Context) -> None:
         config = cfg
         if config is None:
+            _show_progress_in_flower_logs()
             try:
                 config = Config(dict(context.run_config), where="Flower run config")
-            except ConfigError as err:
-                raise SystemExit(str(err)) from None
-        run_fedrouter(grid, config, run_dir or default_run_dir(config))
+            except Exception:
+                log.exception("invalid run config")
+                raise
+        target = run_dir or default_run_dir(config)
+        log.info("run folder: %s", target)
+        run_fedrouter(grid, config, target)
 
     return app
 

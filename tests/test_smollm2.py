@@ -1,0 +1,69 @@
+"""The real embedded model: the on-disk cache, and one end-to-end run on a few samples."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import tiny_settings
+
+from fedrouter import Router
+from fedrouter.config import Config
+from fedrouter.simulation import run_experiment
+
+pytestmark = pytest.mark.slow
+
+
+def test_gguf_is_dequantized_once_then_loaded_from_the_cache(tmp_path):
+    # Fresh processes with an empty cache folder: the first start converts the GGUF file, the second reads
+    # safetensors. Compared as a ratio in one run, not as absolute times.
+    code = (
+        "import time; from fedrouter.model import loading as l; t = time.perf_counter(); "
+        "l.load_base_model('smollm2'); print(time.perf_counter() - t, l.LOAD_COUNT)"
+    )
+    env = {"FEDROUTER_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    first, second = (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+        for _ in range(2)
+    )
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert second.returncode == 0, second.stderr[-2000:]
+    first_s, loads = first.stdout.split()
+    second_s, _ = second.stdout.split()
+    assert loads == "1"
+    assert float(second_s) * 3 < float(first_s), (first_s, second_s)
+    assert list((tmp_path / "cache" / "models").glob("*/model.safetensors"))
+
+
+def test_real_model_end_to_end_on_a_few_samples(tmp_path):
+    cfg = Config(
+        tiny_settings(
+            tmp_path,
+            **{
+                "model.name": "smollm2",
+                "data.num_clients": 4,
+                "data.scenario": "dual",
+                "data.train_per_client": 12,
+                "data.test_per_task": 2,
+                "run.rounds": 1,
+                "cluster.global_k": "auto",
+                "cluster.silhouette_threshold": 0.3,
+                "eval.max_new_tokens_overrides": "",
+            },
+        )
+    )
+    started = time.perf_counter()
+    run_dir, metrics = run_experiment(cfg, tmp_path / "smol")
+    clustering = metrics["clustering"]
+    # Four clients, each holding two of the four generated tasks: the real embeddings separate them.
+    assert clustering["local_k"] == {"0": 2, "1": 2, "2": 2, "3": 2}
+    assert clustering["global_k"] == 4
+    assert clustering["cluster_acc_local"] == 1.0 and clustering["cluster_acc_global"] == 1.0
+    assert metrics["evaluation"]["overall"]["personalized/local"]["routing_acc"] == 1.0
+    assert metrics["evaluation"]["overall"]["personalized/local"]["rouge1"] > 5
+    router = Router.load(run_dir)
+    answers = router.generate(
+        ["Review: The lamp is awful. Avoid it.\nIs this review positive or negative?"], mode="local", client=0
+    )
+    assert answers[0].text.strip() and answers[0].adapter in router.artifact.cluster_map[0]
+    assert time.perf_counter() - started < 600
