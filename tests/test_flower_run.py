@@ -1,5 +1,6 @@
 """The same app under `flwr run .` on Flower's managed local SuperLink (real SuperLink and SuperExec processes)."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -32,10 +33,8 @@ def _flower_processes(flwr_home: Path) -> list[psutil.Process]:
 
 def _stop(processes: list[psutil.Process]) -> None:
     for proc in processes:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
     _, alive = psutil.wait_procs(processes, timeout=15)
     for proc in alive:
         proc.kill()
