@@ -118,7 +118,7 @@ SETTINGS: dict[str, Setting] = {
     "eval.sets": Setting(
         str,
         "personalized",
-        "comma-separated test sets: personalized (own tasks), generalization (every task)",
+        "comma-separated test sets: personalized (own tasks), generalization (every task); 'none' skips evaluation",
         _non_empty,
     ),
     "eval.routing": Setting(str, "both", "router mode(s) to evaluate", _one_of("local", "global", "both")),
@@ -183,6 +183,8 @@ class Config(Mapping[str, Any]):
 
     def _check_consistency(self, where: str) -> None:
         sets = self.list("eval.sets")
+        if sets == ["none"]:
+            sets = []
         for name in sets:
             if name not in ("personalized", "generalization"):
                 raise ConfigError(
@@ -214,6 +216,12 @@ class Config(Mapping[str, Any]):
     def list(self, key: str) -> list[str]:
         """A comma-separated setting as a list of stripped, non-empty items."""
         return [item.strip() for item in str(self[key]).split(",") if item.strip()]
+
+    @property
+    def eval_sets(self) -> list[str]:
+        """The test sets to evaluate on ([] for 'none')."""
+        sets = self.list("eval.sets")
+        return [] if sets == ["none"] else sets
 
     def task_overrides(self, key: str, *, where: str = "config") -> dict[str, int]:
         """Parse 'task=number,task=number' settings."""

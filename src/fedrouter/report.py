@@ -123,7 +123,7 @@ def summary_tables(metrics: dict) -> list[Table]:
     facts.add_row(
         "time",
         f"{metrics.get('wall_s', 0):.0f}s (clustering {phases.get('clustering_s', 0):.0f}s, training "
-        f"{phases.get('training_s', 0):.0f}s, evaluation {phases.get('evaluation_s', 0):.0f}s)",
+        f"{phases.get('training_s', 0):.0f}s, evaluation {metrics.get('evaluation_s', 0):.0f}s)",
     )
     sent = metrics.get("bytes", {})
     facts.add_row(

@@ -79,7 +79,7 @@ def all_clients(cfg: Config) -> list[ClientData]:
         train_per_client=cfg["data.train_per_client"],
         test_per_task=cfg["data.test_per_task"],
         test_overrides=cfg.task_overrides("data.test_per_task_overrides"),
-        eval_sets=cfg.list("eval.sets"),
+        eval_sets=cfg.eval_sets,
         seed=cfg["run.seed"],
     )
 

@@ -309,43 +309,66 @@ def _run(grid: Grid, cfg: Config, run: RunFolder) -> dict:
         run.write_metrics(metrics)
         save_artifact()
 
-    # 7. Evaluation: every client routes its test samples and scores the answers.
-    t0 = time.time()
-    run.event("phase", name="evaluation", round=rounds)
-    messages = []
-    for node in nodes:
-        client = by_node[node]
-        content = RecordDict(
-            {
-                "config": config_record(cfg, num_global=num_global),
-                "routing": to_record(
-                    {
-                        "global_centroids": fitted.centers_.astype(np.float32),
-                        "local_to_global": assignment[client.client_id].astype(np.int64),
-                    }
-                ),
-            }
-            | {f"adapter.{g}": to_record(adapters[g], cfg["train.adapter_dtype"]) for g in range(num_global)}
-        )
-        messages.append(Message(content, node, records.EVALUATE, group_id="eval"))
-    replies = _exchange(grid, messages, run, "evaluation", timeout)
-    per_client = {
-        by_node[r.metadata.src_node_id].client_id: get_metrics(r.content, "metrics", f"node {r.metadata.src_node_id}")
-        for r in replies
-    }
-    metrics["evaluation"] = summarize_evaluation(per_client, train_table, tasks)
-    metrics["phases"]["evaluation_s"] = time.time() - t0
     metrics["phases"]["training_s"] = sum(r["seconds"] for r in metrics["rounds"])
-    metrics["wall_s"] = time.time() - started
     metrics["bytes"] = {
         "up_total": sum(r["bytes_up"] for r in metrics["rounds"]) + bytes_up,
         "down_total": sum(r["bytes_down"] for r in metrics["rounds"]),
         "adapter_bytes": int(sum(v.nbytes for v in initial.values())),
     }
-    metrics["eval_tokens"] = int(sum(v.get("generated_tokens", 0) for v in per_client.values()))
+    if cfg.eval_sets:
+        metrics.update(
+            _evaluate(grid, cfg, run, nodes, by_node, fitted.centers_, assignment, adapters, train_table, tasks)
+        )
+    metrics["wall_s"] = time.time() - started
     run.write_metrics(metrics)
-    run.event("done", wall_s=metrics["wall_s"], evaluation=metrics["evaluation"]["overall"])
+    run.event("done", wall_s=metrics["wall_s"], evaluation=metrics.get("evaluation", {}).get("overall", {}))
     return metrics
+
+
+def _evaluate(
+    grid: Grid,
+    cfg: Config,
+    run: RunFolder,
+    nodes: list[int],
+    by_node: dict[int, ClientClusters],
+    global_centroids: np.ndarray,
+    assignment: dict[int, np.ndarray],
+    adapters: dict[int, dict[str, np.ndarray]],
+    train_table: np.ndarray,
+    tasks: list[str],
+) -> dict:
+    """7. Every client routes its test samples (both modes), generates per adapter and scores the answers.
+
+    ``assignment`` maps a client id to the global cluster of each of its local clusters.
+    """
+    started = time.time()
+    run.event("phase", name="evaluation", round=cfg["run.rounds"])
+    messages = []
+    for node in nodes:
+        content = RecordDict(
+            {
+                "config": config_record(cfg, num_global=len(adapters)),
+                "routing": to_record(
+                    {
+                        "global_centroids": global_centroids.astype(np.float32),
+                        "local_to_global": assignment[by_node[node].client_id].astype(np.int64),
+                    }
+                ),
+            }
+            | {f"adapter.{g}": to_record(arrays, cfg["train.adapter_dtype"]) for g, arrays in adapters.items()}
+        )
+        messages.append(Message(content, node, records.EVALUATE, group_id="eval"))
+    replies = _exchange(grid, messages, run, "evaluation", cfg["run.reply_timeout_s"])
+    per_client = {
+        by_node[r.metadata.src_node_id].client_id: get_metrics(r.content, "metrics", f"node {r.metadata.src_node_id}")
+        for r in replies
+    }
+    return {
+        "evaluation": summarize_evaluation(per_client, train_table, tasks),
+        "evaluation_s": time.time() - started,
+        "eval_bytes_down": sum(record_bytes(*m.content.array_records.values()) for m in messages),
+        "eval_tokens": int(sum(v.get("generated_tokens", 0) for v in per_client.values())),
+    }
 
 
 def summarize_evaluation(per_client: dict[int, dict[str, float]], train_table: np.ndarray, tasks: list[str]) -> dict:
