@@ -126,3 +126,14 @@ def test_fewer_samples_than_clusters_fails_with_a_clear_error(tmp_path):
     )
     with pytest.raises(RuntimeError, match="fewer samples than clusters"):
         run_experiment(cfg, tmp_path / "k20")
+
+
+def test_clustering_only_run_without_label_reports(tmp_path):
+    # rounds=0 and eval.sets=none: clustering only; report_labels=false: clients send centroids and counts only.
+    cfg = Config(tiny_settings(tmp_path, **{"run.rounds": 0, "eval.sets": "none", "eval.report_labels": False}))
+    run_dir, metrics = run_experiment(cfg, tmp_path / "only")
+    assert metrics["rounds"] == [] and "evaluation" not in metrics
+    assert metrics["clustering"]["cluster_acc_local"] is None and metrics["clustering"]["global_cluster_tasks"] == {
+        str(g): {} for g in range(4)
+    }
+    assert (run_dir / "router" / "router.json").is_file()

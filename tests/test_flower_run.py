@@ -46,7 +46,13 @@ def test_flwr_run_on_the_managed_local_superlink(tmp_path):
     if busy:
         pytest.fail("port 39091 (Flower's managed local SuperLink) is taken by another process; stop it first")
     flwr = shutil.which("flwr", path=str(Path(sys.executable).parent)) or "flwr"
-    env = dict(os.environ, FLWR_HOME=str(tmp_path / "flwr-home"), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+    env = dict(
+        os.environ,
+        FLWR_HOME=str(tmp_path / "flwr-home"),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        # `flwr run` starts `flower-superlink` from PATH: make it this environment's.
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
     out = tmp_path / "runs"
     run_config = f'model.name="tiny-random" data.num_clients=3 run.rounds=2 run.output_dir="{out}" run.name="flwr"'
     try:
@@ -58,7 +64,9 @@ def test_flwr_run_on_the_managed_local_superlink(tmp_path):
         leftovers = _flower_processes(tmp_path / "flwr-home")
         _stop(leftovers)
     # `flwr run` can exit 0 when the run failed: judge by what the run wrote.
-    events = [json.loads(line) for line in (out / "flwr" / "events.jsonl").read_text().splitlines()]
+    events_file = out / "flwr" / "events.jsonl"
+    assert events_file.is_file(), f"no run folder; flwr run said:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    events = [json.loads(line) for line in events_file.read_text().splitlines()]
     assert events[-1]["event"] == "done", done.stdout[-3000:] + done.stderr[-3000:]
     metrics = json.loads((out / "flwr" / "metrics.json").read_text())
     assert len(metrics["rounds"]) == 2 and metrics["config"]["data.num_clients"] == 3

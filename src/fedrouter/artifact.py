@@ -24,12 +24,10 @@ import numpy as np
 from peft import LoraConfig
 from safetensors.numpy import load_file, save_file
 
+from fedrouter.errors import ArtifactError
+
 FORMAT_VERSION = 1
 ROUTER_DIR = "router"
-
-
-class ArtifactError(ValueError):
-    """A router folder is missing a file or holds inconsistent values."""
 
 
 @dataclass

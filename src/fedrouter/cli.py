@@ -9,7 +9,8 @@ import os
 import sys
 from pathlib import Path
 
-from fedrouter.config import SETTINGS, Config, ConfigError, load_config, parse_overrides
+from fedrouter.config import SETTINGS, Config, load_config, parse_overrides
+from fedrouter.errors import ConfigError, FedRouterError
 
 # Shortcuts for the most used settings; every setting is also reachable as KEY=VALUE.
 SHORTCUTS = {
@@ -153,14 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     args = _parser().parse_args(argv)
     handlers = {"run": _run, "generate": _generate, "config": _show_config, "prepare-model": _prepare_model}
-    from fedrouter.algorithm.clustering import ClusteringError
-    from fedrouter.artifact import ArtifactError
-    from fedrouter.data import DataError
-    from fedrouter.model.loading import ModelError
-
     try:
         return handlers[args.command](args)
-    except (ConfigError, DataError, ArtifactError, ModelError, ClusteringError, FileExistsError) as err:
+    except (FedRouterError, FileExistsError) as err:
         print(f"fedrouter: error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:  # a run that failed: the reason is in the run's events

@@ -13,9 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A setting is unknown, of the wrong type or out of range. The message names the setting."""
+from fedrouter.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -53,7 +51,7 @@ def _non_empty(v: Any) -> str | None:
 SETTINGS: dict[str, Setting] = {
     # --- run ---
     "run.seed": Setting(int, 0, "seed for data split, clustering, initialisation and training"),
-    "run.rounds": Setting(int, 3, "federated training rounds", _at_least(1)),
+    "run.rounds": Setting(int, 3, "federated training rounds (0: cluster only)", _at_least(0)),
     "run.output_dir": Setting(str, "runs", "folder under which each run writes its own run folder"),
     "run.name": Setting(str, "", "run folder name (default: time stamp and scenario)"),
     "run.min_clients": Setting(int, 0, "wait for this many clients (0: data.num_clients)", _at_least(0)),
@@ -127,6 +125,12 @@ SETTINGS: dict[str, Setting] = {
         str, "", "per-task answer lengths, e.g. 'qqp=4,sentiment=4' (empty: synthetic defaults)"
     ),
     "eval.batch_size": Setting(int, 16, "prompts per generation batch", _at_least(1)),
+    "eval.report_labels": Setting(
+        bool,
+        True,
+        "clients also send how their training samples' task labels fall into their local clusters (counts only), "
+        "for clustering and routing accuracy; false: centroids and counts only",
+    ),
 }
 
 SECTIONS = sorted({key.split(".")[0] for key in SETTINGS})

@@ -62,6 +62,8 @@ class ProgressFollower:
         if kind == "phase":
             name = event["name"]
             label = f"round {event['round']}/{event['rounds']}: training" if name == "training" else name
+            if name == "clustering":
+                label = "embedding and local clustering"
             self.progress.update(self.task, description=label)
         elif kind == "reply":
             self.progress.advance(self.task)
@@ -74,7 +76,8 @@ class ProgressFollower:
             )
             self.console.print(
                 f"clustering: local k per client {event['local_k']}, {event['global_k']} global clusters "
-                f"(accuracy local {event['cluster_acc_local']:.3f}, global {event['cluster_acc_global']:.3f})"
+                f"(accuracy local {_fraction(event['cluster_acc_local'])}, "
+                f"global {_fraction(event['cluster_acc_global'])})"
             )
             self.console.print(f"  global clusters by true task: {tasks}")
         elif kind == "round":
@@ -85,6 +88,10 @@ class ProgressFollower:
             )
         elif kind == "failed":
             self.console.print(f"[red]run failed: {event['error']}")
+
+
+def _fraction(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def summary_tables(metrics: dict) -> list[Table]:
@@ -108,7 +115,7 @@ def summary_tables(metrics: dict) -> list[Table]:
         overview.add_row(
             name,
             *(f"{result[k]:.1f}" for k in ("rouge1", "rouge2", "rougeL", "exact_match")),
-            f"{result['routing_acc']:.3f}",
+            _fraction(result["routing_acc"]),
         )
     tables.append(overview)
     clustering = metrics.get("clustering", {})
@@ -117,7 +124,7 @@ def summary_tables(metrics: dict) -> list[Table]:
     facts.add_row("global clusters", str(clustering.get("global_k")))
     facts.add_row(
         "clustering accuracy (local / global)",
-        f"{clustering.get('cluster_acc_local', float('nan')):.3f} / {clustering.get('cluster_acc_global', float('nan')):.3f}",
+        f"{_fraction(clustering.get('cluster_acc_local'))} / {_fraction(clustering.get('cluster_acc_global'))}",
     )
     phases = metrics.get("phases", {})
     facts.add_row(

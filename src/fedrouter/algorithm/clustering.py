@@ -11,9 +11,7 @@ import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.metrics import silhouette_score
 
-
-class ClusteringError(ValueError):
-    """Too few points for the requested clusters, or points that are not finite."""
+from fedrouter.errors import ClusteringError
 
 
 @dataclass

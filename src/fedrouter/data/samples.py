@@ -8,11 +8,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedrouter.errors import DataError
+
 TASK_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
-
-
-class DataError(ValueError):
-    """Input data is malformed. The message names the file and line."""
 
 
 @dataclass(frozen=True)

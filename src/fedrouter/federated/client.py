@@ -113,10 +113,11 @@ def cluster(message: Message, context: Context) -> Message:
         {"embeddings": embeddings, "labels": fitted.labels_, "centroids": fitted.centers_.astype(np.float32)}
     )
     # Evaluation-only metadata: how the true task labels fall into the local clusters (clustering accuracy).
-    tasks = sorted({s.task for s in data.train})
+    tasks = sorted({s.task for s in data.train}) if cfg["eval.report_labels"] else []
     task_counts = np.zeros((fitted.n_clusters_, len(tasks)), dtype=np.int64)
     for label, sample in zip(fitted.labels_, data.train, strict=True):
-        task_counts[label, tasks.index(sample.task)] += 1
+        if tasks:
+            task_counts[label, tasks.index(sample.task)] += 1
     reply = {
         "clusters": to_record({"centroids": fitted.centers_.astype(np.float32), "counts": counts}),
         "labels": to_record({"task_counts": task_counts}),

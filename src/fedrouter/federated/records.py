@@ -14,6 +14,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from fedrouter.config import Config, ConfigError
+from fedrouter.errors import ReplyError
 
 Arrays = dict[str, np.ndarray]
 
@@ -24,10 +25,6 @@ EVALUATE = "evaluate"
 
 MAX_ADAPTER_ELEMENTS = 200_000_000  # far above any LoRA adapter, far below a leaked embedding matrix x 10
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
-
-
-class ReplyError(ValueError):
-    """A message's content is missing, mis-shaped or not finite. The message says which part."""
 
 
 def to_record(arrays: Mapping[str, np.ndarray], dtype: str | None = None) -> ArrayRecord:

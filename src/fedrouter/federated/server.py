@@ -115,7 +115,7 @@ def _parse_clusters(reply: Message, cfg: Config, hidden: int | None) -> ClientCl
     tasks = [check_name(t, f"{who} task") for t in info.get("tasks", [])]
     labels = get_arrays(content, "labels", who)
     task_counts = check_array(labels.get("task_counts"), f"{who} task counts", shape=(k, len(tasks)), kind="i")
-    if (task_counts.sum(1) != counts).any():
+    if tasks and (task_counts.sum(1) != counts).any():
         raise ReplyError(f"{who}: task counts do not add up to the cluster counts")
     ks, scores = info.get("silhouette_k", []), info.get("silhouette", [])
     silhouette = {int(a): float(b) for a, b in zip(ks, scores, strict=False) if np.isfinite(b)}
@@ -209,8 +209,8 @@ def _run(grid: Grid, cfg: Config, run: RunFolder) -> dict:
     clustering = {
         "local_k": {c.client_id: len(c.centroids) for c in clients},
         "global_k": num_global,
-        "cluster_acc_local": local_matched / int(all_counts.sum()),
-        "cluster_acc_global": clustering_accuracy(train_table),
+        "cluster_acc_local": local_matched / int(all_counts.sum()) if tasks else None,
+        "cluster_acc_global": clustering_accuracy(train_table) if tasks else None,
         "global_cluster_tasks": {
             g: {tasks[j]: int(train_table[g, j]) for j in range(len(tasks)) if train_table[g, j]}
             for g in range(num_global)
@@ -250,6 +250,8 @@ def _run(grid: Grid, cfg: Config, run: RunFolder) -> dict:
             precision=cfg["model.precision"],
             max_seq_len=cfg["model.max_seq_len"],
         ).save(run.path)
+
+    save_artifact()
 
     # 5-6. Training rounds: scheduled local clusters train their global cluster's adapter; per-cluster average.
     rounds = cfg["run.rounds"]
@@ -404,7 +406,8 @@ def summarize_evaluation(per_client: dict[int, dict[str, float]], train_table: n
             for task, scores in by_task.items():
                 per_task[task].append(scores)
         summary = {key: float(np.mean([c[key] for c in cells])) for key in (*ROUGE_KEYS, "exact_match")}
-        summary["routing_acc"] = routing_accuracy(routed[(set_name, mode)], train_table)
+        routing_acc = routing_accuracy(routed[(set_name, mode)], train_table)
+        summary["routing_acc"] = None if np.isnan(routing_acc) else routing_acc
         summary["per_task"] = {
             task: {key: float(np.mean([c[key] for c in cs])) for key in (*ROUGE_KEYS, "exact_match")}
             for task, cs in sorted(per_task.items())

@@ -27,6 +27,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
 
+from fedrouter.errors import ModelError
 from fedrouter.model import EMBEDDED_NAME
 
 log = logging.getLogger(__name__)
@@ -40,10 +41,6 @@ EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # How many times this process built a base model from disk (tests check "once per process").
 LOAD_COUNT = 0
-
-
-class ModelError(ValueError):
-    """A model name or path that cannot be loaded. The message names the setting and what was expected."""
 
 
 def cache_root() -> Path:
