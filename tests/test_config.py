@@ -25,7 +25,7 @@ def test_bare_field_name_suggests_dotted_key():
     ("key", "value", "pattern"),
     [
         ("run.rounds", "two", r"'run.rounds' expects int"),
-        ("run.rounds", 0, r"'run.rounds' must be at least 1"),
+        ("run.rounds", -1, r"'run.rounds' must be at least 0"),
         ("data.scenario", "triple", r"'data.scenario' must be one of"),
         ("lora.dropout", 1.5, r"'lora.dropout' must be between"),
         ("cluster.local_k", "0", r"'cluster.local_k' must be 'auto' or a whole number"),

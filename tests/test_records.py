@@ -75,5 +75,5 @@ def test_received_config_is_revalidated():
     assert extra == {"round": 2} and cfg == Config()
     with pytest.raises(ReplyError, match="unknown setting 'evil'"):
         read_config(ConfigRecord({"evil": "x"}))
-    with pytest.raises(ReplyError, match="'run.rounds' must be at least 1"):
+    with pytest.raises(ReplyError, match="'run.rounds' must be at least 0"):
         read_config(ConfigRecord({"run.rounds": -1}))
