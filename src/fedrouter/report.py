@@ -109,7 +109,8 @@ def summary_tables(metrics: dict) -> list[Table]:
         table.add_row("[bold]mean", *(f"[bold]{result['per_task'][t]['rouge1']:.1f}" for t in tasks), end_section=True)
         tables.append(table)
     overview = Table(title="Run summary")
-    for column in ("test set / routing", "ROUGE-1", "ROUGE-2", "ROUGE-L", "exact match", "routing acc"):
+    overview.add_column("test set / routing", no_wrap=True, min_width=21)
+    for column in ("ROUGE-1", "ROUGE-2", "ROUGE-L", "exact match", "routing acc"):
         overview.add_column(column, justify="right")
     for name, result in evaluation.items():
         overview.add_row(
