@@ -34,6 +34,8 @@ def test_run_writes_config_metrics_log_and_artifact(finished_run):
     for name in ("personalized/local", "personalized/global", "generalization/local", "generalization/global"):
         overall = metrics["evaluation"]["overall"][name]
         assert 0 <= overall["rouge1"] <= 100 and 0 <= overall["routing_acc"] <= 1
+    # Every client of the run shares one simulation process: the base model was loaded there once.
+    assert metrics["model_loads_per_process"] == 1 and metrics["eval_model_loads_per_process"] == 1
     # Bytes: LoRA weights only (the tiny model's adapter is 14 KB), counted both ways every round.
     assert metrics["bytes"]["adapter_bytes"] < 100_000
     assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in metrics["rounds"])

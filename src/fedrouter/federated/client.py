@@ -29,10 +29,11 @@ from fedrouter.federated.records import (
     read_config,
     to_record,
 )
-from fedrouter.model import compute, lora
+from fedrouter.model import compute, loading, lora
 from fedrouter.model.loading import BaseModel, shared_base_model
 
 app = ClientApp()
+
 
 STATE_KEY = "fedrouter.local"
 _DATA_KEYS = (
@@ -129,7 +130,14 @@ def cluster(message: Message, context: Context) -> Message:
                 "silhouette": [float(v) for v in fitted.scores_.values()],
             }
         ),
-        "metrics": MetricRecord({"embed_s": embed_s, "cluster_s": cluster_s, "num_samples": len(data.train)}),
+        "metrics": MetricRecord(
+            {
+                "embed_s": embed_s,
+                "cluster_s": cluster_s,
+                "num_samples": len(data.train),
+                "model_loads": loading.LOAD_COUNT,
+            }
+        ),
     }
     if "initial_adapter_seed" in extra:
         reply["initial_adapter"] = to_record(lora.fresh_adapter(base, int(extra["initial_adapter_seed"])))
@@ -173,6 +181,7 @@ def train(message: Message, context: Context) -> Message:
         metrics[f"loss.{local}"] = float(np.mean(losses))
         metrics[f"num_samples.{local}"] = len(own)
     metrics["train_s"] = time.perf_counter() - started
+    metrics["model_loads"] = loading.LOAD_COUNT
     return _reply(message, metrics=MetricRecord(metrics), **out_records)
 
 
@@ -254,6 +263,7 @@ def evaluate(message: Message, context: Context) -> Message:
             metrics[f"{prefix}.n"] = metrics.get(f"{prefix}.n", 0) + 1
             metrics[f"{prefix}.route.{int(g)}"] = metrics.get(f"{prefix}.route.{int(g)}", 0) + 1
     metrics["eval_s"] = time.perf_counter() - started
+    metrics["model_loads"] = loading.LOAD_COUNT
     metrics["generated_tokens"] = generated_tokens
     return _reply(message, metrics=MetricRecord(metrics))
 

@@ -173,7 +173,14 @@ def _run(grid: Grid, cfg: Config, run: RunFolder) -> dict:
     replies = _exchange(grid, messages, run, "clustering", timeout)
     clients: list[ClientClusters] = []
     hidden = None
+    loads = 0
     for reply in replies:
+        values = get_metrics(reply.content, "metrics", f"node {reply.metadata.src_node_id}")
+        loads = max(loads, int(values.get("model_loads", 0)))
+        metrics["phases"]["embed_s"] = metrics["phases"].get("embed_s", 0.0) + values.get("embed_s", 0.0)
+        metrics["phases"]["local_cluster_s"] = metrics["phases"].get("local_cluster_s", 0.0) + values.get(
+            "cluster_s", 0.0
+        )
         parsed = _parse_clusters(reply, cfg, hidden)
         hidden = parsed.centroids.shape[1]
         clients.append(parsed)
@@ -283,6 +290,7 @@ def _run(grid: Grid, cfg: Config, run: RunFolder) -> dict:
             client = by_node[node]
             who = f"client {client.client_id}"
             values = get_metrics(reply.content, "metrics", who)
+            loads = max(loads, int(values.get("model_loads", 0)))
             for local in plan[node]:
                 arrays = check_adapter(
                     get_arrays(reply.content, f"adapter.{local}", who), shapes, f"{who} adapter {local}"
@@ -317,6 +325,7 @@ def _run(grid: Grid, cfg: Config, run: RunFolder) -> dict:
         "down_total": sum(r["bytes_down"] for r in metrics["rounds"]),
         "adapter_bytes": int(sum(v.nbytes for v in initial.values())),
     }
+    metrics["model_loads_per_process"] = loads
     if cfg.eval_sets:
         metrics.update(
             _evaluate(grid, cfg, run, nodes, by_node, fitted.centers_, assignment, adapters, train_table, tasks)
@@ -370,6 +379,7 @@ def _evaluate(
         "evaluation_s": time.time() - started,
         "eval_bytes_down": sum(record_bytes(*m.content.array_records.values()) for m in messages),
         "eval_tokens": int(sum(v.get("generated_tokens", 0) for v in per_client.values())),
+        "eval_model_loads_per_process": int(max(v.get("model_loads", 0) for v in per_client.values())),
     }
 
 
