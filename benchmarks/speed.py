@@ -30,7 +30,6 @@ from fedrouter.config import Config
 from fedrouter.data import all_clients, load_source
 from fedrouter.model import compute, loading, lora
 from fedrouter.model.prompts import embedding_ids, training_ids
-from fedrouter.simulation import run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER4 = ROOT.parent / "shared" / "data" / "paper4"
@@ -82,7 +81,7 @@ def naive_step(model, optimizer, ids, mask, labels) -> float:
 
 
 def project_step(base, optimizer, ids, mask, labels) -> float:
-    with base.autocast():
+    with compute.training_attention(base), base.autocast():
         loss = compute.answer_loss(base, ids, mask, labels)
     optimizer.zero_grad()
     loss.backward()
@@ -219,7 +218,8 @@ def bench_round(base) -> dict:
             model.train()
             optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)
             for step in range(4):
-                ids, mask, labels = training_batch(base, samples[step * 8 :])
+                batch = [samples[(step * 8 + j) % len(samples)] for j in range(8)]
+                ids, mask, labels = training_batch(base, batch)
                 naive_step(model, optimizer, ids, mask, labels)
 
     def project():
@@ -240,7 +240,7 @@ def bench_round(base) -> dict:
 
 
 class PeakMemory:
-    """Peak resident memory of this process and all its descendants (Ray's workers included), sampled."""
+    """Peak resident memory of this process's descendants (the run and Ray's workers), sampled."""
 
     def __init__(self, interval: float = 0.25) -> None:
         self.interval, self.peak, self._stop = interval, 0, threading.Event()
@@ -250,7 +250,7 @@ class PeakMemory:
         me = psutil.Process()
         while not self._stop.is_set():
             total = 0
-            for proc in [me, *me.children(recursive=True)]:
+            for proc in me.children(recursive=True):
                 with contextlib.suppress(psutil.Error):
                     total += proc.memory_info().rss
             self.peak = max(self.peak, total)
@@ -266,30 +266,33 @@ class PeakMemory:
 
 
 def reference_setting(tmp: Path, adapter_dtype: str) -> dict:
-    """The authors' CPU setting from the issue: 8 clients, single, 2 rounds of 5 steps of batch 8, 64 samples each."""
-    cfg = Config(
-        {
-            "data.source": str(PAPER4),
-            "data.num_clients": 8,
-            "data.scenario": "single",
-            "data.train_per_client": 64,
-            "data.test_per_task": 16,
-            "run.rounds": 2,
-            "train.local_steps": 5,
-            "train.batch_size": 8,
-            "train.adapter_dtype": adapter_dtype,
-            "eval.sets": "personalized",
-            "eval.routing": "local",
-            "eval.max_new_tokens": 48,
-            "eval.max_new_tokens_overrides": "qqp=4",
-            "run.output_dir": str(tmp),
-            "run.name": f"reference-{adapter_dtype}",
-        }
-    )
+    """The authors' CPU setting from the issue: 8 clients, single, 2 rounds of 5 steps of batch 8, 64 samples each.
+
+    Run as `fedrouter run` in a fresh process, so its memory is the simulation's alone.
+    """
+    settings = {
+        "data.source": str(PAPER4),
+        "data.num_clients": 8,
+        "data.scenario": "single",
+        "data.train_per_client": 64,
+        "data.test_per_task": 16,
+        "run.rounds": 2,
+        "train.local_steps": 5,
+        "train.batch_size": 8,
+        "train.adapter_dtype": adapter_dtype,
+        "eval.sets": "personalized",
+        "eval.routing": "local",
+        "eval.max_new_tokens": 48,
+        "eval.max_new_tokens_overrides": "qqp=4",
+        "run.output_dir": str(tmp),
+        "run.name": f"reference-{adapter_dtype}",
+    }
+    command = [sys.executable, "-m", "fedrouter.cli", "run", "--quiet", *(f"{k}={v}" for k, v in settings.items())]
     started = time.perf_counter()
     with PeakMemory() as memory:
-        _, metrics = run_experiment(cfg)
+        subprocess.run(command, check=True, capture_output=True, text=True)
     wall = time.perf_counter() - started
+    metrics = json.loads((tmp / settings["run.name"] / "metrics.json").read_text())
     return {
         "wall_s": wall,
         "rouge1": metrics["evaluation"]["overall"]["personalized/local"]["rouge1"],
@@ -301,7 +304,7 @@ def reference_setting(tmp: Path, adapter_dtype: str) -> dict:
             "training_s": metrics["phases"]["training_s"],
             "evaluation_s": metrics["evaluation_s"],
         },
-        "bytes_per_client_round": metrics["rounds"][0]["bytes_up"] / cfg["data.num_clients"],
+        "bytes_per_client_round": metrics["rounds"][0]["bytes_up"] / settings["data.num_clients"],
         "model_loads_per_run": max(metrics["model_loads_per_process"], metrics["eval_model_loads_per_process"]),
         "cluster_acc_global": metrics["clustering"]["cluster_acc_global"],
     }

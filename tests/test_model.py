@@ -86,3 +86,20 @@ def test_long_prompts_are_cut_in_the_middle_keeping_the_template(tiny_base):
     assert ids[-3:] == tail
     ids, labels = training_ids(tok, long, "short answer", 64)
     assert len(ids) == len(labels) <= 64 and labels[-1] == tok.eos_token_id
+
+
+def test_length_grouped_batches_use_every_example_once_per_pass():
+    import random
+
+    lengths = [random.Random(i).randint(5, 300) for i in range(40)]
+    batches = compute.length_grouped_batches(lengths, 8, random.Random(0))
+    one_pass = [next(batches) for _ in range(5)]
+    assert sorted(i for b in one_pass for i in b) == list(range(40))
+    # Batches hold similar lengths: far less padding than random batches of the same examples.
+    padded = sum(8 * max(lengths[i] for i in b) for b in one_pass)
+    shuffled = list(range(40))
+    random.Random(1).shuffle(shuffled)
+    random_padded = sum(8 * max(lengths[i] for i in shuffled[j : j + 8]) for j in range(0, 40, 8))
+    assert padded < random_padded
+    small = compute.length_grouped_batches([3, 1], 8, random.Random(0))
+    assert sorted(next(small)) == [0, 1]  # a cluster smaller than a batch trains on all of it
