@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedrouter.algorithm.clustering import local_clusters
-from fedrouter.algorithm.metrics import ROUGE_KEYS, exact_match, rouge
+from fedrouter.algorithm.metrics import exact_match, rouge
 from fedrouter.algorithm.routing import route
 from fedrouter.config import Config
 from fedrouter.data import ClientData, client_data, max_new_tokens_for
@@ -268,4 +268,4 @@ def evaluate(message: Message, context: Context) -> Message:
     return _reply(message, metrics=MetricRecord(metrics))
 
 
-__all__ = ["ROUGE_KEYS", "app"]
+__all__ = ["app"]
