@@ -39,6 +39,9 @@ def test_run_writes_config_metrics_log_and_artifact(finished_run):
     # Bytes: LoRA weights only (the tiny model's adapter is 14 KB), counted both ways every round.
     assert metrics["bytes"]["adapter_bytes"] < 100_000
     assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in metrics["rounds"])
+    # The total also counts the clustering upload (centroids, counts and the first adapter), once.
+    rounds_up = sum(r["bytes_up"] for r in metrics["rounds"])
+    assert rounds_up < metrics["bytes"]["up_total"] < rounds_up + metrics["rounds"][-1]["bytes_up"]
 
 
 def test_artifact_reloads_and_routes_in_both_modes(finished_run):

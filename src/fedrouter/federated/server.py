@@ -190,7 +190,7 @@ def _run(grid: Grid, cfg: Config, run: RunFolder) -> dict:
         raise RunError(f"clustering: two nodes claim the same client id ({sorted(ids)})")
     initial = check_new_adapter(get_arrays(replies[0].content, "initial_adapter", "first node"), "initial adapter")
     shapes = {key: value.shape for key, value in initial.items()}
-    bytes_up = sum(record_bytes(*r.content.array_records.values()) for r in replies)
+    cluster_bytes_up = sum(record_bytes(*r.content.array_records.values()) for r in replies)
 
     # 4. Global clustering over all local centroids.
     all_centroids = np.concatenate([c.centroids for c in clients])
@@ -321,7 +321,7 @@ def _run(grid: Grid, cfg: Config, run: RunFolder) -> dict:
 
     metrics["phases"]["training_s"] = sum(r["seconds"] for r in metrics["rounds"])
     metrics["bytes"] = {
-        "up_total": sum(r["bytes_up"] for r in metrics["rounds"]) + bytes_up,
+        "up_total": sum(r["bytes_up"] for r in metrics["rounds"]) + cluster_bytes_up,
         "down_total": sum(r["bytes_down"] for r in metrics["rounds"]),
         "adapter_bytes": int(sum(v.nbytes for v in initial.values())),
     }
