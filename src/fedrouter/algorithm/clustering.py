@@ -16,14 +16,13 @@ from fedrouter.errors import ClusteringError
 
 @dataclass
 class SilhouetteKMeans:
-    """K-Means whose k is fixed (``k=int``) or chosen by the best silhouette over ``k_min..k_max``.
+    """K-Means whose k is fixed (``k=int``) or chosen by the best silhouette over ``2..k_max``.
 
-    With ``k="auto"`` and ``k_min == 1``, k=1 is chosen when no k>1 reaches ``threshold``: the points are
+    With ``k="auto"``, k=1 is chosen when no k>1 reaches ``threshold``: the points are
     then treated as one group (a single-task client). ``scores_`` keeps every k's silhouette for plots.
     """
 
     k: int | str = "auto"
-    k_min: int = 1
     k_max: int = 6
     threshold: float = 0.1
     random_state: int = 0
@@ -52,16 +51,14 @@ class SilhouetteKMeans:
             self._fit_k(points, min(k, distinct), sample_weight)
             return self
         best_k, best_score = 1, -np.inf
-        for k in range(max(2, self.k_min), min(self.k_max, n - 1, distinct) + 1):
+        for k in range(2, min(self.k_max, n - 1, distinct) + 1):
             labels = self._fit_k(points, k, sample_weight).labels_
             score = float(silhouette_score(points, labels))
             self.scores_[k] = score
             if score > best_score:
                 best_k, best_score = k, score
-        if self.k_min <= 1 and best_score < self.threshold:
+        if best_score < self.threshold:
             best_k = 1
-        if best_k == 1 and self.k_min > 1:
-            best_k = min(self.k_min, distinct)
         self._fit_k(points, best_k, sample_weight)
         return self
 
@@ -103,9 +100,7 @@ def local_clusters(
     what: str = "samples",
 ) -> SilhouetteKMeans:
     """Cluster one client's sample embeddings (k=1 reachable)."""
-    return SilhouetteKMeans(k=k, k_min=1, k_max=k_max, threshold=threshold, random_state=seed, what=what).fit(
-        embeddings
-    )
+    return SilhouetteKMeans(k=k, k_max=k_max, threshold=threshold, random_state=seed, what=what).fit(embeddings)
 
 
 def global_clusters(
@@ -122,6 +117,6 @@ def global_clusters(
     With ``k="auto"`` a single global cluster is chosen when no k>1 reaches ``threshold`` (every client
     holds the same task).
     """
-    return SilhouetteKMeans(
-        k=k, k_min=1, k_max=k_max, threshold=threshold, random_state=seed, what="local centroids"
-    ).fit(centroids, sample_weight=np.asarray(counts, dtype=np.float64))
+    return SilhouetteKMeans(k=k, k_max=k_max, threshold=threshold, random_state=seed, what="local centroids").fit(
+        centroids, sample_weight=np.asarray(counts, dtype=np.float64)
+    )
