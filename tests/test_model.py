@@ -103,3 +103,32 @@ def test_length_grouped_batches_use_every_example_once_per_pass():
     assert padded < random_padded
     small = compute.length_grouped_batches([3, 1], 8, random.Random(0))
     assert sorted(next(small)) == [0, 1]  # a cluster smaller than a batch trains on all of it
+
+
+def test_mixed_slots_weight_two_adapters(tiny_base):
+    """FedDPA's mix: weights (1, 0) and (0, 1) give either adapter alone; (0.5, 0.5) of twins gives the twin."""
+    rng = np.random.default_rng(0)
+    shapes = lora.adapter_shapes(tiny_base)
+    first = {k: rng.normal(size=s).astype(np.float32) * 0.3 for k, s in shapes.items()}
+    second = {k: rng.normal(size=s).astype(np.float32) * 0.3 for k, s in shapes.items()}
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+
+    def logits():
+        with torch.no_grad():
+            return tiny_base.model.get_base_model()(input_ids=ids).logits.float()
+
+    lora.set_adapter(tiny_base, second)
+    alone_second = logits()
+    lora.set_adapter(tiny_base, first)
+    alone_first = logits()
+    assert not torch.allclose(alone_first, alone_second)
+    lora.set_adapter(tiny_base, second, slot=lora.PARTNER)
+    with lora.mixed(tiny_base, 1.0, 0.0):
+        torch.testing.assert_close(logits(), alone_first)
+    with lora.mixed(tiny_base, 0.0, 1.0):
+        torch.testing.assert_close(logits(), alone_second)
+    lora.set_adapter(tiny_base, first, slot=lora.PARTNER)
+    with lora.mixed(tiny_base, 0.5, 0.5):
+        torch.testing.assert_close(logits(), alone_first)
+        assert all(".partner." not in n for n, p in tiny_base.model.named_parameters() if p.requires_grad)
+    torch.testing.assert_close(logits(), alone_first)  # the partner is off again

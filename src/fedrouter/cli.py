@@ -75,7 +75,7 @@ def _run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     run_dir = default_run_dir(cfg)
     console.print(
-        f"FedRouter: {cfg['data.num_clients']} clients, scenario {cfg['data.scenario']}, {cfg['run.rounds']} rounds, "
+        f"{cfg['run.method']}: {cfg['data.num_clients']} clients, scenario {cfg['data.scenario']}, {cfg['run.rounds']} rounds, "
         f"model {cfg['model.name']}, data {cfg['data.source']} -> {run_dir}"
     )
     if args.quiet:
@@ -86,7 +86,8 @@ def _run(args: argparse.Namespace) -> int:
     out = Console()
     for table in summary_tables(metrics):
         out.print(table)
-    out.print(f"run folder: {run_dir} (metrics.json, config.toml, log.txt, router/)")
+    router = ", router/" if (run_dir / "router").is_dir() else ""
+    out.print(f"run folder: {run_dir} (metrics.json, config.toml, log.txt{router})")
     return 0
 
 

@@ -50,6 +50,12 @@ def _non_empty(v: Any) -> str | None:
 
 SETTINGS: dict[str, Setting] = {
     # --- run ---
+    "run.method": Setting(
+        str,
+        "fedrouter",
+        "method: fedrouter, oracle (routes by true task label), local, fedit, feddpa, fedsa",
+        _one_of("fedrouter", "oracle", "local", "fedit", "feddpa", "fedsa"),
+    ),
     "run.seed": Setting(int, 0, "seed for data split, clustering, initialisation and training"),
     "run.rounds": Setting(int, 3, "federated training rounds (0: cluster only)", _at_least(0)),
     "run.output_dir": Setting(str, "runs", "folder under which each run writes its own run folder"),
@@ -197,6 +203,11 @@ class Config(Mapping[str, Any]):
                 )
         for key in ("data.test_per_task_overrides", "eval.max_new_tokens_overrides"):
             self.task_overrides(key, where=where)
+        if self["run.method"] == "oracle" and not self["eval.report_labels"]:
+            raise ConfigError(
+                f"{where}: setting 'run.method' = 'oracle' routes by the true task labels, "
+                "so it needs 'eval.report_labels' = true"
+            )
 
     # Mapping protocol
     def __getitem__(self, key: str) -> Any:

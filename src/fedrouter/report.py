@@ -100,7 +100,7 @@ def summary_tables(metrics: dict) -> list[Table]:
     evaluation = metrics.get("evaluation", {}).get("by_set", {})
     for name, result in evaluation.items():
         tasks = list(result["per_task"])
-        table = Table(title=f"ROUGE-1 — {name} routing", show_lines=False)
+        table = Table(title=f"ROUGE-1 — {name}", show_lines=False)
         table.add_column("client")
         for task in tasks:
             table.add_column(task, justify="right")
@@ -109,7 +109,7 @@ def summary_tables(metrics: dict) -> list[Table]:
         table.add_row("[bold]mean", *(f"[bold]{result['per_task'][t]['rouge1']:.1f}" for t in tasks), end_section=True)
         tables.append(table)
     overview = Table(title="Run summary")
-    overview.add_column("test set / routing", no_wrap=True, min_width=21)
+    overview.add_column("test set / routing or method", no_wrap=True, min_width=21)
     for column in ("ROUGE-1", "ROUGE-2", "ROUGE-L", "exact match", "routing acc"):
         overview.add_column(column, justify="right")
     for name, result in evaluation.items():

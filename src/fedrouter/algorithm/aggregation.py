@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 
@@ -28,16 +28,16 @@ def weighted_average(updates: Sequence[tuple[Mapping[str, np.ndarray], float]]) 
 
 
 def aggregate_clusters(
-    adapters: Mapping[int, Arrays],
-    updates: Sequence[tuple[int, Mapping[str, np.ndarray], float]],
-) -> tuple[dict[int, Arrays], dict[int, float]]:
-    """New adapter per global cluster from ``(global_cluster, arrays, num_samples)`` updates.
+    adapters: Mapping[Hashable, Arrays],
+    updates: Sequence[tuple[Hashable, Mapping[str, np.ndarray], float]],
+) -> tuple[dict, dict]:
+    """New adapter per global cluster (or any named shared adapter) from ``(key, arrays, num_samples)`` updates.
 
     Weights are the sample counts of the *local clusters* that trained each update (not whole-client dataset
     sizes). A cluster that received no update keeps its adapter. Returns the adapters and the total weight
     each cluster received.
     """
-    grouped: dict[int, list[tuple[Mapping[str, np.ndarray], float]]] = defaultdict(list)
+    grouped: dict[Hashable, list[tuple[Mapping[str, np.ndarray], float]]] = defaultdict(list)
     for cluster, arrays, weight in updates:
         if cluster not in adapters:
             raise KeyError(f"update for unknown global cluster {cluster}")

@@ -1,8 +1,9 @@
-"""The FedRouter ClientApp: local clustering, adapter training and routed evaluation on one client's data.
+"""The ClientApp: local clustering, adapter training and evaluation on one client's data, for every method.
 
-Client state that must survive between rounds (embeddings, local cluster labels and centroids) lives in the
-node's ``context.state``; the base model and tokenized data live in per-process caches, so a process loads
-the model once however many clients and rounds it serves.
+What to train comes as a list of jobs (``fedrouter.methods.Job``); which adapter answers a test sample comes
+as the method's serving rule. Client state that must survive between rounds (embeddings, local cluster labels
+and centroids, personal adapters) lives in the node's ``context.state``; the base model and tokenized data
+live in per-process caches, so a process loads the model once however many clients and rounds it serves.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import zlib
 from collections import defaultdict
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedrouter.algorithm.clustering import local_clusters
@@ -22,13 +23,17 @@ from fedrouter.config import Config
 from fedrouter.data import ClientData, client_data, max_new_tokens_for
 from fedrouter.federated import records
 from fedrouter.federated.records import (
+    Arrays,
     ReplyError,
     check_adapter,
     check_array,
+    check_name,
     get_arrays,
     read_config,
     to_record,
 )
+from fedrouter.methods import METHODS, PARTS, SERVINGS, Job, part_of
+from fedrouter.methods.feddpa import INSTANCES, MAX_WEIGHT, WEIGHT_STEP
 from fedrouter.model import compute, loading, lora
 from fedrouter.model.loading import BaseModel, shared_base_model
 
@@ -36,6 +41,7 @@ app = ClientApp()
 
 
 STATE_KEY = "fedrouter.local"
+PERSONAL_KEY = "fedrouter.personal."
 _DATA_KEYS = (
     "data.source", "data.num_clients", "data.scenario", "data.train_per_client", "data.test_per_task",
     "data.test_per_task_overrides", "data.tasks", "data.synthetic_size", "eval.sets", "run.seed",
@@ -86,48 +92,67 @@ def _local_state(context: Context, who: str) -> dict[str, np.ndarray]:
 
 @app.query("cluster")
 def cluster(message: Message, context: Context) -> Message:
-    """Embed the training samples, cluster them locally, upload centroids and counts (numbers only)."""
+    """Embed the training samples, cluster them locally, upload centroids and counts (numbers only).
+
+    Methods without clustering skip the embedding: one local cluster holds every sample. The oracle's local
+    clusters are the true tasks.
+    """
     cfg, extra = read_config(message.content["config"], ("initial_adapter_seed",))
     data = my_data(cfg, context)
     base = base_model(cfg)
-    started = time.perf_counter()
-    embeddings = compute.embed(
-        base,
-        [s.instruction for s in data.train],
-        batch_size=cfg["model.embed_batch_size"],
-        max_len=cfg["model.max_seq_len"],
-    )
-    embed_s = time.perf_counter() - started
-    started = time.perf_counter()
-    k = cfg["cluster.local_k"]
-    fitted = local_clusters(
-        embeddings,
-        k=k if k == "auto" else int(k),
-        k_max=cfg["cluster.local_k_max"],
-        threshold=cfg["cluster.silhouette_threshold"],
-        seed=cfg["run.seed"],
-        what=f"client {data.client_id}'s {len(embeddings)} training samples",
-    )
-    cluster_s = time.perf_counter() - started
-    counts = np.bincount(fitted.labels_, minlength=fitted.n_clusters_).astype(np.int64)
-    context.state.array_records[STATE_KEY] = to_record(
-        {"embeddings": embeddings, "labels": fitted.labels_, "centroids": fitted.centers_.astype(np.float32)}
-    )
+    clustering = METHODS[cfg["run.method"]].clustering
+    held = sorted({s.task for s in data.train})
+    embed_s = cluster_s = 0.0
+    scores: dict[int, float] = {}
+    state: Arrays = {}
+    if clustering == "none":
+        labels = np.zeros(len(data.train), dtype=np.int64)
+        centroids = None
+    else:
+        started = time.perf_counter()
+        embeddings = compute.embed(
+            base,
+            [s.instruction for s in data.train],
+            batch_size=cfg["model.embed_batch_size"],
+            max_len=cfg["model.max_seq_len"],
+        )
+        embed_s = time.perf_counter() - started
+        started = time.perf_counter()
+        if clustering == "task":
+            labels = np.array([held.index(s.task) for s in data.train], dtype=np.int64)
+            centroids = np.stack([embeddings[labels == i].mean(0) for i in range(len(held))]).astype(np.float32)
+        else:
+            k = cfg["cluster.local_k"]
+            fitted = local_clusters(
+                embeddings,
+                k=k if k == "auto" else int(k),
+                k_max=cfg["cluster.local_k_max"],
+                threshold=cfg["cluster.silhouette_threshold"],
+                seed=cfg["run.seed"],
+                what=f"client {data.client_id}'s {len(embeddings)} training samples",
+            )
+            labels, centroids, scores = fitted.labels_, fitted.centers_.astype(np.float32), fitted.scores_
+        cluster_s = time.perf_counter() - started
+        state = {"embeddings": embeddings, "centroids": centroids}
+    num_local = 1 if centroids is None else len(centroids)
+    counts = np.bincount(labels, minlength=num_local).astype(np.int64)
+    context.state.array_records[STATE_KEY] = to_record(state | {"labels": labels})
     # Evaluation-only metadata: how the true task labels fall into the local clusters (clustering accuracy).
-    tasks = sorted({s.task for s in data.train}) if cfg["eval.report_labels"] else []
-    task_counts = np.zeros((fitted.n_clusters_, len(tasks)), dtype=np.int64)
-    for label, sample in zip(fitted.labels_, data.train, strict=True):
+    tasks = held if cfg["eval.report_labels"] else []
+    task_counts = np.zeros((num_local, len(tasks)), dtype=np.int64)
+    for label, sample in zip(labels, data.train, strict=True):
         if tasks:
             task_counts[label, tasks.index(sample.task)] += 1
+    uploaded = {"counts": counts} if centroids is None else {"centroids": centroids, "counts": counts}
     reply = {
-        "clusters": to_record({"centroids": fitted.centers_.astype(np.float32), "counts": counts}),
+        "clusters": to_record(uploaded),
         "labels": to_record({"task_counts": task_counts}),
         "info": ConfigRecord(
             {
                 "client_id": data.client_id,
                 "tasks": tasks,
-                "silhouette_k": [int(k) for k in fitted.scores_],
-                "silhouette": [float(v) for v in fitted.scores_.values()],
+                "silhouette_k": [int(k) for k in scores],
+                "silhouette": [float(v) for v in scores.values()],
             }
         ),
         "metrics": MetricRecord(
@@ -148,120 +173,282 @@ def _seed(*parts: int) -> int:
     return zlib.crc32(",".join(map(str, parts)).encode())
 
 
+def _read_jobs(message: Message, num_local: int, who: str) -> list[Job]:
+    if "jobs" not in message.content.config_records:
+        raise ReplyError(f"{who}: the server sent no 'jobs'")
+    record = message.content.config_records["jobs"]
+    columns = [record.get(key, []) for key in ("names", "shared", "local_cluster", "personal", "part", "partner")]
+    if len({len(c) for c in columns}) != 1 or not isinstance(columns[0], list):
+        raise ReplyError(f"{who}: malformed job list from the server")
+    jobs = []
+    for name, shared, local, personal, part, partner in zip(*columns, strict=True):
+        if not isinstance(local, int) or not -1 <= local < num_local:
+            raise ReplyError(f"{who}: asked to train unknown local cluster {local!r}")
+        if part not in PARTS:
+            raise ReplyError(f"{who}: unknown adapter part {part!r} (expected one of {PARTS})")
+        for value in (shared, personal, partner):
+            if value:
+                check_name(value, f"{who} job field")
+        jobs.append(
+            Job(
+                name=check_name(name, f"{who} job name"),
+                shared=shared or None,
+                local_cluster=None if local < 0 else local,
+                personal=personal or None,
+                part=part,
+                partner=partner or None,
+            )
+        )
+    return jobs
+
+
+def _personal(context: Context, name: str) -> Arrays | None:
+    key = PERSONAL_KEY + name
+    return records.from_record(context.state.array_records[key]) if key in context.state.array_records else None
+
+
+def train_jobs(
+    base: BaseModel,
+    cfg: Config,
+    client: int,
+    examples: list,
+    labels: np.ndarray,
+    jobs: list[Job],
+    received: dict[str, Arrays],
+    personal: dict[str, Arrays],
+    round_index: int,
+    lr: float,
+) -> tuple[dict[str, Arrays], dict[str, float]]:
+    """Run a round's jobs on one client: returns what to upload (job name -> arrays) and metrics.
+
+    A job starts from its personal adapter (or the common fresh start), overlaid with the weights the server
+    sent (``received``, already validated); personal adapters are updated in ``personal``.
+    """
+    uploads: dict[str, Arrays] = {}
+    metrics: dict[str, float] = {}
+    trained: dict[str, Arrays] = {}
+    for job in jobs:
+        weights = personal.get(job.personal) if job.personal else None
+        if weights is None:
+            weights = lora.fresh_adapter(base, cfg["run.seed"])  # the same start the server's adapters have
+        weights = weights | received.get(job.name, {})
+        partner = (trained.get(job.partner) or personal.get(job.partner)) if job.partner else None
+        chosen = np.arange(len(examples)) if job.local_cluster is None else np.flatnonzero(labels == job.local_cluster)
+        own = [examples[i] for i in chosen]
+        seed = _seed(cfg["run.seed"], round_index, client, -1 if job.local_cluster is None else job.local_cluster)
+        seed = _seed(seed, zlib.crc32(job.name.encode()))
+        args = dict(steps=cfg["train.local_steps"], batch_size=cfg["train.batch_size"], lr=lr, seed=seed)
+        lora.set_adapter(base, weights)
+        if partner is None:
+            losses = compute.train_adapter(base, own, **args)
+        else:
+            lora.set_adapter(base, partner, slot=lora.PARTNER)
+            with lora.mixed(base, 0.5, 0.5):
+                losses = compute.train_adapter(base, own, **args)
+        trained[job.name] = lora.get_adapter(base)
+        if job.personal:
+            personal[job.personal] = trained[job.name]
+        if job.shared is not None and job.part != "none":
+            uploads[job.name] = part_of(trained[job.name], job.part)
+        metrics[f"loss.{job.name}"] = float(np.mean(losses))
+        metrics[f"num_samples.{job.name}"] = len(own)
+    return uploads, metrics
+
+
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    """Train the adapter of each scheduled local cluster on that cluster's samples only."""
-    cfg, extra = read_config(message.content["config"], ("round", "lr", "local_clusters"))
+    """Train each job's adapter on its samples; keep personal adapters here, send shared parts back."""
+    cfg, extra = read_config(message.content["config"], ("round", "lr"))
     data = my_data(cfg, context)
     base = base_model(cfg)
     who = f"client {data.client_id}"
     state = _local_state(context, who)
     labels = state["labels"]
-    examples = _training_examples(cfg, base, data)
+    jobs = _read_jobs(message, int(labels.max()) + 1, who)
     shapes = lora.adapter_shapes(base)
-    lr, round_index = float(extra["lr"]), int(extra["round"])
-    out_records: dict[str, ArrayRecord] = {}
-    metrics: dict[str, float] = {}
-    started = time.perf_counter()
-    for local in extra["local_clusters"]:
-        if not 0 <= int(local) < len(state["centroids"]):
-            raise ReplyError(f"{who}: asked to train unknown local cluster {local}")
-        arrays = check_adapter(get_arrays(message.content, f"adapter.{local}", "server"), shapes, "server adapter")
-        lora.set_adapter(base, arrays)
-        own = [examples[i] for i in np.flatnonzero(labels == int(local))]
-        losses = compute.train_adapter(
-            base,
-            own,
-            steps=cfg["train.local_steps"],
-            batch_size=cfg["train.batch_size"],
-            lr=lr,
-            seed=_seed(cfg["run.seed"], round_index, data.client_id, int(local)),
+    received = {
+        job.name: check_adapter(
+            get_arrays(message.content, f"adapter.{job.name}", "server"),
+            {key: shapes[key] for key in part_of(shapes, job.part)},
+            f"server adapter {job.name}",
         )
-        out_records[f"adapter.{local}"] = to_record(lora.get_adapter(base), cfg["train.adapter_dtype"])
-        metrics[f"loss.{local}"] = float(np.mean(losses))
-        metrics[f"num_samples.{local}"] = len(own)
+        for job in jobs
+        if job.shared is not None and job.part != "none"
+    }
+    personal = {job.personal: p for job in jobs if job.personal and (p := _personal(context, job.personal)) is not None}
+    started = time.perf_counter()
+    uploads, metrics = train_jobs(
+        base,
+        cfg,
+        data.client_id,
+        _training_examples(cfg, base, data),
+        labels,
+        jobs,
+        received,
+        personal,
+        int(extra["round"]),
+        float(extra["lr"]),
+    )
+    for name, arrays in personal.items():
+        context.state.array_records[PERSONAL_KEY + name] = to_record(arrays)
     metrics["train_s"] = time.perf_counter() - started
     metrics["model_loads"] = loading.LOAD_COUNT
-    return _reply(message, metrics=MetricRecord(metrics), **out_records)
+    out = {f"adapter.{name}": to_record(arrays, cfg["train.adapter_dtype"]) for name, arrays in uploads.items()}
+    return _reply(message, metrics=MetricRecord(metrics), **out)
+
+
+def _serve_keys(
+    serving: str,
+    mode: str,
+    samples: list,
+    emb: np.ndarray | None,
+    routing: dict[str, np.ndarray],
+    state: Arrays,
+    tasks: list[str],
+    weights: np.ndarray | None,
+) -> list[tuple]:
+    """Which adapter answers each sample: ("shared", key), ("personal",), ("overlay",) or ("mix", weight)."""
+    if serving == "route":
+        routed = route(
+            emb,
+            mode=mode,
+            global_centroids=routing["global_centroids"],
+            local_centroids=state["centroids"],
+            local_to_global=routing["local_to_global"],
+        )
+        return [("shared", str(int(g))) for g in routed]
+    if serving == "task":
+        nearest = route(emb, mode="global", global_centroids=routing["global_centroids"])
+        return [
+            ("shared", str(tasks.index(s.task) if s.task in tasks else int(g)))
+            for s, g in zip(samples, nearest, strict=True)
+        ]
+    if serving == "shared":
+        return [("shared", "global")] * len(samples)
+    if serving == "mix":
+        return [("mix", float(w)) for w in weights]
+    return [(serving,)] * len(samples)
+
+
+def _dpa_weights(base: BaseModel, cfg: Config, data: ClientData, emb: np.ndarray) -> np.ndarray:
+    """FedDPA's instance-wise weight of the local adapter: capped mean cosine similarity to local instances."""
+    rng = np.random.default_rng(_seed(cfg["run.seed"], data.client_id))
+    chosen = rng.choice(len(data.train), size=min(INSTANCES, len(data.train)), replace=False)
+    reference = compute.embed(base, [data.train[i].instruction for i in chosen], max_len=cfg["model.max_seq_len"])
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    similarity = (unit(emb) @ unit(reference).T).mean(1)
+    return np.round(MAX_WEIGHT * similarity / WEIGHT_STEP) * WEIGHT_STEP
 
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
-    """Route every test sample (local and/or global mode), generate per adapter, score per task."""
-    cfg, extra = read_config(message.content["config"], ("num_global",))
+    """Pick an adapter per test sample (the method's serving rule), generate per adapter, score per task."""
+    cfg, extra = read_config(message.content["config"], ("serving", "adapter_keys"))
     data = my_data(cfg, context)
     base = base_model(cfg)
     who = f"client {data.client_id}"
     state = _local_state(context, who)
-    num_global = int(extra["num_global"])
-    routing = get_arrays(message.content, "routing", "server")
-    centroids = check_array(routing.get("global_centroids"), "global centroids", shape=(num_global, base.hidden_size))
-    local_to_global = check_array(
-        routing.get("local_to_global"), "local-to-global map", shape=(len(state["centroids"]),), kind="i"
-    )
-    if ((local_to_global < 0) | (local_to_global >= num_global)).any():
-        raise ReplyError(f"{who}: local-to-global map points outside 0..{num_global - 1}")
+    serving = extra["serving"]
+    if serving not in SERVINGS or serving != METHODS[cfg["run.method"]].serving:
+        raise ReplyError(f"{who}: serving rule {serving!r} does not belong to method {cfg['run.method']!r}")
     shapes = lora.adapter_shapes(base)
-    adapters = {
-        g: check_adapter(get_arrays(message.content, f"adapter.{g}", "server"), shapes, f"server adapter {g}")
-        for g in range(num_global)
+    reference = {key: shapes[key] for key in part_of(shapes, "lora_A" if serving == "overlay" else "all")}
+    keys = [check_name(k, f"{who} adapter key") for k in extra["adapter_keys"]]
+    shared = {
+        key: check_adapter(get_arrays(message.content, f"adapter.{key}", "server"), reference, f"server adapter {key}")
+        for key in keys
     }
-    modes = ["local", "global"] if cfg["eval.routing"] == "both" else [cfg["eval.routing"]]
+    routing: dict[str, np.ndarray] = {}
+    tasks: list[str] = []
+    if serving in ("route", "task"):
+        arrays = get_arrays(message.content, "routing", "server")
+        routing["global_centroids"] = check_array(
+            arrays.get("global_centroids"), "global centroids", shape=(len(keys), base.hidden_size)
+        )
+        routing["local_to_global"] = check_array(
+            arrays.get("local_to_global"), "local-to-global map", shape=(len(state["centroids"]),), kind="i"
+        )
+        if ((routing["local_to_global"] < 0) | (routing["local_to_global"] >= len(keys))).any():
+            raise ReplyError(f"{who}: local-to-global map points outside 0..{len(keys) - 1}")
+        if sorted(keys, key=int) != [str(g) for g in range(len(keys))]:
+            raise ReplyError(f"{who}: router adapters must be numbered 0..{len(keys) - 1}")
+    if serving == "task":
+        tasks = [check_name(t, f"{who} task") for t in message.content.config_records["adapter_tasks"]["tasks"]]
+        if len(tasks) != len(keys):
+            raise ReplyError(f"{who}: {len(tasks)} task names for {len(keys)} adapters")
+    personal = _personal(context, "local")
+    if personal is None and serving in ("personal", "overlay", "mix"):
+        personal = lora.fresh_adapter(base, cfg["run.seed"])  # no training round ran
+    modes = (
+        (["local", "global"] if cfg["eval.routing"] == "both" else [cfg["eval.routing"]])
+        if serving == "route"
+        else [cfg["run.method"]]
+    )
     started = time.perf_counter()
     metrics: dict[str, float] = {}
     # Which (adapter, sample) answers are needed over all sets and modes; each is generated once.
-    routes: dict[tuple[str, str], np.ndarray] = {}
-    wanted: dict[int, set[int]] = defaultdict(set)
+    choices: dict[tuple[str, str], list[tuple]] = {}
+    wanted: dict[tuple, set[int]] = defaultdict(set)
     samples = {s.id: s for test in data.tests.values() for s in test}
     index_of = {sample_id: i for i, sample_id in enumerate(samples)}
     for set_name, test in data.tests.items():
-        emb = compute.embed(
-            base,
-            [s.instruction for s in test],
-            batch_size=cfg["model.embed_batch_size"],
-            max_len=cfg["model.max_seq_len"],
-        )
-        for mode in modes:
-            routed = route(
-                emb,
-                mode=mode,
-                global_centroids=centroids,
-                local_centroids=state["centroids"],
-                local_to_global=local_to_global,
+        emb = weights = None
+        if serving in ("route", "task", "mix"):
+            emb = compute.embed(
+                base,
+                [s.instruction for s in test],
+                batch_size=cfg["model.embed_batch_size"],
+                max_len=cfg["model.max_seq_len"],
             )
-            routes[(set_name, mode)] = routed
-            for sample, g in zip(test, routed, strict=True):
-                wanted[int(g)].add(index_of[sample.id])
+        if serving == "mix":
+            weights = _dpa_weights(base, cfg, data, emb)
+        for mode in modes:
+            chosen = _serve_keys(serving, mode, test, emb, routing, state, tasks, weights)
+            choices[(set_name, mode)] = chosen
+            for sample, key in zip(test, chosen, strict=True):
+                wanted[key].add(index_of[sample.id])
     ordered = list(samples.values())
-    answers: dict[tuple[int, int], str] = {}
+    answers: dict[tuple[tuple, int], str] = {}
     generated_tokens = 0
-    for g in sorted(wanted):
-        lora.set_adapter(base, adapters[g])
+    for key in sorted(wanted):
+        if key[0] == "shared":
+            lora.set_adapter(base, shared[key[1]])
+        elif key[0] == "overlay":
+            lora.set_adapter(base, personal | shared["global"])
+        else:
+            lora.set_adapter(base, personal if key[0] == "personal" else shared["global"])
         by_length: dict[int, list[int]] = defaultdict(list)
-        for i in sorted(wanted[g]):
+        for i in sorted(wanted[key]):
             by_length[max_new_tokens_for(cfg, ordered[i].task)].append(i)
         for max_new, group in by_length.items():
-            texts = compute.generate(
-                base,
-                [ordered[i].instruction for i in group],
-                max_new_tokens=max_new,
-                batch_size=cfg["eval.batch_size"],
-                max_len=cfg["model.max_seq_len"] + max_new,
+            prompts = [ordered[i].instruction for i in group]
+            generate_args = dict(
+                max_new_tokens=max_new, batch_size=cfg["eval.batch_size"], max_len=cfg["model.max_seq_len"] + max_new
             )
+            if key[0] == "mix":
+                lora.set_adapter(base, personal, slot=lora.PARTNER)
+                with lora.mixed(base, 1.0 - key[1], key[1]):
+                    texts = compute.generate(base, prompts, **generate_args)
+            else:
+                texts = compute.generate(base, prompts, **generate_args)
             for i, text in zip(group, texts, strict=True):
-                answers[(g, i)] = text
+                answers[(key, i)] = text
                 generated_tokens += len(base.tokenizer(text, add_special_tokens=False)["input_ids"])
-    for (set_name, mode), routed in routes.items():
-        for sample, g in zip(data.tests[set_name], routed, strict=True):
-            prediction = answers[(int(g), index_of[sample.id])]
+    for (set_name, mode), chosen in choices.items():
+        for sample, key in zip(data.tests[set_name], chosen, strict=True):
+            prediction = answers[(key, index_of[sample.id])]
             prefix = f"{set_name}.{mode}.{sample.task}"
-            for key, value in rouge(prediction, sample.golds).items():
-                metrics[f"{prefix}.{key}"] = metrics.get(f"{prefix}.{key}", 0.0) + value
+            for name, value in rouge(prediction, sample.golds).items():
+                metrics[f"{prefix}.{name}"] = metrics.get(f"{prefix}.{name}", 0.0) + value
             metrics[f"{prefix}.exact_match"] = metrics.get(f"{prefix}.exact_match", 0.0) + exact_match(
                 prediction, sample.golds
             )
             metrics[f"{prefix}.n"] = metrics.get(f"{prefix}.n", 0) + 1
-            metrics[f"{prefix}.route.{int(g)}"] = metrics.get(f"{prefix}.route.{int(g)}", 0) + 1
+            if key[0] == "shared" and serving in ("route", "task"):
+                metrics[f"{prefix}.route.{key[1]}"] = metrics.get(f"{prefix}.route.{key[1]}", 0) + 1
     metrics["eval_s"] = time.perf_counter() - started
     metrics["model_loads"] = loading.LOAD_COUNT
     metrics["generated_tokens"] = generated_tokens

@@ -1,7 +1,8 @@
-"""The FedRouter ServerApp logic: ask for centroids, cluster globally, train and average per cluster, evaluate.
+"""The ServerApp logic: ask for centroids, cluster globally, train and average the shared adapters, evaluate.
 
 ``run_fedrouter(grid, cfg, run_dir)`` drives a whole run over a Flower ``Grid``; it is the same in simulation
-and in a deployment. Every reply is validated before use (``records``).
+and in a deployment, and the same for every method (``fedrouter.methods``): the method decides which adapters
+the server keeps and what each client trains. Every reply is validated before use (``records``).
 """
 
 from __future__ import annotations
@@ -9,21 +10,21 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedrouter.algorithm.aggregation import aggregate_clusters
 from fedrouter.algorithm.clustering import global_clusters
 from fedrouter.algorithm.metrics import ROUGE_KEYS, clustering_accuracy, matched_count, routing_accuracy
-from fedrouter.algorithm.scheduling import learning_rate, scheduled_clusters
+from fedrouter.algorithm.scheduling import learning_rate
 from fedrouter.artifact import RouterArtifact
 from fedrouter.config import Config
 from fedrouter.federated import records
 from fedrouter.federated.records import (
+    Arrays,
     ReplyError,
     check_adapter,
     check_array,
@@ -35,6 +36,7 @@ from fedrouter.federated.records import (
     record_bytes,
     to_record,
 )
+from fedrouter.methods import ClientClusters, Job, Method, make_method, part_of
 from fedrouter.model import EMBEDDED_NAME
 from fedrouter.runlog import RunFolder
 
@@ -43,19 +45,6 @@ log = logging.getLogger("fedrouter")
 
 class RunError(RuntimeError):
     """The run cannot go on (a client failed or sent an invalid reply)."""
-
-
-@dataclass
-class ClientClusters:
-    """What one client uploaded after local clustering."""
-
-    node_id: int
-    client_id: int
-    centroids: np.ndarray  # (num_local, hidden)
-    counts: np.ndarray  # (num_local,)
-    tasks: list[str]
-    task_counts: np.ndarray  # (num_local, len(tasks)), evaluation-only labels
-    silhouette: dict[int, float]
 
 
 def _exchange(grid: Grid, messages: list[Message], run: RunFolder, phase: str, timeout: float) -> list[Message]:
@@ -94,18 +83,9 @@ def _wait_for_nodes(grid: Grid, wanted: int, timeout: float, run: RunFolder) -> 
         time.sleep(1.0)
 
 
-def _parse_clusters(reply: Message, cfg: Config, hidden: int | None) -> ClientClusters:
+def _parse_clusters(reply: Message, cfg: Config, method: Method, hidden: int | None) -> ClientClusters:
     who = f"node {reply.metadata.src_node_id}"
     content = reply.content
-    clusters = get_arrays(content, "clusters", who)
-    centroids = check_array(clusters.get("centroids"), f"{who} centroids", shape=(None, hidden))
-    k = len(centroids)
-    k_limit = cfg["cluster.local_k_max"] if cfg["cluster.local_k"] == "auto" else int(cfg["cluster.local_k"])
-    if not 1 <= k <= max(k_limit, 1):
-        raise ReplyError(f"{who}: sent {k} centroids (expected 1..{k_limit})")
-    counts = check_array(clusters.get("counts"), f"{who} counts", shape=(k,), kind="i")
-    if (counts < 1).any():
-        raise ReplyError(f"{who}: every local cluster must count at least one sample")
     if "info" not in content.config_records:
         raise ReplyError(f"{who}: missing config record 'info'")
     info = content.config_records["info"]
@@ -113,6 +93,21 @@ def _parse_clusters(reply: Message, cfg: Config, hidden: int | None) -> ClientCl
     if not isinstance(client_id, int) or not 0 <= client_id < cfg["data.num_clients"]:
         raise ReplyError(f"{who}: client_id must be in 0..{cfg['data.num_clients'] - 1}, got {client_id!r}")
     tasks = [check_name(t, f"{who} task") for t in info.get("tasks", [])]
+    clusters = get_arrays(content, "clusters", who)
+    if method.clustering == "none":
+        centroids = np.zeros((1, 0), dtype=np.float32)  # one local cluster: all of the client's samples
+    else:
+        centroids = check_array(clusters.get("centroids"), f"{who} centroids", shape=(None, hidden))
+    k = len(centroids)
+    if method.clustering == "task":
+        k_limit = len(tasks)
+    else:
+        k_limit = cfg["cluster.local_k_max"] if cfg["cluster.local_k"] == "auto" else int(cfg["cluster.local_k"])
+    if not 1 <= k <= max(k_limit, 1):
+        raise ReplyError(f"{who}: sent {k} local clusters (expected 1..{max(k_limit, 1)})")
+    counts = check_array(clusters.get("counts"), f"{who} counts", shape=(k,), kind="i")
+    if (counts < 1).any():
+        raise ReplyError(f"{who}: every local cluster must count at least one sample")
     labels = get_arrays(content, "labels", who)
     task_counts = check_array(labels.get("task_counts"), f"{who} task counts", shape=(k, len(tasks)), kind="i")
     if tasks and (task_counts.sum(1) != counts).any():
@@ -130,20 +125,55 @@ def _parse_clusters(reply: Message, cfg: Config, hidden: int | None) -> ClientCl
     )
 
 
-def _task_matrix(
-    clients: list[ClientClusters], assignment: dict[int, np.ndarray], tasks: list[str], num: int
-) -> np.ndarray:
+def _task_matrix(clients: list[ClientClusters], tasks: list[str], num: int) -> np.ndarray:
     """(global cluster x task) counts of training samples, from the clients' local histograms."""
     table = np.zeros((num, len(tasks)), dtype=np.int64)
     for client in clients:
-        for local, g in enumerate(assignment[client.client_id]):
+        for local, g in enumerate(client.assignment):
             for j, task in enumerate(client.tasks):
                 table[g, tasks.index(task)] += client.task_counts[local, j]
     return table
 
 
+def _group_clusters(method: Method, clients: list[ClientClusters], cfg: Config) -> tuple[np.ndarray, dict]:
+    """4. Global clusters: K-Means over all local centroids, or one per task (oracle), or one (no clustering).
+
+    Sets every client's ``assignment`` (global cluster of each local cluster); returns the global centroids
+    and the silhouette scores of the global search.
+    """
+    if method.clustering == "none":
+        for client in clients:
+            client.assignment = np.zeros(1, dtype=np.int64)
+        return np.zeros((1, 0), dtype=np.float32), {}
+    all_centroids = np.concatenate([c.centroids for c in clients])
+    all_counts = np.concatenate([c.counts for c in clients]).astype(np.float64)
+    if method.clustering == "task":
+        tasks = sorted({t for c in clients for t in c.tasks})
+        labels = np.concatenate([[tasks.index(t) for t in c.tasks] for c in clients]).astype(np.int64)
+        centers = np.stack(
+            [np.average(all_centroids[labels == g], axis=0, weights=all_counts[labels == g]) for g in range(len(tasks))]
+        )
+        scores: dict = {}
+    else:
+        k = cfg["cluster.global_k"]
+        fitted = global_clusters(
+            all_centroids,
+            all_counts,
+            k=k if k == "auto" else int(k),
+            k_max=cfg["cluster.global_k_max"],
+            threshold=cfg["cluster.silhouette_threshold"],
+            seed=cfg["run.seed"],
+        )
+        labels, centers, scores = fitted.labels_, fitted.centers_, fitted.scores_
+    offset = 0
+    for client in clients:
+        client.assignment = np.asarray(labels[offset : offset + len(client.centroids)], dtype=np.int64)
+        offset += len(client.centroids)
+    return centers.astype(np.float32), scores
+
+
 def run_fedrouter(grid: Grid, cfg: Config, run_dir: Path) -> dict:
-    """Run FedRouter end to end; writes metrics and the router artifact into ``run_dir``; returns metrics."""
+    """Run the configured method end to end; writes metrics (and a router artifact) into ``run_dir``."""
     run = RunFolder(run_dir, cfg)
     try:
         return _run(grid, cfg, run)
@@ -154,15 +184,37 @@ def run_fedrouter(grid: Grid, cfg: Config, run_dir: Path) -> dict:
         run.close()
 
 
+def _job_record(jobs: list[Job]) -> ConfigRecord:
+    """A round's jobs as parallel lists (configs carry plain values only)."""
+    return ConfigRecord(
+        {
+            "names": [j.name for j in jobs],
+            "shared": [j.shared or "" for j in jobs],
+            "local_cluster": [-1 if j.local_cluster is None else int(j.local_cluster) for j in jobs],
+            "personal": [j.personal or "" for j in jobs],
+            "part": [j.part for j in jobs],
+            "partner": [j.partner or "" for j in jobs],
+        }
+    )
+
+
 def _run(grid: Grid, cfg: Config, run: RunFolder) -> dict:
     started = time.time()
+    method = make_method(cfg)
     n = cfg["data.num_clients"]
     timeout = cfg["run.reply_timeout_s"]
-    run.event("start", clients=n, rounds=cfg["run.rounds"], model=cfg["model.name"], scenario=cfg["data.scenario"])
+    run.event(
+        "start",
+        clients=n,
+        rounds=cfg["run.rounds"],
+        model=cfg["model.name"],
+        scenario=cfg["data.scenario"],
+        method=method.name,
+    )
     nodes = _wait_for_nodes(grid, cfg["run.min_clients"] or n, timeout, run)
-    metrics: dict = {"config": cfg.to_dict(), "rounds": [], "phases": {}}
+    metrics: dict = {"config": cfg.to_dict(), "method": method.name, "rounds": [], "phases": {}}
 
-    # 1-3. Local clustering on every client; centroids and counts come back.
+    # 1-3. Local clustering on every client; centroids and counts come back (counts only without clustering).
     run.event("phase", name="clustering", round=0)
     t0 = time.time()
     messages = []
@@ -181,8 +233,8 @@ def _run(grid: Grid, cfg: Config, run: RunFolder) -> dict:
         metrics["phases"]["local_cluster_s"] = metrics["phases"].get("local_cluster_s", 0.0) + values.get(
             "cluster_s", 0.0
         )
-        parsed = _parse_clusters(reply, cfg, hidden)
-        hidden = parsed.centroids.shape[1]
+        parsed = _parse_clusters(reply, cfg, method, hidden)
+        hidden = parsed.centroids.shape[1] if method.clustering != "none" else None
         clients.append(parsed)
     clients.sort(key=lambda c: c.client_id)  # node ids are random per run; client ids make runs reproducible
     ids = [c.client_id for c in clients]
@@ -193,38 +245,24 @@ def _run(grid: Grid, cfg: Config, run: RunFolder) -> dict:
     cluster_bytes_up = sum(record_bytes(*r.content.array_records.values()) for r in replies)
 
     # 4. Global clustering over all local centroids.
-    all_centroids = np.concatenate([c.centroids for c in clients])
-    all_counts = np.concatenate([c.counts for c in clients])
-    k = cfg["cluster.global_k"]
-    fitted = global_clusters(
-        all_centroids,
-        all_counts,
-        k=k if k == "auto" else int(k),
-        k_max=cfg["cluster.global_k_max"],
-        threshold=cfg["cluster.silhouette_threshold"],
-        seed=cfg["run.seed"],
-    )
-    num_global = fitted.n_clusters_
-    assignment: dict[int, np.ndarray] = {}
-    offset = 0
-    for client in clients:
-        assignment[client.client_id] = fitted.labels_[offset : offset + len(client.centroids)]
-        offset += len(client.centroids)
+    centers, global_scores = _group_clusters(method, clients, cfg)
+    num_global = len(centers)
     tasks = sorted({t for c in clients for t in c.tasks})
-    train_table = _task_matrix(clients, assignment, tasks, num_global)
+    train_table = _task_matrix(clients, tasks, num_global)
+    clustered = method.clustering != "none"
     local_matched = sum(matched_count(c.task_counts) for c in clients)
     clustering = {
         "local_k": {c.client_id: len(c.centroids) for c in clients},
         "global_k": num_global,
-        "cluster_acc_local": local_matched / int(all_counts.sum()) if tasks else None,
-        "cluster_acc_global": clustering_accuracy(train_table) if tasks else None,
+        "cluster_acc_local": local_matched / sum(c.num_samples for c in clients) if tasks and clustered else None,
+        "cluster_acc_global": clustering_accuracy(train_table) if tasks and clustered else None,
         "global_cluster_tasks": {
             g: {tasks[j]: int(train_table[g, j]) for j in range(len(tasks)) if train_table[g, j]}
             for g in range(num_global)
         },
         "silhouette_local": {c.client_id: c.silhouette for c in clients},
-        "silhouette_global": fitted.scores_,
-        "cluster_map": {c.client_id: assignment[c.client_id].tolist() for c in clients},
+        "silhouette_global": global_scores,
+        "cluster_map": {c.client_id: c.assignment.tolist() for c in clients},
     }
     metrics["clustering"] = clustering
     metrics["phases"]["clustering_s"] = time.time() - t0
@@ -237,10 +275,12 @@ def _run(grid: Grid, cfg: Config, run: RunFolder) -> dict:
         global_cluster_tasks=clustering["global_cluster_tasks"],
     )
     run.write_metrics(metrics)
-    adapters = {g: {key: value.copy() for key, value in initial.items()} for g in range(num_global)}
+    shared = method.shared_adapters(initial, num_global)
     by_node = {c.node_id: c for c in clients}
 
     def save_artifact() -> None:
+        if method.serving not in ("route", "task"):
+            return  # only routers have a router artifact; baselines report metrics
         RouterArtifact(
             base_model=_base_model_name(cfg),
             model_name=cfg["model.name"],
@@ -250,17 +290,17 @@ def _run(grid: Grid, cfg: Config, run: RunFolder) -> dict:
                 "lora_dropout": cfg["lora.dropout"],
                 "target_modules": cfg.list("lora.target_modules"),
             },
-            global_centroids=fitted.centers_.astype(np.float32),
+            global_centroids=centers,
             local_centroids={c.client_id: c.centroids for c in clients},
-            cluster_map={c.client_id: assignment[c.client_id].tolist() for c in clients},
-            adapters=adapters,
+            cluster_map={c.client_id: c.assignment.tolist() for c in clients},
+            adapters={int(key): arrays for key, arrays in shared.items()},
             precision=cfg["model.precision"],
             max_seq_len=cfg["model.max_seq_len"],
         ).save(run.path)
 
     save_artifact()
 
-    # 5-6. Training rounds: scheduled local clusters train their global cluster's adapter; per-cluster average.
+    # 5-6. Training rounds: each client trains its jobs; the server averages each shared adapter.
     rounds = cfg["run.rounds"]
     for r in range(rounds):
         t0 = time.time()
@@ -268,16 +308,14 @@ def _run(grid: Grid, cfg: Config, run: RunFolder) -> dict:
         run.event("phase", name="training", round=r + 1, rounds=rounds, lr=lr)
         messages, plan = [], {}
         for node in nodes:
-            client = by_node[node]
-            scheduled = scheduled_clusters(cfg["train.schedule"], len(client.centroids), r)
-            plan[node] = scheduled
+            jobs = method.jobs(r, by_node[node])
+            plan[node] = jobs
             content = RecordDict(
-                {"config": config_record(cfg, round=r, lr=lr, local_clusters=scheduled)}
+                {"config": config_record(cfg, round=r, lr=lr), "jobs": _job_record(jobs)}
                 | {
-                    f"adapter.{local}": to_record(
-                        adapters[int(assignment[client.client_id][local])], cfg["train.adapter_dtype"]
-                    )
-                    for local in scheduled
+                    f"adapter.{job.name}": to_record(part_of(shared[job.shared], job.part), cfg["train.adapter_dtype"])
+                    for job in jobs
+                    if job.shared is not None and job.part != "none"
                 }
             )
             messages.append(Message(content, node, records.TRAIN, group_id=str(r + 1)))
@@ -291,26 +329,27 @@ def _run(grid: Grid, cfg: Config, run: RunFolder) -> dict:
             who = f"client {client.client_id}"
             values = get_metrics(reply.content, "metrics", who)
             loads = max(loads, int(values.get("model_loads", 0)))
-            for local in plan[node]:
+            for job in plan[node]:
+                count = values.get(f"num_samples.{job.name}", 0)
+                expected = client.num_samples if job.local_cluster is None else client.counts[job.local_cluster]
+                if count != expected:
+                    raise ReplyError(f"{who}: trained job '{job.name}' on {count} samples, expected {expected}")
+                losses[job.shared or f"personal:{job.name}"].append(values.get(f"loss.{job.name}", float("nan")))
+                if job.shared is None or job.part == "none":
+                    continue
+                reference = {key: shapes[key] for key in part_of(initial, job.part)}
                 arrays = check_adapter(
-                    get_arrays(reply.content, f"adapter.{local}", who), shapes, f"{who} adapter {local}"
+                    get_arrays(reply.content, f"adapter.{job.name}", who), reference, f"{who} adapter {job.name}"
                 )
-                count = values.get(f"num_samples.{local}", 0)
-                if count != client.counts[local]:
-                    raise ReplyError(
-                        f"{who}: trained local cluster {local} on {count} samples, uploaded {client.counts[local]}"
-                    )
-                g = int(assignment[client.client_id][local])
-                updates.append((g, arrays, float(count)))
-                losses[g].append(values.get(f"loss.{local}", float("nan")))
+                updates.append((job.shared, arrays, float(count)))
             bytes_up += record_bytes(*reply.content.array_records.values())
-        adapters, weights = aggregate_clusters(adapters, updates)
+        shared, weights = aggregate_clusters(shared, updates)
         record = {
             "round": r + 1,
             "lr": lr,
             "seconds": time.time() - t0,
-            "train_loss": {g: float(np.mean(v)) for g, v in sorted(losses.items())},
-            "updated_clusters": sorted(weights),
+            "train_loss": {key: float(np.mean(v)) for key, v in sorted(losses.items())},
+            "updated_adapters": sorted(weights),
             "bytes_up": bytes_up,
             "bytes_down": bytes_down,
         }
@@ -327,9 +366,7 @@ def _run(grid: Grid, cfg: Config, run: RunFolder) -> dict:
     }
     metrics["model_loads_per_process"] = loads
     if cfg.eval_sets:
-        metrics.update(
-            _evaluate(grid, cfg, run, nodes, by_node, fitted.centers_, assignment, adapters, train_table, tasks)
-        )
+        metrics.update(_evaluate(grid, cfg, run, method, nodes, by_node, centers, shared, train_table, tasks))
     metrics["wall_s"] = time.time() - started
     run.write_metrics(metrics)
     run.event("done", wall_s=metrics["wall_s"], evaluation=metrics.get("evaluation", {}).get("overall", {}))
@@ -340,34 +377,31 @@ def _evaluate(
     grid: Grid,
     cfg: Config,
     run: RunFolder,
+    method: Method,
     nodes: list[int],
     by_node: dict[int, ClientClusters],
     global_centroids: np.ndarray,
-    assignment: dict[int, np.ndarray],
-    adapters: dict[int, dict[str, np.ndarray]],
+    shared: dict[str, Arrays],
     train_table: np.ndarray,
     tasks: list[str],
 ) -> dict:
-    """7. Every client routes its test samples (both modes), generates per adapter and scores the answers.
-
-    ``assignment`` maps a client id to the global cluster of each of its local clusters.
-    """
+    """7. Every client picks an adapter per test sample (the method's serving rule), generates and scores."""
     started = time.time()
     run.event("phase", name="evaluation", round=cfg["run.rounds"])
     messages = []
     for node in nodes:
+        client = by_node[node]
         content = RecordDict(
             {
-                "config": config_record(cfg, num_global=len(adapters)),
-                "routing": to_record(
-                    {
-                        "global_centroids": global_centroids.astype(np.float32),
-                        "local_to_global": assignment[by_node[node].client_id].astype(np.int64),
-                    }
-                ),
+                "config": config_record(cfg, serving=method.serving, adapter_keys=sorted(shared)),
+                "adapter_tasks": ConfigRecord({"tasks": tasks if method.serving == "task" else []}),
             }
-            | {f"adapter.{g}": to_record(arrays, cfg["train.adapter_dtype"]) for g, arrays in adapters.items()}
+            | {f"adapter.{key}": to_record(arrays, cfg["train.adapter_dtype"]) for key, arrays in shared.items()}
         )
+        if method.serving in ("route", "task"):
+            content["routing"] = to_record(
+                {"global_centroids": global_centroids, "local_to_global": client.assignment.astype(np.int64)}
+            )
         messages.append(Message(content, node, records.EVALUATE, group_id="eval"))
     replies = _exchange(grid, messages, run, "evaluation", cfg["run.reply_timeout_s"])
     per_client = {

@@ -1,0 +1,91 @@
+"""The shape every method has: which adapters the server keeps, what each client trains, how it answers.
+
+A method is server-side bookkeeping only. Clients run the same three handlers for every method; a round's
+``Job`` list tells a client which adapter to start from, which samples to train on, what to keep and what to
+send back, and the method's ``serving`` rule tells it which adapter answers each test sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+
+from fedrouter.config import Config
+
+Arrays = dict[str, np.ndarray]
+
+PARTS = ("all", "lora_A", "none")
+SERVINGS = ("route", "task", "shared", "personal", "overlay", "mix")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One adapter a client trains in a round.
+
+    ``shared``: the server adapter sent down and averaged afterwards (None: a personal adapter only).
+    ``local_cluster``: train on this local cluster's samples (None: all of the client's samples).
+    ``personal``: the client keeps the trained adapter under this name and starts from it next round.
+    ``part``: which weights travel both ways: ``all``, ``lora_A`` (FedSA) or ``none``.
+    ``partner``: another adapter of this client (personal, or trained earlier in the same round) mixed in,
+    frozen, at half weight while this one trains (FedDPA).
+    """
+
+    name: str
+    shared: str | None = None
+    local_cluster: int | None = None
+    personal: str | None = None
+    part: str = "all"
+    partner: str | None = None
+
+
+@dataclass
+class ClientClusters:
+    """What the server knows of one client after the clustering phase."""
+
+    node_id: int
+    client_id: int
+    centroids: np.ndarray  # (num_local, hidden); empty (0, 0) for methods that do not cluster
+    counts: np.ndarray  # samples per local cluster
+    tasks: list[str]
+    task_counts: np.ndarray  # (num_local, len(tasks)), evaluation-only labels
+    silhouette: dict[int, float]
+    assignment: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # global cluster per local
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.counts.sum())
+
+
+def part_of(arrays: Arrays, part: str) -> Arrays:
+    """The weights of an adapter that travel for ``part``."""
+    if part == "all":
+        return dict(arrays)
+    if part == "lora_A":
+        return {key: value for key, value in arrays.items() if "lora_A" in key}
+    return {}
+
+
+class Method:
+    """Base class: subclasses set the class attributes and define ``shared_adapters`` and ``jobs``.
+
+    ``clustering``: how clients form local clusters (``kmeans``, ``task`` labels, or ``none``).
+    ``serving``: how a client picks the adapter for a test sample (see ``SERVINGS``; the client implements them).
+    """
+
+    name: ClassVar[str]
+    clustering: ClassVar[str] = "none"
+    serving: ClassVar[str]
+    paper: ClassVar[str] = ""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    def shared_adapters(self, initial: Arrays, num_global: int) -> dict[str, Arrays]:
+        """The adapters the server keeps and averages, keyed by name, at the start."""
+        raise NotImplementedError
+
+    def jobs(self, round_index: int, client: ClientClusters) -> list[Job]:
+        """What ``client`` trains in round ``round_index`` (0-based)."""
+        raise NotImplementedError
