@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from fedrouter.bench import METHODS as BENCH_METHODS
 from fedrouter.config import SETTINGS, Config, load_config, parse_overrides
 from fedrouter.errors import ConfigError, FedRouterError
 
@@ -49,6 +50,16 @@ def _parser() -> argparse.ArgumentParser:
     show = commands.add_parser("config", help="print every setting with its resolved value and meaning")
     show.add_argument("--config", type=Path)
     show.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+
+    bench = commands.add_parser("bench", help="run the standard benchmark paper4-cpu; write results, tables, plots")
+    bench.add_argument("--quick", action="store_true", help="the ~20-minute profile (4 clients, 2 rounds, seed 0)")
+    bench.add_argument("--methods", default=",".join(BENCH_METHODS), help="comma-separated methods")
+    bench.add_argument("--scenarios", help="comma-separated: single,dual,all,flan16-dual (default: all of them)")
+    bench.add_argument("--seeds", help="comma-separated seeds (default: the profile's)")
+    bench.add_argument("--data", type=Path, default=Path("../shared/data"), help="folder with paper4/ and flan16/")
+    bench.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results, tables and plots")
+    bench.add_argument("--runs", type=Path, default=Path("benchmarks/runs"), help="run folders of each run")
+    bench.add_argument("--report-only", action="store_true", help="only remake tables and plots from the results")
 
     cache = commands.add_parser("prepare-model", help="dequantize and cache the embedded model (or another)")
     cache.add_argument("--model", default="smollm2")
@@ -120,6 +131,52 @@ def _show_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from fedrouter import bench
+    from fedrouter.bench_report import write_report
+
+    profile = "quick" if args.quick else "full"
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in BENCH_METHODS]
+    if unknown:
+        raise ConfigError(f"--methods: unknown {unknown} (expected some of {', '.join(BENCH_METHODS)})")
+    scenarios = (
+        [s.strip() for s in args.scenarios.split(",") if s.strip()]
+        if args.scenarios
+        else [*bench.SCENARIOS, *([bench.MANY_TASK] if profile == "full" else [])]
+    )
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    except ValueError:
+        raise ConfigError(f"--seeds: expected comma-separated whole numbers, got {args.seeds!r}") from None
+    if not args.report_only:
+        for needed in {"flan16" if s == bench.MANY_TASK else "paper4" for s in scenarios}:
+            if not (args.data / needed / "train.jsonl").is_file():
+                raise ConfigError(f"--data: {args.data / needed} has no train.jsonl (the benchmark data)")
+        bench.run_bench(
+            profile,
+            out=args.out,
+            data_root=args.data,
+            runs_dir=args.runs,
+            methods=methods,
+            scenarios=scenarios,
+            seeds=seeds,
+        )
+    path = bench.results_path(args.out, profile)
+    records = bench.read_records(path)
+    if not records:
+        raise ConfigError(f"{path}: no results yet (run without --report-only first)")
+    tsne_path = path.with_name(path.stem + "-tsne.json")
+    if not tsne_path.exists() and not args.report_only and (args.data / "paper4" / "train.jsonl").is_file():
+        print("t-SNE of the 'all' scenario's embeddings ...")
+        tsne_path.write_text(json.dumps(bench.tsne_points(profile, args.data)))
+    tsne = json.loads(tsne_path.read_text()) if tsne_path.exists() else None
+    command = "fedrouter bench" + (" --quick" if args.quick else "")
+    for written in write_report(records, args.out, path.stem, command, tsne):
+        print(f"wrote {written}")
+    return 0
+
+
 def _prepare_model(args: argparse.Namespace) -> int:
     import time
 
@@ -154,7 +211,13 @@ def _quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     args = _parser().parse_args(argv)
-    handlers = {"run": _run, "generate": _generate, "config": _show_config, "prepare-model": _prepare_model}
+    handlers = {
+        "run": _run,
+        "generate": _generate,
+        "config": _show_config,
+        "bench": _bench,
+        "prepare-model": _prepare_model,
+    }
     try:
         return handlers[args.command](args)
     except (FedRouterError, FileExistsError) as err:

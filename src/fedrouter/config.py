@@ -131,6 +131,13 @@ SETTINGS: dict[str, Setting] = {
         str, "", "per-task answer lengths, e.g. 'qqp=4,sentiment=4' (empty: synthetic defaults)"
     ),
     "eval.batch_size": Setting(int, 16, "prompts per generation batch", _at_least(1)),
+    "eval.round_samples": Setting(
+        int,
+        0,
+        "after every round, score this many personalized test samples per (client, task) for a learning curve "
+        "(0: only the final evaluation)",
+        _at_least(0),
+    ),
     "eval.report_labels": Setting(
         bool,
         True,

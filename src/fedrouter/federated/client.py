@@ -343,10 +343,27 @@ def _dpa_weights(base: BaseModel, cfg: Config, data: ClientData, emb: np.ndarray
     return np.round(MAX_WEIGHT * similarity / WEIGHT_STEP) * WEIGHT_STEP
 
 
+def _test_subset(tests: dict[str, list], sets: object, limit: object, who: str) -> dict[str, list]:
+    """The test sets to score: all, or (a round check) the first ``limit`` samples per task of some sets."""
+    if not limit:
+        return tests
+    if not isinstance(limit, int) or limit < 0 or not isinstance(sets, list) or not set(sets) <= set(tests):
+        raise ReplyError(f"{who}: bad test subset (limit {limit!r}, sets {sets!r})")
+    subset: dict[str, list] = {}
+    for name in sets:
+        seen: dict[str, int] = defaultdict(int)
+        subset[name] = []
+        for sample in tests[name]:
+            seen[sample.task] += 1
+            if seen[sample.task] <= limit:
+                subset[name].append(sample)
+    return subset
+
+
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     """Pick an adapter per test sample (the method's serving rule), generate per adapter, score per task."""
-    cfg, extra = read_config(message.content["config"], ("serving", "adapter_keys"))
+    cfg, extra = read_config(message.content["config"], ("serving", "adapter_keys", "limit", "sets"))
     data = my_data(cfg, context)
     base = base_model(cfg)
     who = f"client {data.client_id}"
@@ -392,9 +409,10 @@ def evaluate(message: Message, context: Context) -> Message:
     # Which (adapter, sample) answers are needed over all sets and modes; each is generated once.
     choices: dict[tuple[str, str], list[tuple]] = {}
     wanted: dict[tuple, set[int]] = defaultdict(set)
-    samples = {s.id: s for test in data.tests.values() for s in test}
+    tests = _test_subset(data.tests, extra.get("sets"), extra.get("limit", 0), who)
+    samples = {s.id: s for test in tests.values() for s in test}
     index_of = {sample_id: i for i, sample_id in enumerate(samples)}
-    for set_name, test in data.tests.items():
+    for set_name, test in tests.items():
         emb = weights = None
         if serving in ("route", "task", "mix"):
             emb = compute.embed(
@@ -438,7 +456,7 @@ def evaluate(message: Message, context: Context) -> Message:
                 answers[(key, i)] = text
                 generated_tokens += len(base.tokenizer(text, add_special_tokens=False)["input_ids"])
     for (set_name, mode), chosen in choices.items():
-        for sample, key in zip(data.tests[set_name], chosen, strict=True):
+        for sample, key in zip(tests[set_name], chosen, strict=True):
             prediction = answers[(key, index_of[sample.id])]
             prefix = f"{set_name}.{mode}.{sample.task}"
             for name, value in rouge(prediction, sample.golds).items():

@@ -353,6 +353,21 @@ def _run(grid: Grid, cfg: Config, run: RunFolder) -> dict:
             "bytes_up": bytes_up,
             "bytes_down": bytes_down,
         }
+        if cfg["eval.round_samples"] and "personalized" in cfg.eval_sets:
+            curve = _evaluate(
+                grid,
+                cfg,
+                run,
+                method,
+                nodes,
+                by_node,
+                centers,
+                shared,
+                train_table,
+                tasks,
+                limit=cfg["eval.round_samples"],
+            )
+            record["eval"] = curve["evaluation"]["overall"]
         metrics["rounds"].append(record)
         run.event("round", **record)
         run.write_metrics(metrics)
@@ -384,16 +399,23 @@ def _evaluate(
     shared: dict[str, Arrays],
     train_table: np.ndarray,
     tasks: list[str],
+    limit: int = 0,
 ) -> dict:
-    """7. Every client picks an adapter per test sample (the method's serving rule), generates and scores."""
+    """7. Every client picks an adapter per test sample (the method's serving rule), generates and scores.
+
+    ``limit`` > 0: a learning-curve check after a round: only the first ``limit`` personalized test samples
+    per (client, task).
+    """
     started = time.time()
-    run.event("phase", name="evaluation", round=cfg["run.rounds"])
+    if not limit:
+        run.event("phase", name="evaluation", round=cfg["run.rounds"])
+    subset = {"limit": limit, "sets": ["personalized"]} if limit else {}
     messages = []
     for node in nodes:
         client = by_node[node]
         content = RecordDict(
             {
-                "config": config_record(cfg, serving=method.serving, adapter_keys=sorted(shared)),
+                "config": config_record(cfg, serving=method.serving, adapter_keys=sorted(shared), **subset),
                 "adapter_tasks": ConfigRecord({"tasks": tasks if method.serving == "task" else []}),
             }
             | {f"adapter.{key}": to_record(arrays, cfg["train.adapter_dtype"]) for key, arrays in shared.items()}
@@ -403,7 +425,7 @@ def _evaluate(
                 {"global_centroids": global_centroids, "local_to_global": client.assignment.astype(np.int64)}
             )
         messages.append(Message(content, node, records.EVALUATE, group_id="eval"))
-    replies = _exchange(grid, messages, run, "evaluation", cfg["run.reply_timeout_s"])
+    replies = _exchange(grid, messages, run, "round check" if limit else "evaluation", cfg["run.reply_timeout_s"])
     per_client = {
         by_node[r.metadata.src_node_id].client_id: get_metrics(r.content, "metrics", f"node {r.metadata.src_node_id}")
         for r in replies

@@ -1,0 +1,335 @@
+"""``fedrouter bench``: the standard benchmark ``paper4-cpu`` (the benchmark's BENCHMARK.md), one command.
+
+Every (scenario, seed, method) is one run of the same Flower app through ``run_experiment``; each finished run
+appends its records (one per evaluation mode, and per routing mode for FedRouter) to a JSONL file, so an
+interrupted benchmark resumes where it stopped and a crash never corrupts results already written. Tables and
+plots are made from the JSONL alone (``fedrouter.bench_report``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from fedrouter.config import Config
+from fedrouter.errors import ConfigError
+
+METHODS = ("fedrouter", "oracle", "local", "fedit", "feddpa", "fedsa")
+SCENARIOS = ("single", "dual", "all")
+MANY_TASK = "flan16-dual"
+
+# The setting `paper4-cpu`: every value of the benchmark's table (configs/paper4-cpu.toml holds the same).
+PAPER4_CPU = {
+    "data.num_clients": 8,
+    "data.train_per_client": 96,
+    "data.test_per_task": 16,
+    "data.test_per_task_overrides": "qqp=64",
+    "model.name": "smollm2",
+    "model.max_seq_len": 256,
+    "lora.r": 8,
+    "lora.alpha": 16.0,
+    "lora.dropout": 0.05,
+    "lora.target_modules": "q_proj,v_proj",
+    "train.local_steps": 4,
+    "train.batch_size": 8,
+    "train.lr": 5e-4,
+    "run.rounds": 3,
+    "eval.sets": "personalized,generalization",
+    "eval.routing": "both",
+    "eval.max_new_tokens": 48,
+    "eval.max_new_tokens_overrides": "qqp=4",
+    "eval.round_samples": 2,
+}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A benchmark profile: the settings of every run, and which seeds run."""
+
+    name: str
+    settings: dict
+    seeds: tuple[int, ...]
+    many_task: dict = field(default_factory=dict)
+
+
+PROFILES = {
+    "full": Profile(
+        "full",
+        PAPER4_CPU,
+        (0, 1),
+        # The many-task run: 16 clients holding 2 of the 16 FLAN tasks each.
+        many_task={
+            "data.num_clients": 16,
+            "data.scenario": "dual",
+            "data.train_per_client": 48,
+            "data.test_per_task": 8,
+            "data.test_per_task_overrides": "",
+            "eval.sets": "personalized",
+            "eval.max_new_tokens": 32,
+            # Label tasks answer in a few tokens; the rest are bounded by the default.
+            "eval.max_new_tokens_overrides": "glue_qqp=4,cola=4,trec=4,paws_wiki=4,qnli=4,bool_q=4,sentiment140=4,"
+            "snli=8,wic=6,definite_pronoun_resolution=10,arc_easy=16",
+        },
+    ),
+    # Fits in about 20 minutes on the 2-core CPU: 4 clients, half the data, 2 rounds, shorter answers, one seed.
+    "quick": Profile(
+        "quick",
+        PAPER4_CPU
+        | {
+            "data.num_clients": 4,
+            "data.train_per_client": 48,
+            "data.test_per_task": 4,
+            "data.test_per_task_overrides": "qqp=16",
+            "run.rounds": 2,
+            "eval.max_new_tokens": 32,
+        },
+        (0,),
+    ),
+}
+
+
+def results_path(out: Path, profile: str) -> Path:
+    return out / ("paper4-cpu.jsonl" if profile == "full" else f"paper4-cpu-{profile}.jsonl")
+
+
+def run_settings(profile: Profile, scenario: str, method: str, seed: int, data_root: Path) -> dict:
+    """The settings of one benchmark run."""
+    if scenario == MANY_TASK:
+        settings = profile.settings | profile.many_task | {"data.source": str(data_root / "flan16")}
+    else:
+        settings = profile.settings | {"data.source": str(data_root / "paper4"), "data.scenario": scenario}
+    return settings | {"run.method": method, "run.seed": seed}
+
+
+class PeakMemory:
+    """Peak resident memory of this process plus its descendants (Ray's workers), sampled in a thread."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for proc in [me, *me.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    total += proc.memory_info().rss
+            self.peak = max(self.peak, total)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def machine() -> str:
+    """CPU model, cores and GPU (if any) of this machine."""
+    cpu = ""
+    with contextlib.suppress(OSError):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
+    gpu = "no GPU"
+    with contextlib.suppress(Exception):
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    return f"{cpu or platform.processor() or 'unknown CPU'}, {os.cpu_count()} cores, {gpu}"
+
+
+def commit() -> str:
+    with contextlib.suppress(OSError):
+        result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        if result.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True)
+            return result.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+    return "unknown"
+
+
+def records_from(metrics: dict, *, scenario: str, seed: int, profile: str, peak_rss_mb: float) -> list[dict]:
+    """One record per (evaluation mode[, routing mode]) of a finished run, with BENCHMARK.md's keys."""
+    method = metrics["method"]
+    clustering = metrics["clustering"]
+    rounds = metrics["rounds"]
+    out = []
+    for key, summary in sorted(metrics["evaluation"]["by_set"].items()):
+        eval_mode, mode = key.split("/")
+        per_task = summary["per_task"]
+        record = {
+            "method": method,
+            "scenario": scenario,
+            "eval_mode": eval_mode,
+            "seed": seed,
+            "rouge1": summary["rouge1"],
+            "rouge2": summary["rouge2"],
+            "rougeL": summary["rougeL"],
+            "rouge1_per_task": {task: scores["rouge1"] for task, scores in per_task.items()},
+            "exact_match_qqp": 100 * per_task["qqp"]["exact_match"] if "qqp" in per_task else None,
+            "cluster_acc_local": clustering["cluster_acc_local"],
+            "cluster_acc_global": clustering["cluster_acc_global"],
+            "routing_acc": summary["routing_acc"],
+            "wall_s": metrics["wall_s"],
+            "round_s": [r["seconds"] for r in rounds],
+            "bytes_up_per_round": [r["bytes_up"] for r in rounds],
+            "bytes_down_per_round": [r["bytes_down"] for r in rounds],
+            "peak_rss_mb": peak_rss_mb,
+            "commit": commit(),
+            "machine": machine(),
+            "profile": profile,
+            # Beyond the required keys: the learning curve, clustering detail and phase times.
+            "rouge1_per_round": [r.get("eval", {}).get(f"personalized/{mode}", {}).get("rouge1") for r in rounds],
+            "train_loss_per_round": [r["train_loss"] for r in rounds],
+            "local_k": clustering["local_k"],
+            "global_k": clustering["global_k"],
+            "silhouette_local": clustering["silhouette_local"],
+            "silhouette_global": clustering["silhouette_global"],
+            "clustering_s": metrics["phases"]["clustering_s"],
+            "training_s": metrics["phases"]["training_s"],
+            "evaluation_s": metrics.get("evaluation_s"),
+            "num_test": int(sum(c["n"] for t in summary["per_client"].values() for c in t.values())),
+            "config": metrics["config"],
+        }
+        if method == "fedrouter":
+            record["routing"] = mode
+        elif method == "oracle":
+            record["routing"] = "task"
+        out.append(record)
+    return out
+
+
+def read_records(path: Path) -> list[dict]:
+    """Records of a results file; a truncated last line (a crash mid-write) is reported, not half-read."""
+    if not path.exists():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}:{number}: not a JSON record ({err.msg}); remove the line to go on") from None
+    return records
+
+
+def append_records(path: Path, records: Iterable[dict]) -> None:
+    """Append whole lines and flush them to disk: a crash leaves earlier runs intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
+    with path.open("a") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def plan(profile: Profile, methods: Iterable[str], scenarios: Iterable[str], seeds: Iterable[int]) -> list[tuple]:
+    return [(scenario, seed, method) for seed in seeds for scenario in scenarios for method in methods]
+
+
+def run_bench(
+    profile_name: str,
+    *,
+    out: Path,
+    data_root: Path,
+    runs_dir: Path,
+    methods: Iterable[str] = METHODS,
+    scenarios: Iterable[str] = SCENARIOS,
+    seeds: Iterable[int] | None = None,
+    overrides: dict | None = None,
+    log=print,
+) -> Path:
+    """Run every missing (scenario, seed, method) of a profile; returns the results file."""
+    from fedrouter.simulation import run_experiment
+
+    profile = PROFILES[profile_name]
+    path = results_path(out, profile_name)
+    done = {(r["scenario"], r["seed"], r["method"]) for r in read_records(path)}
+    todo = [key for key in plan(profile, methods, scenarios, profile.seeds if seeds is None else seeds)]
+    for scenario in {s for s, _, _ in todo}:
+        if scenario not in (*SCENARIOS, MANY_TASK):
+            raise ConfigError(f"--scenarios: unknown scenario {scenario!r} (expected {SCENARIOS} or {MANY_TASK})")
+    for number, (scenario, seed, method) in enumerate(todo, 1):
+        if (scenario, seed, method) in done:
+            log(f"[{number}/{len(todo)}] {scenario} seed {seed} {method}: already in {path.name}")
+            continue
+        cfg = Config(run_settings(profile, scenario, method, seed, data_root) | (overrides or {}), where="benchmark")
+        run_dir = runs_dir / profile_name / f"{scenario}-s{seed}-{method}"
+        if run_dir.exists():
+            shutil.rmtree(run_dir)  # an interrupted attempt: its records were never written
+        started = time.time()
+        log(f"[{number}/{len(todo)}] {scenario} seed {seed} {method} ...")
+        with PeakMemory() as memory:
+            _, metrics = run_experiment(cfg, run_dir)
+        records = records_from(
+            metrics, scenario=scenario, seed=seed, profile=profile_name, peak_rss_mb=memory.peak / 2**20
+        )
+        append_records(path, records)
+        summary = ", ".join(f"{r['eval_mode'][:4]}/{r.get('routing', method)} {r['rouge1']:.1f}" for r in records)
+        log(f"[{number}/{len(todo)}] {scenario} seed {seed} {method}: {time.time() - started:.0f}s, ROUGE-1 {summary}")
+    return path
+
+
+def tsne_points(profile_name: str, data_root: Path, scenario: str = "all", seed: int = 0) -> dict:
+    """2-D t-SNE of every client's training-sample embeddings, with true tasks and FedRouter's global clusters.
+
+    Recomputes the clustering of a FedRouter run offline with the same functions and settings (embeddings
+    never leave clients in a run), so the plot shows exactly what the clients and the server computed.
+    """
+    import numpy as np
+    from sklearn.manifold import TSNE
+
+    from fedrouter.algorithm.clustering import global_clusters, local_clusters
+    from fedrouter.data import all_clients
+    from fedrouter.federated.client import base_model
+    from fedrouter.model import compute
+
+    cfg = Config(run_settings(PROFILES[profile_name], scenario, "fedrouter", seed, data_root), where="benchmark")
+    base = base_model(cfg)
+    embeddings, tasks, centroids, counts, local_labels = [], [], [], [], []
+    for client in all_clients(cfg):
+        emb = compute.embed(base, [s.instruction for s in client.train], max_len=cfg["model.max_seq_len"])
+        fitted = local_clusters(
+            emb,
+            k="auto",
+            k_max=cfg["cluster.local_k_max"],
+            threshold=cfg["cluster.silhouette_threshold"],
+            seed=seed,
+        )
+        local_labels.append(fitted.labels_ + sum(len(c) for c in centroids))
+        centroids.append(fitted.centers_)
+        counts.append(np.bincount(fitted.labels_, minlength=fitted.n_clusters_))
+        embeddings.append(emb)
+        tasks += [s.task for s in client.train]
+    glob = global_clusters(
+        np.concatenate(centroids),
+        np.concatenate(counts).astype(float),
+        k="auto",
+        k_max=cfg["cluster.global_k_max"],
+        threshold=cfg["cluster.silhouette_threshold"],
+        seed=seed,
+    )
+    clusters = glob.labels_[np.concatenate(local_labels)]
+    xy = TSNE(n_components=2, random_state=seed, init="pca", perplexity=30).fit_transform(np.concatenate(embeddings))
+    return {
+        "scenario": scenario,
+        "seed": seed,
+        "xy": np.round(xy, 3).tolist(),
+        "tasks": tasks,
+        "clusters": [int(c) for c in clusters],
+    }

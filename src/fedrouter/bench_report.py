@@ -1,0 +1,295 @@
+"""Tables and plots of benchmark results, made from the results JSONL alone.
+
+Table 1 of the paper: personalized evaluation in the dual and all scenarios. Table 3: generalization
+(trained in the single scenario, every client tested on every task). FedRouter's routing mode is fixed in
+advance, not picked on the test results: local routing for personalized evaluation, global routing for
+generalization (the paper's two modes).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+BASELINES = ("local", "fedit", "feddpa", "fedsa")
+ROWS = (
+    ("local", None, "Local"),
+    ("fedit", None, "FedIT"),
+    ("feddpa", None, "FedDPA"),
+    ("fedsa", None, "FedSA"),
+    ("fedrouter", "local", "FedRouter (local routing)"),
+    ("fedrouter", "global", "FedRouter (global routing)"),
+    ("oracle", "task", "Oracle router (true task)"),
+)
+FEDROUTER_MODE = {"personalized": "local", "generalization": "global"}
+
+
+def _cell(values: list[float]) -> str:
+    """mean ± spread (half the range over seeds), or the single value."""
+    if not values:
+        return "–"
+    mean = float(np.mean(values))
+    return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ± {(max(values) - min(values)) / 2:.1f}"
+
+
+def _select(records: list[dict], method: str, routing: str | None, scenario: str, eval_mode: str) -> list[dict]:
+    return [
+        r
+        for r in records
+        if r["method"] == method
+        and r["scenario"] == scenario
+        and r["eval_mode"] == eval_mode
+        and (routing is None or r.get("routing") == routing)
+    ]
+
+
+def _mean(records: list[dict], key: str = "rouge1") -> float | None:
+    values = [r[key] for r in records if r.get(key) is not None]
+    return float(np.mean(values)) if values else None
+
+
+def gain(records: list[dict], scenario: str, eval_mode: str) -> dict | None:
+    """FedRouter (its predeclared routing mode) against the best baseline: absolute and relative ROUGE-1 gain."""
+    ours = _mean(_select(records, "fedrouter", FEDROUTER_MODE[eval_mode], scenario, eval_mode))
+    baselines = {m: _mean(_select(records, m, None, scenario, eval_mode)) for m in BASELINES}
+    baselines = {m: v for m, v in baselines.items() if v is not None}
+    if ours is None or not baselines:
+        return None
+    best = max(baselines, key=baselines.get)
+    return {
+        "fedrouter": ours,
+        "best_baseline": best,
+        "baseline": baselines[best],
+        "absolute": ours - baselines[best],
+        "relative": (ours - baselines[best]) / baselines[best] if baselines[best] else float("nan"),
+    }
+
+
+def _gain_line(g: dict | None) -> str:
+    if g is None:
+        return "–"
+    return f"{g['absolute']:+.1f} ({100 * g['relative']:+.1f}% vs {g['best_baseline']})"
+
+
+def table1(records: list[dict]) -> str:
+    scenarios = [s for s in ("dual", "all", "flan16-dual") if any(r["scenario"] == s for r in records)]
+    lines = [
+        "| method | " + " | ".join(scenarios) + " |",
+        "|---|" + "---|" * len(scenarios),
+    ]
+    for method, routing, label in ROWS:
+        cells = [_cell([r["rouge1"] for r in _select(records, method, routing, s, "personalized")]) for s in scenarios]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    gains = [_gain_line(gain(records, s, "personalized")) for s in scenarios]
+    lines.append("| FedRouter (local routing) vs best baseline | " + " | ".join(gains) + " |")
+    return "\n".join(lines)
+
+
+def table3(records: list[dict]) -> str:
+    single = [r for r in records if r["scenario"] == "single" and r["eval_mode"] == "generalization"]
+    tasks = sorted({t for r in single for t in r["rouge1_per_task"]})
+    lines = ["| method | " + " | ".join(tasks) + " | average |", "|---|" + "---|" * (len(tasks) + 1)]
+    for method, routing, label in ROWS:
+        chosen = _select(single, method, routing, "single", "generalization")
+        cells = [_cell([r["rouge1_per_task"][t] for r in chosen if t in r["rouge1_per_task"]]) for t in tasks]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {_cell([r['rouge1'] for r in chosen])} |")
+    lines.append(
+        "| FedRouter (global routing) vs best baseline | "
+        + " | ".join("" for _ in tasks)
+        + f" | {_gain_line(gain(records, 'single', 'generalization'))} |"
+    )
+    return "\n".join(lines)
+
+
+def clustering_table(records: list[dict]) -> str:
+    lines = [
+        "| scenario | local clustering acc. | global clustering acc. | routing acc. (personalized, local) "
+        "| routing acc. (generalization, global) | global clusters |",
+        "|---|---|---|---|---|---|",
+    ]
+    for scenario in ("single", "dual", "all", "flan16-dual"):
+        ours = [r for r in records if r["method"] == "fedrouter" and r["scenario"] == scenario]
+        if not ours:
+            continue
+        pers = _select(ours, "fedrouter", "local", scenario, "personalized")
+        gen = _select(ours, "fedrouter", "global", scenario, "generalization")
+        by_seed = {r["seed"]: r for r in ours}
+        lines.append(
+            f"| {scenario} | {_cell([100 * r['cluster_acc_local'] for r in by_seed.values()])} "
+            f"| {_cell([100 * r['cluster_acc_global'] for r in by_seed.values()])} "
+            f"| {_cell([100 * r['routing_acc'] for r in pers if r['routing_acc'] is not None])} "
+            f"| {_cell([100 * r['routing_acc'] for r in gen if r['routing_acc'] is not None])} "
+            f"| {', '.join(str(r['global_k']) for r in by_seed.values())} |"
+        )
+    return "\n".join(lines)
+
+
+def cost_table(records: list[dict]) -> str:
+    lines = ["| method | wall s (mean) | MB up per round | peak memory GiB |", "|---|---|---|---|"]
+    for method in ("fedrouter", "oracle", *BASELINES):
+        chosen = {(r["scenario"], r["seed"]): r for r in records if r["method"] == method}.values()
+        if not chosen:
+            continue
+        wall = np.mean([r["wall_s"] for r in chosen])
+        up = np.mean([np.mean(r["bytes_up_per_round"]) for r in chosen]) / 1e6
+        peak = max(r["peak_rss_mb"] for r in chosen) / 1024
+        lines.append(f"| {method} | {wall:.0f} | {up:.2f} | {peak:.1f} |")
+    return "\n".join(lines)
+
+
+def markdown(records: list[dict], command: str) -> str:
+    seeds = sorted({r["seed"] for r in records})
+    profiles = sorted({r["profile"] for r in records})
+    machines = sorted({r["machine"] for r in records})
+    commits = sorted({r["commit"] for r in records})
+    parts = [
+        "# paper4-cpu results",
+        "",
+        f"Regenerate: `{command}`. Profile {', '.join(profiles)}; seeds {seeds}; ROUGE-1 mean ± half the range over "
+        f"seeds. Machine: {'; '.join(machines)}. Commits: {', '.join(commits)}.",
+        "",
+        "## Table 1: personalized evaluation (ROUGE-1)",
+        "",
+        table1(records),
+        "",
+        "## Table 3: generalization, trained in the single scenario (ROUGE-1 per task)",
+        "",
+        table3(records),
+        "",
+        "## Clustering and routing (FedRouter, %)",
+        "",
+        clustering_table(records),
+        "",
+        "## Cost",
+        "",
+        cost_table(records),
+        "",
+    ]
+    return "\n".join(parts)
+
+
+# --- plots -----------------------------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_silhouette(records: list[dict], path: Path) -> None:
+    plt = _pyplot()
+    scenarios = [s for s in ("single", "dual", "all") if any(r["scenario"] == s for r in records)]
+    fig, axes = plt.subplots(1, max(len(scenarios), 1), figsize=(4 * max(len(scenarios), 1), 3.2), squeeze=False)
+    for ax, scenario in zip(axes[0], scenarios, strict=False):
+        run = next(r for r in records if r["method"] == "fedrouter" and r["scenario"] == scenario)
+        for i, (_client, scores) in enumerate(sorted(run["silhouette_local"].items())):
+            ks = sorted(int(k) for k in scores)
+            ax.plot(
+                ks,
+                [scores[str(k)] for k in ks],
+                color="tab:blue",
+                alpha=0.35,
+                label="local (per client)" if not i else None,
+            )
+        glob = run["silhouette_global"]
+        ks = sorted(int(k) for k in glob)
+        ax.plot(ks, [glob[str(k)] for k in ks], color="tab:red", marker="o", label="global")
+        ax.set(title=f"{scenario} (seed {run['seed']})", xlabel="k", ylabel="silhouette score")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_rouge_per_round(records: list[dict], path: Path) -> None:
+    plt = _pyplot()
+    scenarios = [s for s in ("single", "dual", "all") if any(r["scenario"] == s for r in records)]
+    fig, axes = plt.subplots(1, max(len(scenarios), 1), figsize=(4 * max(len(scenarios), 1), 3.2), squeeze=False)
+    for ax, scenario in zip(axes[0], scenarios, strict=False):
+        for method, routing, label in ROWS:
+            chosen = _select(records, method, routing, scenario, "personalized")
+            curves = [
+                r["rouge1_per_round"] for r in chosen if r["rouge1_per_round"] and None not in r["rouge1_per_round"]
+            ]
+            if curves:
+                mean = np.mean(np.array(curves, dtype=float), axis=0)
+                ax.plot(range(1, len(mean) + 1), mean, marker="o", label=label)
+        ax.set(title=f"{scenario}: personalized check set", xlabel="round", ylabel="ROUGE-1")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_clustering_accuracy(records: list[dict], path: Path) -> None:
+    plt = _pyplot()
+    scenarios = [
+        s
+        for s in ("single", "dual", "all", "flan16-dual")
+        if any(r["scenario"] == s and r["method"] == "fedrouter" for r in records)
+    ]
+    local, glob = [], []
+    for scenario in scenarios:
+        runs = {r["seed"]: r for r in records if r["method"] == "fedrouter" and r["scenario"] == scenario}.values()
+        local.append(100 * np.mean([r["cluster_acc_local"] for r in runs]))
+        glob.append(100 * np.mean([r["cluster_acc_global"] for r in runs]))
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    x = np.arange(len(scenarios))
+    ax.bar(x - 0.2, local, 0.4, label="local")
+    ax.bar(x + 0.2, glob, 0.4, label="global")
+    ax.set_xticks(x, scenarios)
+    ax.set(ylabel="clustering accuracy (%)", ylim=(0, 105), title="FedRouter clustering accuracy")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_tsne(points: dict, path: Path) -> None:
+    """Two panels of the same 2-D embedding: coloured by true task and by global cluster."""
+    plt = _pyplot()
+    xy = np.asarray(points["xy"])
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+    for ax, key, title in ((axes[0], "tasks", "true task"), (axes[1], "clusters", "global cluster")):
+        labels = points[key]
+        for value in sorted(set(labels), key=str):
+            mask = np.array([v == value for v in labels])
+            ax.scatter(xy[mask, 0], xy[mask, 1], s=6, label=str(value))
+        ax.set(title=f"t-SNE of sample embeddings, by {title}", xticks=[], yticks=[])
+        ax.legend(fontsize=7, markerscale=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(records: list[dict], out: Path, stem: str, command: str, tsne: dict | None = None) -> list[Path]:
+    """Markdown tables and PNG plots next to the results; returns the written paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / f"{stem}.md"]
+    written[0].write_text(markdown(records, command))
+    plots = out / f"{stem}-plots"
+    plots.mkdir(exist_ok=True)
+    if any(r["method"] == "fedrouter" for r in records):
+        plot_silhouette(records, plots / "silhouette.png")
+        plot_clustering_accuracy(records, plots / "clustering_accuracy.png")
+        written += [plots / "silhouette.png", plots / "clustering_accuracy.png"]
+    plot_rouge_per_round(records, plots / "rouge1_per_round.png")
+    written.append(plots / "rouge1_per_round.png")
+    if tsne:
+        plot_tsne(tsne, plots / "tsne.png")
+        written.append(plots / "tsne.png")
+    return written
+
+
+def group_counts(records: list[dict]) -> dict:
+    """How many records each (method, scenario, eval_mode) has: a quick completeness check."""
+    counts: dict = defaultdict(int)
+    for r in records:
+        counts[(r["method"], r.get("routing"), r["scenario"], r["eval_mode"])] += 1
+    return dict(counts)

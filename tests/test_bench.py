@@ -1,0 +1,151 @@
+"""`fedrouter bench`: records with the benchmark's keys, resume, tables and plots (tiny model, real paper4 data)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, SHARED_DATA
+
+from fedrouter import bench
+from fedrouter.bench_report import gain, write_report
+from fedrouter.errors import ConfigError
+
+REQUIRED = [
+    "method",
+    "scenario",
+    "eval_mode",
+    "seed",
+    "rouge1",
+    "rouge2",
+    "rougeL",
+    "rouge1_per_task",
+    "exact_match_qqp",
+    "cluster_acc_local",
+    "cluster_acc_global",
+    "routing_acc",
+    "wall_s",
+    "round_s",
+    "bytes_up_per_round",
+    "bytes_down_per_round",
+    "peak_rss_mb",
+    "commit",
+    "machine",
+    "profile",
+]
+TINY = {
+    "model.name": "tiny-random",
+    "data.num_clients": 4,
+    "data.train_per_client": 8,
+    "data.test_per_task": 1,
+    "data.test_per_task_overrides": "qqp=2",
+    "run.rounds": 2,
+    "train.local_steps": 1,
+    "train.batch_size": 4,
+    "eval.max_new_tokens": 2,
+    "eval.round_samples": 1,
+    "cluster.global_k": "4",
+}
+
+pytestmark = pytest.mark.skipif(not (SHARED_DATA / "paper4").is_dir(), reason="needs ../shared/data")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    lines = []
+    path = bench.run_bench(
+        "quick",
+        out=tmp / "results",
+        data_root=SHARED_DATA,
+        runs_dir=tmp / "runs",
+        methods=["fedrouter", "fedsa"],
+        scenarios=["single"],
+        overrides=TINY,
+        log=lines.append,
+    )
+    return tmp, path, lines
+
+
+def test_records_carry_the_benchmark_keys(results):
+    _tmp, path, _lines = results
+    records = bench.read_records(path)
+    # fedrouter: 2 eval modes x 2 routing modes; fedsa: 2 eval modes
+    assert sorted((r["method"], r["eval_mode"], r.get("routing")) for r in records) == [
+        ("fedrouter", "generalization", "global"),
+        ("fedrouter", "generalization", "local"),
+        ("fedrouter", "personalized", "global"),
+        ("fedrouter", "personalized", "local"),
+        ("fedsa", "generalization", None),
+        ("fedsa", "personalized", None),
+    ]
+    for record in records:
+        assert set(REQUIRED) <= set(record), set(REQUIRED) - set(record)
+        assert record["profile"] == "quick" and record["scenario"] == "single" and record["seed"] == 0
+        assert len(record["round_s"]) == len(record["bytes_up_per_round"]) == len(record["rouge1_per_round"]) == 2
+        assert 0 <= record["rouge1"] <= 100 and 0 <= record["exact_match_qqp"] <= 100
+        assert record["peak_rss_mb"] > 100
+    fedsa = [r for r in records if r["method"] == "fedsa"]
+    assert all(r["cluster_acc_local"] is None and r["routing_acc"] is None for r in fedsa)
+    ours = [r for r in records if r["method"] == "fedrouter"]
+    assert all(0 <= r["cluster_acc_global"] <= 1 for r in ours)
+    # The generalization set holds every task; the personalized set only the client's own.
+    assert len(ours[0]["rouge1_per_task"]) == 4 or len(ours[1]["rouge1_per_task"]) == 4
+
+
+def test_a_second_call_resumes_without_rerunning(results):
+    tmp, path, _lines = results
+    before = path.read_text()
+    lines = []
+    bench.run_bench(
+        "quick",
+        out=tmp / "results",
+        data_root=SHARED_DATA,
+        runs_dir=tmp / "runs",
+        methods=["fedrouter", "fedsa"],
+        scenarios=["single"],
+        overrides=TINY,
+        log=lines.append,
+    )
+    assert path.read_text() == before
+    assert all("already in" in line for line in lines)
+
+
+def test_tables_and_plots_come_from_the_results_alone(results):
+    tmp, path, _lines = results
+    records = bench.read_records(path)
+    written = write_report(records, tmp / "report", "paper4-cpu-quick", "fedrouter bench --quick")
+    names = {p.name for p in written}
+    assert {"paper4-cpu-quick.md", "silhouette.png", "clustering_accuracy.png", "rouge1_per_round.png"} <= names
+    assert all(p.stat().st_size > 0 for p in written)
+    text = (tmp / "report" / "paper4-cpu-quick.md").read_text()
+    assert "Table 3" in text and "FedRouter (global routing)" in text and "FedSA" in text
+    result = gain(records, "single", "generalization")
+    fedsa = next(r["rouge1"] for r in records if r["method"] == "fedsa" and r["eval_mode"] == "generalization")
+    assert result["best_baseline"] == "fedsa" and result["baseline"] == pytest.approx(fedsa)
+
+
+def test_cli_report_only_and_a_truncated_results_line(results, tmp_path):
+    _tmp, path, _lines = results
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "paper4-cpu-quick.jsonl").write_text(path.read_text())
+    command = [sys.executable, "-m", "fedrouter.cli", "bench", "--quick", "--report-only", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (out / "paper4-cpu-quick.md").is_file()
+    with (out / "paper4-cpu-quick.jsonl").open("a") as handle:
+        handle.write('{"method": "fedit", "sce')  # a crash mid-write
+    with pytest.raises(ConfigError, match=r"paper4-cpu-quick.jsonl:\d+: not a JSON record"):
+        bench.read_records(out / "paper4-cpu-quick.jsonl")
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 2 and "not a JSON record" in done.stderr
+
+
+def test_profiles_match_the_committed_config():
+    from fedrouter.config import load_config
+
+    cfg = load_config(ROOT / "configs" / "paper4-cpu.toml", {})
+    for key, value in bench.PAPER4_CPU.items():
+        assert cfg[key] == value, key
+    assert json.dumps(bench.PROFILES["quick"].settings)  # plain values only
