@@ -180,7 +180,7 @@ def records_from(metrics: dict, *, scenario: str, seed: int, profile: str, peak_
             "rouge2": summary["rouge2"],
             "rougeL": summary["rougeL"],
             "rouge1_per_task": {task: scores["rouge1"] for task, scores in per_task.items()},
-            "exact_match_qqp": 100 * per_task["qqp"]["exact_match"] if "qqp" in per_task else None,
+            "exact_match_qqp": per_task["qqp"]["exact_match"] if "qqp" in per_task else None,  # already 0-100
             "cluster_acc_local": clustering["cluster_acc_local"],
             "cluster_acc_global": clustering["cluster_acc_global"],
             "routing_acc": summary["routing_acc"],
@@ -238,8 +238,12 @@ def append_records(path: Path, records: Iterable[dict]) -> None:
         os.fsync(handle.fileno())
 
 
-def plan(profile: Profile, methods: Iterable[str], scenarios: Iterable[str], seeds: Iterable[int]) -> list[tuple]:
-    return [(scenario, seed, method) for seed in seeds for scenario in scenarios for method in methods]
+def plan(methods: Iterable[str], scenarios: Iterable[str], seeds: Iterable[int]) -> list[tuple]:
+    """Runs in order: seed by seed through the paper4 scenarios, then the many-task run (the longest)."""
+    methods, scenarios, seeds = list(methods), list(scenarios), list(seeds)
+    paper4 = [s for s in scenarios if s != MANY_TASK]
+    order = [(s, seed, m) for seed in seeds for s in paper4 for m in methods]
+    return order + [(MANY_TASK, seed, m) for seed in seeds for m in methods if MANY_TASK in scenarios]
 
 
 def run_bench(
@@ -260,7 +264,7 @@ def run_bench(
     profile = PROFILES[profile_name]
     path = results_path(out, profile_name)
     done = {(r["scenario"], r["seed"], r["method"]) for r in read_records(path)}
-    todo = [key for key in plan(profile, methods, scenarios, profile.seeds if seeds is None else seeds)]
+    todo = plan(methods, scenarios, profile.seeds if seeds is None else seeds)
     for scenario in {s for s, _, _ in todo}:
         if scenario not in (*SCENARIOS, MANY_TASK):
             raise ConfigError(f"--scenarios: unknown scenario {scenario!r} (expected {SCENARIOS} or {MANY_TASK})")
