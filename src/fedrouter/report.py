@@ -65,10 +65,12 @@ class ProgressFollower:
             if name == "clustering":
                 label = "embedding and local clustering"
             self.progress.update(self.task, description=label)
-        elif kind == "reply":
+        elif kind == "reply" and event.get("phase") != "round check":  # the learning-curve check is not counted
             self.progress.advance(self.task)
         elif kind == "waiting":
             self.progress.update(self.task, description=f"waiting for clients ({event['connected']}/{event['wanted']})")
+        elif kind == "clustered" and event["global_k"] == 1 and event["cluster_acc_global"] is None:
+            self.console.print("no clustering (the method trains per client or one shared adapter)")
         elif kind == "clustered":
             tasks = "; ".join(
                 f"cluster {g}: " + ", ".join(f"{t} {n}" for t, n in mix.items())
@@ -83,7 +85,7 @@ class ProgressFollower:
         elif kind == "round":
             losses = ", ".join(f"{g}: {v:.3f}" for g, v in event["train_loss"].items())
             self.console.print(
-                f"round {event['round']}: {event['seconds']:.1f}s, lr {event['lr']:.2e}, loss per cluster {{{losses}}}, "
+                f"round {event['round']}: {event['seconds']:.1f}s, lr {event['lr']:.2e}, loss per adapter {{{losses}}}, "
                 f"{(event['bytes_up'] + event['bytes_down']) / 1e6:.1f} MB sent"
             )
         elif kind == "failed":
