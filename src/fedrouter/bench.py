@@ -168,8 +168,15 @@ def commit() -> str:
     return "unknown"
 
 
-def records_from(metrics: dict, *, scenario: str, seed: int, profile: str, peak_rss_mb: float) -> list[dict]:
-    """One record per (evaluation mode[, routing mode]) of a finished run, with BENCHMARK.md's keys."""
+def records_from(
+    metrics: dict, *, scenario: str, seed: int, profile: str, peak_rss_mb: float, code: str = ""
+) -> list[dict]:
+    """One record per (evaluation mode[, routing mode]) of a finished run, with BENCHMARK.md's keys.
+
+    ``code``: the commit the run used (read once when the benchmark starts; default: now).
+    """
+    code = code or commit()
+    where = machine()
     method = metrics["method"]
     clustering = metrics["clustering"]
     rounds = metrics["rounds"]
@@ -195,8 +202,8 @@ def records_from(metrics: dict, *, scenario: str, seed: int, profile: str, peak_
             "bytes_up_per_round": [r["bytes_up"] for r in rounds],
             "bytes_down_per_round": [r["bytes_down"] for r in rounds],
             "peak_rss_mb": peak_rss_mb,
-            "commit": commit(),
-            "machine": machine(),
+            "commit": code,
+            "machine": where,
             "profile": profile,
             # Beyond the required keys: the learning curve, clustering detail and phase times.
             "rouge1_per_round": [r.get("eval", {}).get(f"personalized/{mode}", {}).get("rouge1") for r in rounds],
@@ -269,6 +276,7 @@ def run_bench(
 
     profile = PROFILES[profile_name]
     path = results_path(out, profile_name)
+    code = commit()  # the code every run of this call uses, even if the checkout changes meanwhile
     done = {(r["scenario"], r["seed"], r["method"]) for r in read_records(path)}
     todo = plan(methods, scenarios, profile.seeds if seeds is None else seeds)
     for scenario in {s for s, _, _ in todo}:
@@ -287,7 +295,7 @@ def run_bench(
         with PeakMemory() as memory:
             _, metrics = run_experiment(cfg, run_dir)
         records = records_from(
-            metrics, scenario=scenario, seed=seed, profile=profile_name, peak_rss_mb=memory.peak / 2**20
+            metrics, scenario=scenario, seed=seed, profile=profile_name, peak_rss_mb=memory.peak / 2**20, code=code
         )
         append_records(path, records)
         summary = ", ".join(f"{r['eval_mode'][:4]}/{r.get('routing', method)} {r['rouge1']:.1f}" for r in records)
