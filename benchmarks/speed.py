@@ -10,13 +10,11 @@ for embeddings, and the base model reloaded for every client's work.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import platform
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from peft import get_peft_model, set_peft_model_state_dict
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM
 
+from fedrouter.bench import PeakMemory
 from fedrouter.config import Config
 from fedrouter.data import all_clients, load_source
 from fedrouter.model import compute, loading, lora
@@ -239,32 +238,6 @@ def bench_round(base) -> dict:
     }
 
 
-class PeakMemory:
-    """Peak resident memory of this process's descendants (the run and Ray's workers), sampled."""
-
-    def __init__(self, interval: float = 0.25) -> None:
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        me = psutil.Process()
-        while not self._stop.is_set():
-            total = 0
-            for proc in me.children(recursive=True):
-                with contextlib.suppress(psutil.Error):
-                    total += proc.memory_info().rss
-            self.peak = max(self.peak, total)
-            time.sleep(self.interval)
-
-    def __enter__(self) -> PeakMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def reference_setting(tmp: Path, adapter_dtype: str) -> dict:
     """The authors' CPU setting from the issue: 8 clients, single, 2 rounds of 5 steps of batch 8, 64 samples each.
 
@@ -289,7 +262,7 @@ def reference_setting(tmp: Path, adapter_dtype: str) -> dict:
     }
     command = [sys.executable, "-m", "fedrouter.cli", "run", "--quiet", *(f"{k}={v}" for k, v in settings.items())]
     started = time.perf_counter()
-    with PeakMemory() as memory:
+    with PeakMemory(include_self=False) as memory:  # the run's processes, not this script's own model
         subprocess.run(command, check=True, capture_output=True, text=True)
     wall = time.perf_counter() - started
     metrics = json.loads((tmp / settings["run.name"] / "metrics.json").read_text())
@@ -297,6 +270,7 @@ def reference_setting(tmp: Path, adapter_dtype: str) -> dict:
         "wall_s": wall,
         "rouge1": metrics["evaluation"]["overall"]["personalized/local"]["rouge1"],
         "peak_rss_mb": memory.peak / 2**20,
+        "peak_pss_mb": memory.peak_pss / 2**20,
         "round_s": [r["seconds"] for r in metrics["rounds"]],
         "phases": {
             "clustering_s": metrics["phases"]["clustering_s"],

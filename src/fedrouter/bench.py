@@ -119,20 +119,33 @@ def run_settings(profile: Profile, scenario: str, method: str, seed: int, data_r
 
 
 class PeakMemory:
-    """Peak resident memory of this process plus its descendants (Ray's workers), sampled in a thread."""
+    """Peak memory of this process plus its descendants (Ray's workers), sampled in a thread.
 
-    def __init__(self, interval: float = 0.25) -> None:
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+    ``peak`` sums resident set sizes (RSS): pages shared between processes (the torch libraries every Ray
+    worker maps, Ray's shared object store) count once per process, so it overstates. ``peak_pss`` sums
+    proportional set sizes (Linux): each shared page split between the processes sharing it, so it adds up
+    to the RAM the run really holds. Reading PSS is slower, so it is sampled less often.
+    """
+
+    def __init__(self, interval: float = 0.25, pss_every: int = 4, include_self: bool = True) -> None:
+        self.interval, self.pss_every, self.include_self = interval, pss_every, include_self
+        self.peak = self.peak_pss = 0
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         me = psutil.Process()
+        tick = 0
         while not self._stop.is_set():
-            total = 0
-            for proc in [me, *me.children(recursive=True)]:
-                with contextlib.suppress(psutil.Error):
-                    total += proc.memory_info().rss
-            self.peak = max(self.peak, total)
+            rss = pss = 0
+            for proc in ([me] if self.include_self else []) + me.children(recursive=True):
+                with contextlib.suppress(psutil.Error, AttributeError):
+                    rss += proc.memory_info().rss
+                    if tick % self.pss_every == 0:
+                        pss += proc.memory_full_info().pss
+            self.peak = max(self.peak, rss)
+            self.peak_pss = max(self.peak_pss, pss)
+            tick += 1
             time.sleep(self.interval)
 
     def __enter__(self) -> PeakMemory:
@@ -169,7 +182,14 @@ def commit() -> str:
 
 
 def records_from(
-    metrics: dict, *, scenario: str, seed: int, profile: str, peak_rss_mb: float, code: str = ""
+    metrics: dict,
+    *,
+    scenario: str,
+    seed: int,
+    profile: str,
+    peak_rss_mb: float,
+    peak_pss_mb: float | None = None,
+    code: str = "",
 ) -> list[dict]:
     """One record per (evaluation mode[, routing mode]) of a finished run, with BENCHMARK.md's keys.
 
@@ -202,6 +222,7 @@ def records_from(
             "bytes_up_per_round": [r["bytes_up"] for r in rounds],
             "bytes_down_per_round": [r["bytes_down"] for r in rounds],
             "peak_rss_mb": peak_rss_mb,
+            "peak_pss_mb": peak_pss_mb,
             "commit": code,
             "machine": where,
             "profile": profile,
@@ -295,7 +316,13 @@ def run_bench(
         with PeakMemory() as memory:
             _, metrics = run_experiment(cfg, run_dir)
         records = records_from(
-            metrics, scenario=scenario, seed=seed, profile=profile_name, peak_rss_mb=memory.peak / 2**20, code=code
+            metrics,
+            scenario=scenario,
+            seed=seed,
+            profile=profile_name,
+            peak_rss_mb=memory.peak / 2**20,
+            peak_pss_mb=memory.peak_pss / 2**20,
+            code=code,
         )
         append_records(path, records)
         summary = ", ".join(f"{r['eval_mode'][:4]}/{r.get('routing', method)} {r['rouge1']:.1f}" for r in records)
