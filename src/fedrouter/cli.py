@@ -59,7 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--data", type=Path, default=Path("../shared/data"), help="folder with paper4/ and flan16/")
     bench.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results, tables and plots")
     bench.add_argument("--runs", type=Path, default=Path("benchmarks/runs"), help="run folders of each run")
-    bench.add_argument("--report-only", action="store_true", help="only remake tables and plots from the results")
+    bench.add_argument(
+        "--report-only", action="store_true", help="no runs: remake tables and plots from the results file"
+    )
 
     cache = commands.add_parser("prepare-model", help="dequantize and cache the embedded model (or another)")
     cache.add_argument("--model", default="smollm2")
@@ -167,7 +169,7 @@ def _bench(args: argparse.Namespace) -> int:
     if not records:
         raise ConfigError(f"{path}: no results yet (run without --report-only first)")
     tsne_path = path.with_name(path.stem + "-tsne.json")
-    if not tsne_path.exists() and not args.report_only and (args.data / "paper4" / "train.jsonl").is_file():
+    if not tsne_path.exists() and (args.data / "paper4" / "train.jsonl").is_file():  # once, after the runs
         print("t-SNE of the 'all' scenario's embeddings ...")
         tsne_path.write_text(json.dumps(bench.tsne_points(profile, args.data)))
     tsne = json.loads(tsne_path.read_text()) if tsne_path.exists() else None
