@@ -131,6 +131,7 @@ def test_cli_report_only_and_a_truncated_results_line(results, tmp_path):
     out.mkdir()
     (out / "paper4-cpu-quick.jsonl").write_text(path.read_text())
     command = [sys.executable, "-m", "fedrouter.cli", "bench", "--quick", "--report-only", "--out", str(out)]
+    command += ["--data", str(tmp_path / "no-data")]  # no t-SNE here: it needs the real model
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr
     assert (out / "paper4-cpu-quick.md").is_file()
