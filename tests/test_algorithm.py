@@ -106,6 +106,9 @@ def test_round_robin_is_per_client_and_cosine_schedule():
     assert [scheduled_clusters("round-robin", 2, r) for r in range(4)] == [[0], [1], [0], [1]]
     assert [scheduled_clusters("round-robin", 3, r) for r in range(4)] == [[0], [1], [2], [0]]
     assert scheduled_clusters("all", 3, 5) == [0, 1, 2]
+    # Four clients holding four tasks in the same order: round 0 already trains every task once.
+    assert sorted(scheduled_clusters("round-robin", 4, 0, offset=c)[0] for c in range(4)) == [0, 1, 2, 3]
+    assert [scheduled_clusters("round-robin", 2, r, offset=1) for r in range(3)] == [[1], [0], [1]]
     rates = [learning_rate(1.0, r, 5, "cosine", 0.1) for r in range(5)]
     assert rates[0] == 1.0 and rates[-1] == pytest.approx(0.1) and rates == sorted(rates, reverse=True)
     assert learning_rate(1.0, 3, 5, "constant", 0.1) == 1.0

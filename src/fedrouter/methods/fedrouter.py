@@ -20,7 +20,7 @@ class FedRouter(Method):
         return {str(g): dict(initial) for g in range(num_global)}
 
     def jobs(self, round_index: int, client: ClientClusters) -> list[Job]:
-        scheduled = scheduled_clusters(self.cfg["train.schedule"], len(client.counts), round_index)
+        scheduled = scheduled_clusters(self.cfg["train.schedule"], len(client.counts), round_index, client.client_id)
         return [
             Job(name=str(local), shared=str(int(client.assignment[local])), local_cluster=local) for local in scheduled
         ]
