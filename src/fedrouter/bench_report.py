@@ -220,7 +220,9 @@ def plot_rouge_per_round(records: list[dict], path: Path) -> None:
             if curves:
                 mean = np.mean(np.array(curves, dtype=float), axis=0)
                 ax.plot(range(1, len(mean) + 1), mean, marker="o", label=label)
+        rounds = max((len(r["rouge1_per_round"]) for r in records if r["scenario"] == scenario), default=1)
         ax.set(title=f"{scenario}: personalized check set", xlabel="round", ylabel="ROUGE-1")
+        ax.set_xticks(range(1, rounds + 1))
         ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
