@@ -50,11 +50,9 @@ TINY = {
 pytestmark = pytest.mark.skipif(not (SHARED_DATA / "paper4").is_dir(), reason="needs ../shared/data")
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("bench")
-    lines = []
-    path = bench.run_bench(
+def _tiny_bench(tmp, lines: list):
+    """The quick profile's single scenario for two methods, shrunk to the tiny model and a few samples."""
+    return bench.run_bench(
         "quick",
         out=tmp / "results",
         data_root=SHARED_DATA,
@@ -64,6 +62,13 @@ def results(tmp_path_factory):
         overrides=TINY,
         log=lines.append,
     )
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    lines = []
+    path = _tiny_bench(tmp, lines)
     return tmp, path, lines
 
 
@@ -97,16 +102,7 @@ def test_a_second_call_resumes_without_rerunning(results):
     tmp, path, _lines = results
     before = path.read_text()
     lines = []
-    bench.run_bench(
-        "quick",
-        out=tmp / "results",
-        data_root=SHARED_DATA,
-        runs_dir=tmp / "runs",
-        methods=["fedrouter", "fedsa"],
-        scenarios=["single"],
-        overrides=TINY,
-        log=lines.append,
-    )
+    _tiny_bench(tmp, lines)
     assert path.read_text() == before
     assert all("already in" in line for line in lines)
 

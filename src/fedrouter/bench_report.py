@@ -182,11 +182,24 @@ def _pyplot():
     return plt
 
 
-def plot_silhouette(records: list[dict], path: Path) -> None:
+def _scenario_panels(records: list[dict]):
+    """One panel per paper4 scenario present in the records: (pyplot, figure, [(axis, scenario)])."""
     plt = _pyplot()
     scenarios = [s for s in ("single", "dual", "all") if any(r["scenario"] == s for r in records)]
-    fig, axes = plt.subplots(1, max(len(scenarios), 1), figsize=(4 * max(len(scenarios), 1), 3.2), squeeze=False)
-    for ax, scenario in zip(axes[0], scenarios, strict=False):
+    width = max(len(scenarios), 1)
+    fig, axes = plt.subplots(1, width, figsize=(4 * width, 3.2), squeeze=False)
+    return plt, fig, list(zip(axes[0], scenarios, strict=False))
+
+
+def _save(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_silhouette(records: list[dict], path: Path) -> None:
+    plt, fig, panels = _scenario_panels(records)
+    for ax, scenario in panels:
         run = next(r for r in records if r["method"] == "fedrouter" and r["scenario"] == scenario)
         for i, (_client, scores) in enumerate(sorted(run["silhouette_local"].items())):
             ks = sorted(int(k) for k in scores)
@@ -202,16 +215,12 @@ def plot_silhouette(records: list[dict], path: Path) -> None:
         ax.plot(ks, [glob[str(k)] for k in ks], color="tab:red", marker="o", label="global")
         ax.set(title=f"{scenario} (seed {run['seed']})", xlabel="k", ylabel="silhouette score")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_rouge_per_round(records: list[dict], path: Path) -> None:
-    plt = _pyplot()
-    scenarios = [s for s in ("single", "dual", "all") if any(r["scenario"] == s for r in records)]
-    fig, axes = plt.subplots(1, max(len(scenarios), 1), figsize=(4 * max(len(scenarios), 1), 3.2), squeeze=False)
-    for ax, scenario in zip(axes[0], scenarios, strict=False):
+    plt, fig, panels = _scenario_panels(records)
+    for ax, scenario in panels:
         for method, routing, label in ROWS:
             chosen = _select(records, method, routing, scenario, "personalized")
             curves = [
@@ -224,9 +233,7 @@ def plot_rouge_per_round(records: list[dict], path: Path) -> None:
         ax.set(title=f"{scenario}: personalized check set", xlabel="round", ylabel="ROUGE-1")
         ax.set_xticks(range(1, rounds + 1))
         ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_clustering_accuracy(records: list[dict], path: Path) -> None:
@@ -248,9 +255,7 @@ def plot_clustering_accuracy(records: list[dict], path: Path) -> None:
     ax.set_xticks(x, scenarios)
     ax.set(ylabel="clustering accuracy (%)", ylim=(0, 105), title="FedRouter clustering accuracy")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_tsne(points: dict, path: Path) -> None:
@@ -265,9 +270,7 @@ def plot_tsne(points: dict, path: Path) -> None:
             ax.scatter(xy[mask, 0], xy[mask, 1], s=6, label=str(value))
         ax.set(title=f"t-SNE of sample embeddings, by {title}", xticks=[], yticks=[])
         ax.legend(fontsize=7, markerscale=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def write_report(records: list[dict], out: Path, stem: str, command: str, tsne: dict | None = None) -> list[Path]:

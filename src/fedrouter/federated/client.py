@@ -390,7 +390,7 @@ def evaluate(message: Message, context: Context) -> Message:
         )
         if ((routing["local_to_global"] < 0) | (routing["local_to_global"] >= len(keys))).any():
             raise ReplyError(f"{who}: local-to-global map points outside 0..{len(keys) - 1}")
-        if sorted(keys, key=int) != [str(g) for g in range(len(keys))]:
+        if sorted(keys) != sorted(str(g) for g in range(len(keys))):
             raise ReplyError(f"{who}: router adapters must be numbered 0..{len(keys) - 1}")
     if serving == "task":
         tasks = [check_name(t, f"{who} task") for t in message.content.config_records["adapter_tasks"]["tasks"]]
