@@ -59,6 +59,7 @@ def gain(records: list[dict], scenario: str, eval_mode: str) -> dict | None:
         return None
     best = max(baselines, key=baselines.get)
     return {
+        "missing": [m for m in BASELINES if m not in baselines],
         "fedrouter": ours,
         "best_baseline": best,
         "baseline": baselines[best],
@@ -70,11 +71,14 @@ def gain(records: list[dict], scenario: str, eval_mode: str) -> dict | None:
 def _gain_line(g: dict | None) -> str:
     if g is None:
         return "–"
-    return f"{g['absolute']:+.1f} ({100 * g['relative']:+.1f}% vs {g['best_baseline']})"
+    line = f"{g['absolute']:+.1f} ({100 * g['relative']:+.1f}% vs {g['best_baseline']})"
+    return line + (f", {', '.join(g['missing'])} not run yet" if g["missing"] else "")
 
 
 def table1(records: list[dict]) -> str:
     scenarios = [s for s in ("dual", "all", "flan16-dual") if any(r["scenario"] == s for r in records)]
+    if not scenarios:
+        return "No dual, all or flan16-dual results yet."
     lines = [
         "| method | " + " | ".join(scenarios) + " |",
         "|---|" + "---|" * len(scenarios),
