@@ -11,20 +11,18 @@ for embeddings, and the base model reloaded for every client's work.
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import torch
 from peft import get_peft_model, set_peft_model_state_dict
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM
 
-from fedrouter.bench import PeakMemory
+from fedrouter.bench import PeakMemory, commit, machine
 from fedrouter.config import Config
 from fedrouter.data import all_clients, load_source
 from fedrouter.model import compute, loading, lora
@@ -326,11 +324,8 @@ def main() -> None:
             "reference_setting_16bit": half,
         }
     )
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "")
-    result["machine"] = f"{cpu or platform.processor()}, {psutil.cpu_count()} cores, no GPU"
-    result["commit"] = commit.stdout.strip()
+    result["machine"] = machine()
+    result["commit"] = commit()
     result["command"] = "python benchmarks/speed.py"
     OUT.write_text(json.dumps(result, indent=2) + "\n")
     for key in (

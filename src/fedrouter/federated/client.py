@@ -330,11 +330,15 @@ def _serve_keys(
     return [(serving,)] * len(samples)
 
 
-def _dpa_weights(base: BaseModel, cfg: Config, data: ClientData, emb: np.ndarray) -> np.ndarray:
-    """FedDPA's instance-wise weight of the local adapter: capped mean cosine similarity to local instances."""
+def _dpa_reference(base: BaseModel, cfg: Config, data: ClientData) -> np.ndarray:
+    """Embeddings of FedDPA's reference instances: a few random local training inputs."""
     rng = np.random.default_rng(_seed(cfg["run.seed"], data.client_id))
     chosen = rng.choice(len(data.train), size=min(INSTANCES, len(data.train)), replace=False)
-    reference = compute.embed(base, [data.train[i].instruction for i in chosen], max_len=cfg["model.max_seq_len"])
+    return compute.embed(base, [data.train[i].instruction for i in chosen], max_len=cfg["model.max_seq_len"])
+
+
+def _dpa_weights(emb: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """FedDPA's instance-wise weight of the local adapter: capped mean cosine similarity to the references."""
 
     def unit(x: np.ndarray) -> np.ndarray:
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
@@ -412,6 +416,7 @@ def evaluate(message: Message, context: Context) -> Message:
     tests = _test_subset(data.tests, extra.get("sets"), extra.get("limit", 0), who)
     samples = {s.id: s for test in tests.values() for s in test}
     index_of = {sample_id: i for i, sample_id in enumerate(samples)}
+    reference = _dpa_reference(base, cfg, data) if serving == "mix" else None
     for set_name, test in tests.items():
         emb = weights = None
         if serving in ("route", "task", "mix"):
@@ -422,7 +427,7 @@ def evaluate(message: Message, context: Context) -> Message:
                 max_len=cfg["model.max_seq_len"],
             )
         if serving == "mix":
-            weights = _dpa_weights(base, cfg, data, emb)
+            weights = _dpa_weights(emb, reference)
         for mode in modes:
             chosen = _serve_keys(serving, mode, test, emb, routing, state, tasks, weights)
             choices[(set_name, mode)] = chosen
