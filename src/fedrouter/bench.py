@@ -333,10 +333,6 @@ def run_bench(
     return path
 
 
-def _k(setting: str) -> int | str:
-    return setting if setting == "auto" else int(setting)
-
-
 def tsne_points(profile_name: str, data_root: Path, scenario: str = "all", seed: int = 0) -> dict:
     """2-D t-SNE of every client's training-sample embeddings, with true tasks and FedRouter's global clusters.
 
@@ -358,7 +354,7 @@ def tsne_points(profile_name: str, data_root: Path, scenario: str = "all", seed:
         emb = compute.embed(base, [s.instruction for s in client.train], max_len=cfg["model.max_seq_len"])
         fitted = local_clusters(
             emb,
-            k=_k(cfg["cluster.local_k"]),
+            k=cfg.cluster_k("cluster.local_k"),
             k_max=cfg["cluster.local_k_max"],
             threshold=cfg["cluster.silhouette_threshold"],
             seed=seed,
@@ -371,7 +367,7 @@ def tsne_points(profile_name: str, data_root: Path, scenario: str = "all", seed:
     glob = global_clusters(
         np.concatenate(centroids),
         np.concatenate(counts).astype(float),
-        k=_k(cfg["cluster.global_k"]),
+        k=cfg.cluster_k("cluster.global_k"),
         k_max=cfg["cluster.global_k_max"],
         threshold=cfg["cluster.silhouette_threshold"],
         seed=seed,

@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
         run.add_argument(f"--{flag}", dest=key, help=f"same as {key}=VALUE")
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="any setting, e.g. train.lr=1e-4")
     run.add_argument("--quiet", action="store_true", help="no progress display")
+    run.add_argument(
+        "--resume", type=Path, metavar="RUN_DIR", help="go on with an interrupted run from its last checkpoint"
+    )
 
     gen = commands.add_parser("generate", help="route prompts to a trained run's adapters and generate answers")
     gen.add_argument("--run", required=True, type=Path, help="run folder (holds router/)")
@@ -74,6 +77,13 @@ def _config(args: argparse.Namespace) -> Config:
         value = getattr(args, key, None)
         if value is not None:
             overrides[key] = value
+    resume = getattr(args, "resume", None)
+    if resume is not None:
+        if args.config is not None:
+            raise ConfigError("--resume reads the run's own config.toml; drop --config")
+        if not (resume / "config.toml").is_file():
+            raise ConfigError(f"--resume {resume}: no config.toml there (expected a run folder)")
+        return load_config(resume / "config.toml", overrides | {"run.resume": str(resume)})
     return load_config(args.config, overrides)
 
 
@@ -86,7 +96,7 @@ def _run(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     console = Console(stderr=True)
-    run_dir = default_run_dir(cfg)
+    run_dir = Path(cfg["run.resume"]) if cfg["run.resume"] else default_run_dir(cfg)
     console.print(
         f"{cfg['run.method']}: {cfg['data.num_clients']} clients, scenario {cfg['data.scenario']}, {cfg['run.rounds']} rounds, "
         f"model {cfg['model.name']}, data {cfg['data.source']} -> {run_dir}"

@@ -60,8 +60,15 @@ SETTINGS: dict[str, Setting] = {
     "run.rounds": Setting(int, 3, "federated training rounds (0: cluster only)", _at_least(0)),
     "run.output_dir": Setting(str, "runs", "folder under which each run writes its own run folder"),
     "run.name": Setting(str, "", "run folder name (default: time stamp and scenario)"),
+    "run.resume": Setting(str, "", "a run folder to go on from (its checkpoint); empty: a new run"),
     "run.min_clients": Setting(int, 0, "wait for this many clients (0: data.num_clients)", _at_least(0)),
     "run.reply_timeout_s": Setting(float, 3600.0, "seconds to wait for client replies per phase", _at_least(1)),
+    "run.min_replies": Setting(
+        int,
+        1,
+        "a phase counts only with this many valid client replies (a round below it keeps its adapters)",
+        _at_least(1),
+    ),
     # --- data ---
     "data.source": Setting(
         str,
@@ -117,6 +124,13 @@ SETTINGS: dict[str, Setting] = {
     "cluster.global_k_max": Setting(int, 16, "largest k tried by the global silhouette search", _at_least(1)),
     "cluster.silhouette_threshold": Setting(
         float, 0.2, "below this best silhouette, a client is single-task (k=1)", _between(-1.0, 1.0)
+    ),
+    "cluster.join_factor": Setting(
+        float,
+        1.5,
+        "a client joining after global clustering opens a new global cluster when its centroid is farther than "
+        "this factor x the widest global cluster's radius from every global centroid",
+        _at_least(0),
     ),
     # --- evaluation ---
     "eval.sets": Setting(
@@ -254,6 +268,11 @@ class Config(Mapping[str, Any]):
                 raise ConfigError(f"{where}: setting '{key}' expects 'task=number' items (number >= 1), got {item!r}")
             result[task.strip()] = int(number)
         return result
+
+    def cluster_k(self, key: str) -> int | str:
+        """A ``cluster.*_k`` setting: 'auto' or the number of clusters it names."""
+        value = self[key]
+        return value if value == "auto" else int(value)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self._values)

@@ -18,6 +18,7 @@ class ProgressFollower:
 
     def __init__(self, run_dir: Path, clients: int, rounds: int, console: Console) -> None:
         self.path = Path(run_dir) / EVENTS
+        self._offset = self.path.stat().st_size if self.path.exists() else 0  # a resumed run: only new events
         self.console = console
         self.total = clients * (rounds + 2)  # clustering, each round, evaluation: one reply per client
         self.progress = Progress(
@@ -47,13 +48,12 @@ class ProgressFollower:
         self.progress.stop()
 
     def _follow(self) -> None:
-        self._offset = 0
         while not self._stop.is_set():
             self._drain()
             time.sleep(0.3)
 
     def _drain(self) -> None:
-        events, self._offset = read_events(self.path, getattr(self, "_offset", 0))
+        events, self._offset = read_events(self.path, self._offset)
         for event in events:
             self._show(event)
 
@@ -90,6 +90,15 @@ class ProgressFollower:
             )
         elif kind == "failed":
             self.console.print(f"[red]run failed: {event['error']}")
+        elif kind == "rejected":
+            self.console.print(f"[yellow]{event['phase']}: rejected {event['who']}: {event['reason']}")
+        elif kind == "resumed":
+            self.console.print(f"resuming after round {event['rounds_done']} (checkpoint)")
+        elif kind == "joined":
+            self.console.print(
+                f"client {event['client']} joined: global clusters {event['assignment']}"
+                + (f" (opened {event['new_clusters']})" if event["new_clusters"] else "")
+            )
 
 
 def _fraction(value: float | None) -> str:

@@ -24,12 +24,14 @@ CONFIG = "config.toml"
 LOG = "log.txt"
 
 
-def atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, content: str | bytes) -> None:
+    """Write beside ``path``, flush to disk, then rename over it: readers see the old or the new file, whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    data = content.encode("utf-8") if isinstance(content, str) else content
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -59,7 +61,7 @@ class RunFolder:
     def __init__(self, path: Path, cfg: Config) -> None:
         self.path = path
         path.mkdir(parents=True, exist_ok=True)
-        atomic_write(path / CONFIG, cfg.to_toml())
+        atomic_write(path / CONFIG, cfg.replace(run__resume="").to_toml())  # re-runnable as a new run
         self._events = open(path / EVENTS, "a", encoding="utf-8")  # noqa: SIM115 (kept open for the run)
         self._handler = logging.FileHandler(path / LOG, encoding="utf-8")
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -28,21 +28,28 @@ def backend_config(cfg: Config) -> dict:
     }
 
 
-def run_experiment(cfg: Config, run_dir: Path | None = None, on_start=None) -> tuple[Path, dict]:
+def run_experiment(cfg: Config, run_dir: Path | None = None, on_start=None, client_app=None) -> tuple[Path, dict]:
     """Run a whole experiment in simulation; returns the run folder and its metrics.
 
+    With ``run.resume`` set, the run goes on from that folder's checkpoint (``run_dir`` is ignored).
     ``on_start(run_dir)`` is called before the simulation starts (the CLI uses it to follow progress).
+    ``client_app`` replaces FedRouter's ClientApp (tests use it to play misbehaving clients).
     Raises ``RuntimeError`` when the run did not finish, with the reason the server recorded.
     """
     # Imported here: flwr's simulation runtime and torch are heavy and only needed for a run.
     from flwr.simulation import run_simulation
 
-    from fedrouter.federated.app import client_app, make_server_app
+    from fedrouter.federated.app import client_app as fedrouter_client_app
+    from fedrouter.federated.app import make_server_app
 
-    run_dir = Path(run_dir or default_run_dir(cfg))
     check_inputs(cfg)
-    if (run_dir / METRICS).exists():
-        raise FileExistsError(f"run folder {run_dir} already holds a run; choose another run.name")
+    if cfg["run.resume"]:
+        run_dir = Path(cfg["run.resume"])
+        check_resumable(run_dir)
+    else:
+        run_dir = Path(run_dir or default_run_dir(cfg))
+        if (run_dir / METRICS).exists():
+            raise FileExistsError(f"run folder {run_dir} already holds a run; choose another run.name")
     run_dir.mkdir(parents=True, exist_ok=True)
     if on_start is not None:
         on_start(run_dir)
@@ -53,7 +60,7 @@ def run_experiment(cfg: Config, run_dir: Path | None = None, on_start=None) -> t
         # starts a SuperLink that outlives the run. The ServerApp/ClientApp are the same in both.
         run_simulation(
             server_app=make_server_app(cfg, run_dir),
-            client_app=client_app,
+            client_app=client_app or fedrouter_client_app,
             num_supernodes=cfg["data.num_clients"],
             backend_config=backend_config(cfg),
         )
@@ -73,13 +80,33 @@ def check_inputs(cfg: Config) -> None:
     check_model_name(cfg["model.name"])
 
 
+def check_resumable(run_dir: Path) -> None:
+    """A run folder can be resumed when it holds a checkpoint and its last attempt did not finish."""
+    from fedrouter.errors import ConfigError
+    from fedrouter.federated.checkpoint import CHECKPOINT
+
+    if not (run_dir / CHECKPOINT).is_file():
+        raise ConfigError(f"setting 'run.resume': {run_dir} holds no {CHECKPOINT} (not a run folder, or stopped early)")
+    if _last_attempt(run_dir) and any(e["event"] == "done" for e in _last_attempt(run_dir)):
+        raise ConfigError(f"setting 'run.resume': the run in {run_dir} already finished")
+
+
+def _last_attempt(run_dir: Path) -> list[dict]:
+    """The events since the last start (a resumed run appends to the same stream)."""
+    from fedrouter.runlog import EVENTS, read_events
+
+    events, _ = read_events(run_dir / EVENTS)
+    starts = [i for i, e in enumerate(events) if e["event"] == "start"]
+    return events[starts[-1] :] if starts else events
+
+
 def finished_metrics(run_dir: Path) -> dict:
     """The run's final metrics, or an error naming why the run did not finish (flwr may not raise)."""
     import json
 
-    from fedrouter.runlog import EVENTS, read_events
+    from fedrouter.runlog import EVENTS
 
-    events, _ = read_events(run_dir / EVENTS)
+    events = _last_attempt(run_dir)
     failed = [e for e in events if e["event"] == "failed"]
     if failed:
         raise RuntimeError(f"run failed: {failed[-1].get('error')}")

@@ -120,3 +120,44 @@ def global_clusters(
     return SilhouetteKMeans(k=k, k_max=k_max, threshold=threshold, random_state=seed, what="local centroids").fit(
         centroids, sample_weight=np.asarray(counts, dtype=np.float64)
     )
+
+
+def join_radius(members: np.ndarray, assignment: np.ndarray, centers: np.ndarray) -> float:
+    """How far a member may lie from its global centroid: the widest global cluster's radius.
+
+    The radius of a cluster is the largest distance from one of its local centroids to its global centroid.
+    When every cluster has a single member (all radii 0), half the smallest distance between two global
+    centroids stands in; with one global cluster and no spread, any point belongs to it (infinite radius).
+    """
+    members = np.asarray(members, dtype=np.float64)
+    centers = np.asarray(centers, dtype=np.float64)
+    spread = np.linalg.norm(members - centers[np.asarray(assignment)], axis=1)
+    radius = float(spread.max()) if len(spread) else 0.0
+    if radius > 0:
+        return radius
+    if len(centers) < 2:
+        return float("inf")
+    gaps = np.linalg.norm(centers[:, None, :] - centers[None, :, :], axis=-1)
+    return float(gaps[np.triu_indices(len(centers), 1)].min()) / 2
+
+
+def join_clusters(
+    centroids: np.ndarray, centers: np.ndarray, radius: float, factor: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Place a late client's local centroids among the existing global clusters.
+
+    A centroid joins its nearest global cluster when it lies within ``factor x radius`` of that cluster's
+    centroid; otherwise it opens a new global cluster centred on itself (which later centroids of the same
+    client may join by the same rule). Existing global centroids do not move, so every other client's
+    routing stays as it was. Returns the global cluster of each centroid and the (possibly longer) centers.
+    """
+    centers = np.asarray(centers, dtype=np.float64)
+    assignment = []
+    for point in np.asarray(centroids, dtype=np.float64):
+        distances = np.linalg.norm(centers - point, axis=1)
+        g = int(distances.argmin())
+        if distances[g] > factor * radius:
+            centers = np.vstack([centers, point])
+            g = len(centers) - 1
+        assignment.append(g)
+    return np.asarray(assignment, dtype=np.int64), centers

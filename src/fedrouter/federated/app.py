@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -25,7 +26,10 @@ def _show_progress_in_flower_logs() -> None:
 
 
 def make_server_app(cfg: Config | None = None, run_dir=None) -> ServerApp:
-    """A ServerApp for a fixed config (``fedrouter run``), or one that reads the Flower run config."""
+    """A ServerApp for a fixed config (``fedrouter run``), or one that reads the Flower run config.
+
+    With ``run.resume`` set, the run goes on from that run folder's checkpoint.
+    """
     app = ServerApp()
 
     @app.main()
@@ -38,9 +42,10 @@ def make_server_app(cfg: Config | None = None, run_dir=None) -> ServerApp:
             except Exception:
                 log.exception("invalid run config")
                 raise
-        target = run_dir or default_run_dir(config)
-        log.info("run folder: %s", target)
-        run_fedrouter(grid, config, target)
+        resume = bool(config["run.resume"])
+        target = run_dir or (Path(config["run.resume"]) if resume else default_run_dir(config))
+        log.info("run folder: %s%s", target, " (resuming)" if resume else "")
+        run_fedrouter(grid, config, target, resume=resume)
 
     return app
 

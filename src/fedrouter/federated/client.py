@@ -97,7 +97,7 @@ def cluster(message: Message, context: Context) -> Message:
     Methods without clustering skip the embedding: one local cluster holds every sample. The oracle's local
     clusters are the true tasks.
     """
-    cfg, extra = read_config(message.content["config"], ("initial_adapter_seed",))
+    cfg, _ = read_config(message.content["config"])
     data = my_data(cfg, context)
     base = base_model(cfg)
     clustering = METHODS[cfg["run.method"]].clustering
@@ -122,10 +122,9 @@ def cluster(message: Message, context: Context) -> Message:
             labels = np.array([held.index(s.task) for s in data.train], dtype=np.int64)
             centroids = np.stack([embeddings[labels == i].mean(0) for i in range(len(held))]).astype(np.float32)
         else:
-            k = cfg["cluster.local_k"]
             fitted = local_clusters(
                 embeddings,
-                k=k if k == "auto" else int(k),
+                k=cfg.cluster_k("cluster.local_k"),
                 k_max=cfg["cluster.local_k_max"],
                 threshold=cfg["cluster.silhouette_threshold"],
                 seed=cfg["run.seed"],
@@ -164,9 +163,14 @@ def cluster(message: Message, context: Context) -> Message:
             }
         ),
     }
-    if "initial_adapter_seed" in extra:
-        reply["initial_adapter"] = to_record(lora.fresh_adapter(base, int(extra["initial_adapter_seed"])))
     return _reply(message, **reply)
+
+
+@app.query("initial")
+def initial(message: Message, context: Context) -> Message:
+    """The common starting adapter (LoRA init from ``run.seed``): the server needs one to know the shapes."""
+    cfg, _ = read_config(message.content["config"])
+    return _reply(message, initial_adapter=to_record(lora.fresh_adapter(base_model(cfg), cfg["run.seed"])))
 
 
 def _seed(*parts: int) -> int:

@@ -20,6 +20,7 @@ Arrays = dict[str, np.ndarray]
 
 # Message types (Flower's "<category>.<action>").
 CLUSTER = "query.cluster"
+INITIAL = "query.initial"
 TRAIN = "train"
 EVALUATE = "evaluate"
 

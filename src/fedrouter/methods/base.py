@@ -72,12 +72,14 @@ class Method:
 
     ``clustering``: how clients form local clusters (``kmeans``, ``task`` labels, or ``none``).
     ``serving``: how a client picks the adapter for a test sample (see ``SERVINGS``; the client implements them).
+    ``personal_state``: clients keep adapters of their own between rounds (never sent to the server).
     """
 
     name: ClassVar[str]
     clustering: ClassVar[str] = "none"
     serving: ClassVar[str]
     paper: ClassVar[str] = ""
+    personal_state: ClassVar[bool] = False
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -89,3 +91,7 @@ class Method:
     def jobs(self, round_index: int, client: ClientClusters) -> list[Job]:
         """What ``client`` trains in round ``round_index`` (0-based)."""
         raise NotImplementedError
+
+    def add_global_cluster(self, shared: dict[str, Arrays], initial: Arrays, g: int) -> None:
+        """A global cluster opened by a client that joined late starts from the common initial adapter."""
+        shared[str(g)] = dict(initial)

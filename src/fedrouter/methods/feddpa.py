@@ -17,6 +17,7 @@ class FedDPA(Method):
     name = "feddpa"
     serving = "mix"
     paper = "Yang et al. 2024"
+    personal_state = True
 
     def shared_adapters(self, initial: Arrays, num_global: int) -> dict[str, Arrays]:
         return {"global": dict(initial)}

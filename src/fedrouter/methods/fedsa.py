@@ -14,6 +14,7 @@ class FedSA(Method):
     name = "fedsa"
     serving = "overlay"
     paper = "Guo et al. 2025"
+    personal_state = True
 
     def shared_adapters(self, initial: Arrays, num_global: int) -> dict[str, Arrays]:
         return {"global": part_of(initial, "lora_A")}

@@ -9,6 +9,7 @@ class Local(Method):
     name = "local"
     serving = "personal"
     paper = "standard baseline"
+    personal_state = True
 
     def shared_adapters(self, initial: Arrays, num_global: int) -> dict[str, Arrays]:
         return {}
