@@ -40,6 +40,26 @@ def _parser() -> argparse.ArgumentParser:
         "--resume", type=Path, metavar="RUN_DIR", help="go on with an interrupted run from its last checkpoint"
     )
 
+    deploy = commands.add_parser(
+        "deploy-local",
+        help="run on a real Flower deployment on this machine: a SuperLink and N SuperNodes on loopback",
+    )
+    deploy.add_argument(
+        "--nodes", type=int, required=True, help="SuperNodes to start, one client each (sets data.num_clients)"
+    )
+    deploy.add_argument("--tls", action="store_true", help="TLS with a generated certificate authority")
+    deploy.add_argument("--auth", action="store_true", help="SuperNode authentication with generated node keys")
+    deploy.add_argument(
+        "--node-data", type=Path, action="append", metavar="PATH",
+        help="one data folder or file per node, in node order (default: each node's partition of data.source)",
+    )  # fmt: skip
+    deploy.add_argument("--folder", type=Path, help="logs, certificates and Flower state (default: RUN_DIR/deployment)")
+    deploy.add_argument("--config", type=Path, help="TOML file of settings")
+    for flag, key in SHORTCUTS.items():
+        deploy.add_argument(f"--{flag}", dest=key, help=f"same as {key}=VALUE")
+    deploy.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="any setting, e.g. train.lr=1e-4")
+    deploy.add_argument("--quiet", action="store_true", help="no progress display")
+
     gen = commands.add_parser("generate", help="route prompts to a trained run's adapters and generate answers")
     gen.add_argument("--run", required=True, type=Path, help="run folder (holds router/)")
     gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
@@ -111,6 +131,47 @@ def _run(args: argparse.Namespace) -> int:
         out.print(table)
     router = ", router/" if (run_dir / "router").is_dir() else ""
     out.print(f"run folder: {run_dir} (metrics.json, config.toml, log.txt{router})")
+    return 0
+
+
+def _deploy_local(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from fedrouter.deploy import LocalDeployment
+    from fedrouter.report import ProgressFollower, summary_tables
+    from fedrouter.runlog import default_run_dir
+    from fedrouter.simulation import check_inputs
+
+    if args.nodes < 1:
+        raise ConfigError(f"--nodes must be at least 1, got {args.nodes}")
+    cfg = _config(args).replace(data__num_clients=args.nodes)
+    if args.node_data:
+        if len(args.node_data) != args.nodes:
+            raise ConfigError(f"--node-data given {len(args.node_data)} times for {args.nodes} nodes (one per node)")
+        for path in args.node_data:
+            if not path.exists():
+                raise ConfigError(f"--node-data {path}: no such file or folder")
+    else:
+        check_inputs(cfg)
+    run_dir = default_run_dir(cfg)
+    cfg = cfg.replace(run__name=run_dir.name, run__output_dir=str(run_dir.parent.resolve()))
+    folder = args.folder or run_dir.with_name(run_dir.name + "-deployment")
+    console = Console(stderr=True)
+    console.print(
+        f"deployment: 1 SuperLink + {args.nodes} SuperNodes on 127.0.0.1{' with TLS' if args.tls else ''}"
+        f"{' and node authentication' if args.auth else ''} "
+        f"(logs in {folder}); {cfg['run.method']}, {cfg['run.rounds']} rounds -> {run_dir}"
+    )
+    with LocalDeployment(folder, args.nodes, tls=args.tls, auth=args.auth, data_paths=args.node_data) as deployment:
+        if args.quiet:
+            run_dir, metrics = deployment.run(cfg)
+        else:
+            with ProgressFollower(run_dir, args.nodes, cfg["run.rounds"], console):
+                run_dir, metrics = deployment.run(cfg)
+    out = Console()
+    for table in summary_tables(metrics):
+        out.print(table)
+    out.print(f"run folder: {run_dir}; every SuperLink and SuperNode process has been stopped")
     return 0
 
 
@@ -225,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {
         "run": _run,
+        "deploy-local": _deploy_local,
         "generate": _generate,
         "config": _show_config,
         "bench": _bench,

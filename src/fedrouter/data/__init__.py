@@ -11,7 +11,7 @@ from fedrouter.data import synthetic
 from fedrouter.data.partition import ClientData, by_task, split_clients
 from fedrouter.data.samples import DataError, Sample, load_file
 
-__all__ = ["ClientData", "DataError", "Sample", "client_data", "load_source", "max_new_tokens_for"]
+__all__ = ["ClientData", "DataError", "Sample", "client_data", "load_source", "max_new_tokens_for", "node_data"]
 
 
 def _find_split(folder: Path, split: str) -> Path:
@@ -89,6 +89,34 @@ def client_data(cfg: Config, client_id: int) -> ClientData:
     if not 0 <= client_id < cfg["data.num_clients"]:
         raise DataError(f"client {client_id} is outside 0..{cfg['data.num_clients'] - 1} ('data.num_clients')")
     return all_clients(cfg)[client_id]
+
+
+def node_data(cfg: Config, client_id: int, path: str) -> ClientData:
+    """A deployment node's own data (node config ``data-path``: a folder with train/test files, or one file).
+
+    Every training sample is the node's; the personalized test set holds the test samples of the tasks it
+    trains on, the generalization set those of every task in its test file (``data.test_per_task`` each).
+    """
+    if not Path(path).expanduser().exists():
+        raise DataError(f"node config 'data-path': {path} does not exist")
+    train, test = (
+        list(part) for part in _load(str(path), cfg["data.synthetic_size"], cfg["run.seed"], cfg["data.tasks"])
+    )
+    if not train:
+        raise DataError(f"node config 'data-path': {path} holds no training samples")
+    tasks = list(by_task(train))
+    client = ClientData(client_id, tasks, train)
+    test_groups = by_task(test)
+    overrides = cfg.task_overrides("data.test_per_task_overrides")
+    for name in cfg.eval_sets:
+        chosen: list[Sample] = []
+        for task in tasks if name == "personalized" else list(test_groups):
+            pool = test_groups.get(task, [])
+            if not pool:
+                raise DataError(f"node config 'data-path': {path} has no test samples of task '{task}'")
+            chosen += pool[: overrides.get(task, cfg["data.test_per_task"])]
+        client.tests[name] = chosen
+    return client
 
 
 def max_new_tokens_for(cfg: Config, task: str) -> int:

@@ -20,7 +20,7 @@ from fedrouter.algorithm.clustering import local_clusters
 from fedrouter.algorithm.metrics import exact_match, rouge
 from fedrouter.algorithm.routing import route
 from fedrouter.config import Config
-from fedrouter.data import ClientData, client_data, max_new_tokens_for
+from fedrouter.data import ClientData, client_data, max_new_tokens_for, node_data
 from fedrouter.federated import records
 from fedrouter.federated.records import (
     Arrays,
@@ -65,15 +65,18 @@ def client_id(context: Context, cfg: Config) -> int:
 
 
 def my_data(cfg: Config, context: Context) -> ClientData:
+    """This node's data: its own files (node config ``data-path``, a deployment) or its partition of
+    ``data.source`` (simulation, or a deployment whose nodes share a copy of the data)."""
     cid = client_id(context, cfg)
-    key = (cid, *(cfg[k] for k in _DATA_KEYS))
+    path = context.node_config.get("data-path")
+    key = (cid, path, *(cfg[k] for k in _DATA_KEYS))
     if key not in _data_cache:
-        _data_cache[key] = client_data(cfg, cid)
+        _data_cache[key] = node_data(cfg, cid, str(path)) if path else client_data(cfg, cid)
     return _data_cache[key]
 
 
 def _training_examples(cfg: Config, base: BaseModel, data: ClientData) -> list:
-    key = (data.client_id, *(cfg[k] for k in _DATA_KEYS), cfg["model.name"], cfg["model.max_seq_len"])
+    key = (id(data), cfg["model.name"], cfg["model.max_seq_len"])  # ``data`` lives in _data_cache: ids are not reused
     if key not in _encoded_cache:
         pairs = [(s.instruction, s.response) for s in data.train]
         _encoded_cache[key] = compute.encode_training(base, pairs, cfg["model.max_seq_len"])

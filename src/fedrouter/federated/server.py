@@ -44,6 +44,9 @@ from fedrouter.runlog import RunFolder
 log = logging.getLogger("fedrouter")
 
 
+NODE_CHECK_S = 5.0  # how often a phase checks that the nodes it waits for are still connected
+
+
 class RunError(RuntimeError):
     """The run cannot go on (too few valid client replies, or a checkpoint that does not fit)."""
 
@@ -69,7 +72,15 @@ def _exchange(
     replies: list[Message] = []
     failed: dict[str, str] = {}
     deadline = time.time() + timeout
+    next_check = time.time() + NODE_CHECK_S
     while pending and time.time() < deadline:
+        if time.time() >= next_check:  # a node that stopped sending heartbeats will not reply: stop waiting
+            online = set(grid.get_node_ids())
+            for message_id in [m for m in pending if node_of[m] not in online]:
+                pending.discard(message_id)
+                node = node_of[message_id]
+                failed[names.get(node, f"node {node}")] = "disconnected (Flower lists the node as offline)"
+            next_check = time.time() + NODE_CHECK_S
         for reply in grid.pull_messages(list(pending)):
             message_id = reply.metadata.reply_to_message_id
             if message_id not in pending:
