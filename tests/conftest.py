@@ -39,3 +39,12 @@ def tiny_settings(tmp_path: Path, **extra) -> dict:
     }
     settings.update(extra)
     return settings
+
+
+@pytest.fixture
+def in_a_flower_task(monkeypatch):
+    """Flower builds messages only inside a run: give this process the identity a ClientApp would have."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1, raising=False)

@@ -31,7 +31,8 @@ def test_bare_field_name_suggests_dotted_key():
         ("cluster.local_k", "0", r"'cluster.local_k' must be 'auto' or a whole number"),
         ("eval.sets", "personalised", r"did you mean 'personalized'"),
         ("data.test_per_task_overrides", "qqp:4", r"expects 'task=number'"),
-        ("train.lr", float("nan"), r"NaN"),
+        ("train.lr", float("nan"), r"finite number, got nan"),
+        ("run.reply_timeout_s", float("inf"), r"finite number, got inf"),
     ],
 )
 def test_bad_values_name_the_setting(key, value, pattern):

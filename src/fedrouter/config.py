@@ -7,6 +7,7 @@ Every key has a type, a default and a check. The same table travels inside Flowe
 from __future__ import annotations
 
 import difflib
+import math
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -132,6 +133,27 @@ SETTINGS: dict[str, Setting] = {
         "this factor x the widest global cluster's radius from every global centroid",
         _at_least(0),
     ),
+    # --- privacy ---
+    "privacy.centroid_clip": Setting(
+        float,
+        0.0,
+        "clip each sample embedding to this L2 norm before uploaded centroids are averaged (0: off)",
+        _at_least(0),
+    ),
+    "privacy.centroid_noise": Setting(
+        float,
+        0.0,
+        "Gaussian noise on uploaded centroids: std = this x centroid_clip / cluster size (0: off)",
+        _at_least(0),
+    ),
+    "privacy.update_clip": Setting(
+        float,
+        0.0,
+        "Flower's LocalDpMod: clip each uploaded adapter update to this L2 norm and add noise (0: off)",
+        _at_least(0),
+    ),
+    "privacy.update_epsilon": Setting(float, 0.0, "LocalDpMod's privacy budget epsilon per round", _at_least(0)),
+    "privacy.update_delta": Setting(float, 1e-5, "LocalDpMod's delta", _between(0.0, 1.0)),
     # --- evaluation ---
     "eval.sets": Setting(
         str,
@@ -193,8 +215,8 @@ def _coerce(key: str, value: Any, setting: Setting, where: str) -> Any:
         value = ",".join(str(v) for v in value)  # e.g. lora.target_modules = ["q_proj", "v_proj"]
     if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
         raise ConfigError(f"{where}: setting '{key}' expects {expected.__name__}, got {type(value).__name__} {value!r}")
-    if expected is float and value != value:  # NaN
-        raise ConfigError(f"{where}: setting '{key}' must be a number, got NaN")
+    if expected is float and not math.isfinite(value):
+        raise ConfigError(f"{where}: setting '{key}' must be a finite number, got {value!r}")
     if setting.check is not None and (reason := setting.check(value)):
         raise ConfigError(f"{where}: setting '{key}' must be {reason}, got {value!r}")
     return value
@@ -224,6 +246,22 @@ class Config(Mapping[str, Any]):
                 )
         for key in ("data.test_per_task_overrides", "eval.max_new_tokens_overrides"):
             self.task_overrides(key, where=where)
+        if self["privacy.centroid_noise"] > 0 and self["privacy.centroid_clip"] <= 0:
+            raise ConfigError(
+                f"{where}: setting 'privacy.centroid_noise' needs 'privacy.centroid_clip' > 0 (the noise is scaled "
+                "to the clipping norm)"
+            )
+        if self["privacy.update_clip"] > 0:
+            if self["privacy.update_epsilon"] <= 0 or self["privacy.update_delta"] <= 0:
+                raise ConfigError(
+                    f"{where}: setting 'privacy.update_clip' needs 'privacy.update_epsilon' > 0 and "
+                    "'privacy.update_delta' > 0"
+                )
+            if self["run.method"] in ("fedrouter", "oracle") and self["train.schedule"] == "all":
+                raise ConfigError(
+                    f"{where}: setting 'privacy.update_clip' works on one uploaded adapter per round (Flower's "
+                    "LocalDpMod); use 'train.schedule' = 'round-robin'"
+                )
         if self["run.method"] == "oracle" and not self["eval.report_labels"]:
             raise ConfigError(
                 f"{where}: setting 'run.method' = 'oracle' routes by the true task labels, "

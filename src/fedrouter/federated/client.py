@@ -36,6 +36,7 @@ from fedrouter.methods import METHODS, PARTS, SERVINGS, Job, part_of
 from fedrouter.methods.feddpa import INSTANCES, MAX_WEIGHT, WEIGHT_STEP
 from fedrouter.model import compute, loading, lora
 from fedrouter.model.loading import BaseModel, shared_base_model
+from fedrouter.privacy import private_centroids, update_privacy_mod
 
 app = ClientApp()
 
@@ -145,7 +146,11 @@ def cluster(message: Message, context: Context) -> Message:
     for label, sample in zip(labels, data.train, strict=True):
         if tasks:
             task_counts[label, tasks.index(sample.task)] += 1
-    uploaded = {"counts": counts} if centroids is None else {"centroids": centroids, "counts": counts}
+    uploaded: Arrays = {"counts": counts}
+    if centroids is not None:
+        clip, noise = cfg["privacy.centroid_clip"], cfg["privacy.centroid_noise"]
+        shared = private_centroids(state["embeddings"], labels, num_local, clip, noise) if clip > 0 else centroids
+        uploaded["centroids"] = shared  # the client keeps its exact centroids (state) for local routing
     reply = {
         "clusters": to_record(uploaded),
         "labels": to_record({"task_counts": task_counts}),
@@ -262,7 +267,7 @@ def train_jobs(
     return uploads, metrics
 
 
-@app.train()
+@app.train(mods=[update_privacy_mod])
 def train(message: Message, context: Context) -> Message:
     """Train each job's adapter on its samples; keep personal adapters here, send shared parts back."""
     cfg, extra = read_config(message.content["config"], ("round", "lr"))

@@ -390,7 +390,7 @@ def _resume(grid: Grid, cfg: Config, run: RunFolder, method: Method, nodes: list
         old = saved.get(client.client_id)
         if old is None:  # not in the checkpoint: it joins like a late client
             _admit(run, method, cfg, state, client)
-        elif _same_clusters(old, client):
+        elif _same_clusters(old, client, cfg):
             old.node_id = client.node_id
         else:
             _reject(run, "resume", f"client {client.client_id}", "its local clusters differ from the checkpoint's")
@@ -403,9 +403,12 @@ def _resume(grid: Grid, cfg: Config, run: RunFolder, method: Method, nodes: list
     return state
 
 
-def _same_clusters(saved: ClientClusters, fresh: ClientClusters) -> bool:
-    return saved.centroids.shape == fresh.centroids.shape and bool(
-        np.allclose(saved.centroids, fresh.centroids, rtol=1e-3, atol=1e-4) and (saved.counts == fresh.counts).all()
+def _same_clusters(saved: ClientClusters, fresh: ClientClusters, cfg: Config) -> bool:
+    """A returning client clustered as before (noisy centroids can only be compared by shape and counts)."""
+    if saved.centroids.shape != fresh.centroids.shape or not (saved.counts == fresh.counts).all():
+        return False
+    return cfg["privacy.centroid_noise"] > 0 or bool(
+        np.allclose(saved.centroids, fresh.centroids, rtol=1e-3, atol=1e-4)
     )
 
 
@@ -432,7 +435,7 @@ def _admit_late_clients(grid: Grid, cfg: Config, run: RunFolder, method: Method,
         old = absent.get(client.client_id)
         if old is None:
             _admit(run, method, cfg, state, client)
-        elif _same_clusters(old, client):  # a client of the checkpoint that came back
+        elif _same_clusters(old, client, cfg):  # a client of the checkpoint that came back
             old.node_id = client.node_id
             run.event("rejoined", client=client.client_id)
         else:
