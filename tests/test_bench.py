@@ -146,3 +146,17 @@ def test_profiles_match_the_committed_config():
     for key, value in bench.PAPER4_CPU.items():
         assert cfg[key] == value, key
     assert json.dumps(bench.PROFILES["quick"].settings)  # plain values only
+
+
+def test_cost_table_leaves_noted_runs_out_of_the_time_column():
+    from fedrouter.bench_report import cost_table
+
+    def record(seed, wall):
+        return {"method": "fedit", "scenario": "single", "seed": seed, "wall_s": wall,
+                "bytes_up_per_round": [2e6], "peak_rss_mb": 1024.0}  # fmt: skip
+
+    note = {"scenario": "single", "seed": 1, "method": "fedit", "note": "paused for 40 minutes"}
+    table = cost_table([record(0, 100.0), record(1, 5000.0)], [note])
+    assert "| fedit | 100 | 2.00 | 1.0 |" in table
+    assert "- fedit, single, seed 1: paused for 40 minutes" in table
+    assert "| fedit | 2550 |" in cost_table([record(0, 100.0), record(1, 5000.0)])

