@@ -87,7 +87,7 @@ def check_resumable(run_dir: Path) -> None:
 
     if not (run_dir / CHECKPOINT).is_file():
         raise ConfigError(f"setting 'run.resume': {run_dir} holds no {CHECKPOINT} (not a run folder, or stopped early)")
-    if _last_attempt(run_dir) and any(e["event"] == "done" for e in _last_attempt(run_dir)):
+    if any(e["event"] == "done" for e in _last_attempt(run_dir)):
         raise ConfigError(f"setting 'run.resume': the run in {run_dir} already finished")
 
 
