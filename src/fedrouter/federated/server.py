@@ -564,8 +564,8 @@ def _run(grid: Grid, cfg: Config, run: RunFolder, resume: bool) -> dict:
             record["eval"] = curve["evaluation"]["overall"]
         metrics["rounds"].append(record)
         state.rounds_done = r + 1
+        save()  # metrics and checkpoint first: whoever sees the "round" event can rely on the round being saved
         run.event("round", **record)
-        save()
 
     metrics["phases"]["training_s"] = sum(r["seconds"] for r in metrics["rounds"])
     metrics["bytes"] = {
