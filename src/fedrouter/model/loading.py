@@ -231,11 +231,23 @@ def load_base_model(
         parameter.requires_grad_(False)
     lora = lora or lora_config(8, 16, 0.05, ["q_proj", "v_proj"], name)
     wrapped = get_peft_model(model, lora)
+    wrapped.eval()  # PEFT creates the LoRA dropout modules in training mode
     for parameter in wrapped.parameters():
         if parameter.requires_grad:
             parameter.data = parameter.data.float()  # adapter weights and optimizer state stay fp32
+    wrapped.get_base_model().get_output_embeddings().register_forward_pre_hook(_contiguous_input)
     log.info("loaded base model %s (%s) in %.1fs", name, dtype, time.perf_counter() - started)
     return BaseModel(name, wrapped, tokenizer, dtype, lora)
+
+
+def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:
+    """Make the LM head's input contiguous before its matrix product.
+
+    When generating, transformers projects only the last position (``hidden[:, -1:, :]``, a strided view). For
+    such an input torch's matmul broadcasts the vocab x hidden weight to a batched product, copying it once per
+    prompt: 0.95 s instead of 7 ms for 16 prompts with SmolLM2's 49k vocabulary, a third of a prefill.
+    """
+    return (args[0].contiguous(), *args[1:])
 
 
 _PROCESS_MODELS: dict[tuple, BaseModel] = {}

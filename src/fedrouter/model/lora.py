@@ -35,7 +35,9 @@ def adapter_shapes(base: BaseModel) -> dict[str, tuple[int, ...]]:
 
 def _ensure_slot(base: BaseModel, slot: str) -> None:
     if slot not in base.model.peft_config:
+        training = base.model.training
         base.model.add_adapter(slot, base.lora)
+        base.model.train(training)  # the new slot's dropout modules start in training mode
         base.model.set_adapter(SLOT)
         for name, parameter in base.model.named_parameters():
             if f".{slot}." in name:
