@@ -181,3 +181,18 @@ def test_generation_feeds_the_lm_head_a_contiguous_input(tiny_base):
     finally:
         handle.remove()
     assert seen and all(seen)
+
+
+def test_bf16_compute_trains_fp32_adapter_weights():
+    # bf16 activations reach the LoRA layers uncast (PEFT's cast to the fp32 weights is off); autocast runs the
+    # products in bf16 and the gradients still land on fp32 adapter weights.
+    from fedrouter.model.loading import load_base_model
+
+    base = load_base_model("tiny-random", precision="bf16")
+    start = lora.fresh_adapter(base, seed=0)
+    examples = [training_ids(base.tokenizer, f"Say the word {w}", w, 64) for w in ("apple", "river", "zebra")]
+    losses = compute.train_adapter(base, examples, steps=3, batch_size=3, lr=2e-2, seed=0)
+    assert all(np.isfinite(losses))
+    after = lora.get_adapter(base)
+    assert all(p.dtype == torch.float32 for p in base.model.parameters() if p.requires_grad)
+    assert any(not np.allclose(after[k], start[k]) for k in start)

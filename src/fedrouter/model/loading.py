@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
 
 from fedrouter.errors import ModelError
@@ -235,6 +236,13 @@ def load_base_model(
     for parameter in wrapped.parameters():
         if parameter.requires_grad:
             parameter.data = parameter.data.float()  # adapter weights and optimizer state stay fp32
+    if dtype != torch.float32:
+        # Under autocast the LoRA products run in the compute dtype anyway; PEFT's cast of every LoRA input to
+        # the fp32 adapter weights' dtype only adds copies (and a dropout in fp32): a SmolLM2 step of 8 x 256
+        # tokens took 4.9 s with it, 4.0 s without. The attribute is per layer, so it covers every adapter slot.
+        for module in wrapped.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.cast_input_dtype_enabled = False
     wrapped.get_base_model().get_output_embeddings().register_forward_pre_hook(_contiguous_input)
     log.info("loaded base model %s (%s) in %.1fs", name, dtype, time.perf_counter() - started)
     return BaseModel(name, wrapped, tokenizer, dtype, lora)
