@@ -22,7 +22,7 @@ from peft import get_peft_model, set_peft_model_state_dict
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM
 
-from fedrouter.bench import PeakMemory, commit, machine
+from fedrouter.bench import PROFILES, PeakMemory, commit, machine
 from fedrouter.config import Config
 from fedrouter.data import all_clients, load_source
 from fedrouter.model import compute, loading, lora
@@ -282,6 +282,44 @@ def reference_setting(tmp: Path, adapter_dtype: str) -> dict:
     }
 
 
+def quick_16bit(tmp: Path) -> dict:
+    """FedRouter on `paper4-cpu --quick` (single, dual, all; seed 0) with fp32 and with float16 adapters on the
+    wire, the same runs otherwise: ROUGE-1 of every (scenario, evaluation, routing) record side by side."""
+    from fedrouter.bench import read_records, run_bench
+
+    runs = {}
+    for dtype in ("float32", "float16"):
+        path = run_bench(
+            "quick",
+            out=tmp / dtype,
+            data_root=PAPER4.parent,
+            runs_dir=tmp / dtype / "runs",
+            methods=["fedrouter"],
+            overrides={"train.adapter_dtype": dtype},
+            log=lambda line, dtype=dtype: print(f"  {dtype}: {line}", file=sys.stderr, flush=True),
+        )
+        runs[dtype] = {(r["scenario"], r["eval_mode"], r["routing"]): r for r in read_records(path)}
+    rows = [
+        {
+            "scenario": scenario,
+            "eval_mode": eval_mode,
+            "routing": routing,
+            "rouge1_fp32": record["rouge1"],
+            "rouge1_16bit": runs["float16"][(scenario, eval_mode, routing)]["rouge1"],
+        }
+        for (scenario, eval_mode, routing), record in sorted(runs["float32"].items())
+    ]
+    clients = PROFILES["quick"].settings["data.num_clients"]
+    upload = {dtype: runs[dtype][min(runs[dtype])]["bytes_up_per_round"][0] / clients for dtype in runs}
+    return {
+        "quick_rouge1_fp32_adapters": statistics.mean(r["rouge1_fp32"] for r in rows),
+        "quick_rouge1_16bit_adapters": statistics.mean(r["rouge1_16bit"] for r in rows),
+        "quick_bytes_per_client_round": upload["float32"],
+        "quick_bytes_per_client_round_16bit": upload["float16"],
+        "quick_16bit_records": rows,
+    }
+
+
 def cached_load_seconds() -> float:
     code = "import time; from fedrouter.model.loading import load_base_model as l; t=time.perf_counter(); l('smollm2'); print(time.perf_counter()-t)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -310,6 +348,8 @@ def main() -> None:
         print("measuring the reference setting (fp32 and fp16 adapters) ...", file=sys.stderr, flush=True)
         full = reference_setting(Path(tmp), "float32")
         half = reference_setting(Path(tmp), "float16")
+        print("measuring float16 adapters on paper4-cpu --quick ...", file=sys.stderr, flush=True)
+        result.update(quick_16bit(Path(tmp)))
     result.update(
         {
             "model_loads_per_run": full["model_loads_per_run"],
@@ -341,6 +381,8 @@ def main() -> None:
         "bytes_per_client_round_16bit",
         "rouge1_fp32_adapters",
         "rouge1_16bit_adapters",
+        "quick_rouge1_fp32_adapters",
+        "quick_rouge1_16bit_adapters",
         "peak_rss_mb_8_clients",
         "reference_setting_wall_s",
         "reference_setting_rouge1",

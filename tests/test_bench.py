@@ -157,6 +157,18 @@ def test_cost_table_leaves_noted_runs_out_of_the_time_column():
 
     note = {"scenario": "single", "seed": 1, "method": "fedit", "note": "paused for 40 minutes"}
     table = cost_table([record(0, 100.0), record(1, 5000.0)], [note])
-    assert "| fedit | 100 | 2.00 | 1.0 |" in table
+    assert "| fedit | 100 | 1 | 2.00 | 1.0 |" in table
     assert "- fedit, single, seed 1: paused for 40 minutes" in table
-    assert "| fedit | 2550 |" in cost_table([record(0, 100.0), record(1, 5000.0)])
+    assert "| fedit | 2550 | 2 |" in cost_table([record(0, 100.0), record(1, 5000.0)])
+
+
+def test_cost_table_keeps_wall_times_of_different_machines_apart():
+    from fedrouter.bench_report import cost_table
+
+    def record(seed, wall, machine):
+        return {"method": "fedit", "scenario": "single", "seed": seed, "wall_s": wall, "machine": machine,
+                "bytes_up_per_round": [2e6], "peak_rss_mb": 1024.0}  # fmt: skip
+
+    table = cost_table([record(0, 100.0, "cpu A"), record(1, 300.0, "cpu B"), record(2, 200.0, "cpu A")])
+    assert "| fedit | cpu A | 150 | 2 |" in table
+    assert "| fedit | cpu B | 300 | 1 |" in table

@@ -131,19 +131,31 @@ def clustering_table(records: list[dict]) -> str:
 
 
 def cost_table(records: list[dict], notes: list[dict] | None = None) -> str:
-    """Time, bytes and memory per method. Runs named in ``notes`` (timed while other work shared the machine)
-    are left out of the time column and listed below it."""
+    """Time, bytes and memory per method, and per machine when runs come from more than one (wall times of
+    different CPUs do not average). Runs named in ``notes`` (timed while other work shared the machine) are
+    left out of the time column and listed below it."""
     noted = {(n["scenario"], n["seed"], n["method"]): n["note"] for n in notes or []}
-    lines = ["| method | wall s (mean) | MB up per round | peak memory GiB |", "|---|---|---|---|"]
+    machines = sorted({r.get("machine", "") for r in records})
+    split = len(machines) > 1
+    lines = [
+        f"| method |{' machine |' if split else ''} wall s (mean) | runs timed | MB up per round | peak memory GiB |",
+        f"|---|{'---|' if split else ''}---|---|---|---|",
+    ]
     for method in ("fedrouter", "oracle", *BASELINES):
-        chosen = {(r["scenario"], r["seed"]): r for r in records if r["method"] == method}
-        if not chosen:
-            continue
-        timed = [r["wall_s"] for (scenario, seed), r in chosen.items() if (scenario, seed, method) not in noted]
-        wall = f"{np.mean(timed):.0f}" if timed else "n/a"
-        up = np.mean([np.mean(r["bytes_up_per_round"]) for r in chosen.values()]) / 1e6
-        peak = max(r["peak_rss_mb"] for r in chosen.values()) / 1024
-        lines.append(f"| {method} | {wall} | {up:.2f} | {peak:.1f} |")
+        for where in machines:
+            chosen = {
+                (r["scenario"], r["seed"]): r
+                for r in records
+                if r["method"] == method and r.get("machine", "") == where
+            }
+            if not chosen:
+                continue
+            timed = [r["wall_s"] for (scenario, seed), r in chosen.items() if (scenario, seed, method) not in noted]
+            wall = f"{np.mean(timed):.0f}" if timed else "n/a"
+            up = np.mean([np.mean(r["bytes_up_per_round"]) for r in chosen.values()]) / 1e6
+            peak = max(r["peak_rss_mb"] for r in chosen.values()) / 1024
+            cells = [method, *([where] if split else []), wall, str(len(timed)), f"{up:.2f}", f"{peak:.1f}"]
+            lines.append("| " + " | ".join(cells) + " |")
     if noted:
         lines += ["", "Left out of the time column (their wall_s is in the JSONL):"]
         lines += [f"- {method}, {scenario}, seed {seed}: {note}" for (scenario, seed, method), note in noted.items()]
