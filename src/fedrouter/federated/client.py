@@ -428,16 +428,20 @@ def evaluate(message: Message, context: Context) -> Message:
     tests = _test_subset(data.tests, extra.get("sets"), extra.get("limit", 0), who)
     samples = {s.id: s for test in tests.values() for s in test}
     index_of = {sample_id: i for i, sample_id in enumerate(samples)}
+    ordered = list(samples.values())
     reference = _dpa_reference(base, cfg, data) if serving == "mix" else None
+    # The sets overlap (a client's own tasks are in both): each sample is embedded once.
+    embedded = None
+    if serving in ("route", "task", "mix"):
+        embedded = compute.embed(
+            base,
+            [s.instruction for s in ordered],
+            batch_size=cfg["model.embed_batch_size"],
+            max_len=cfg["model.max_seq_len"],
+        )
     for set_name, test in tests.items():
-        emb = weights = None
-        if serving in ("route", "task", "mix"):
-            emb = compute.embed(
-                base,
-                [s.instruction for s in test],
-                batch_size=cfg["model.embed_batch_size"],
-                max_len=cfg["model.max_seq_len"],
-            )
+        weights = None
+        emb = embedded[[index_of[s.id] for s in test]] if embedded is not None else None
         if serving == "mix":
             weights = _dpa_weights(emb, reference)
         for mode in modes:
@@ -445,7 +449,6 @@ def evaluate(message: Message, context: Context) -> Message:
             choices[(set_name, mode)] = chosen
             for sample, key in zip(test, chosen, strict=True):
                 wanted[key].add(index_of[sample.id])
-    ordered = list(samples.values())
     answers: dict[tuple[tuple, int], str] = {}
     generated_tokens = 0
     for key in sorted(wanted):
