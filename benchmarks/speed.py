@@ -1,6 +1,6 @@
 """Speed of FedRouter on this machine: every figure measured side by side in one run, as a ratio.
 
-    .venv/bin/python benchmarks/speed.py            # from the project root; about 20 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/speed.py            # from the project root; about 40 minutes on 2 CPU cores
 
 Writes benchmarks/results/speed.json (keys from ../shared/docs/BENCHMARK.md, plus the raw timings behind each
 ratio). "Naive" and "reference-style" are the straightforward library paths the issue describes: fp32 weights,
