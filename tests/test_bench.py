@@ -172,3 +172,22 @@ def test_cost_table_keeps_wall_times_of_different_machines_apart():
     table = cost_table([record(0, 100.0, "cpu A"), record(1, 300.0, "cpu B"), record(2, 200.0, "cpu A")])
     assert "| fedit | cpu A | 150 | 2 |" in table
     assert "| fedit | cpu B | 300 | 1 |" in table
+
+
+def test_gain_compares_only_the_seeds_every_method_has():
+    from fedrouter.bench_report import table1
+
+    def record(method, seed, rouge1, routing=None):
+        return {"method": method, "scenario": "dual", "eval_mode": "personalized", "seed": seed,
+                "rouge1": rouge1, "routing": routing}  # fmt: skip
+
+    # A benchmark half-way through seed 1: FedRouter has both seeds, FedIT only seed 0.
+    records = [record("fedrouter", 0, 40.0, "local"), record("fedrouter", 1, 30.0, "local"), record("fedit", 0, 38.0)]
+    result = gain(records, "dual", "personalized")
+    assert result["seeds"] == [0] and result["partial"]
+    assert result["fedrouter"] == pytest.approx(40.0) and result["absolute"] == pytest.approx(2.0)
+    table = table1(records)
+    assert "| FedIT | 38.0 (seed 0) |" in table and "| FedRouter (local routing) | 35.0 ± 5.0 |" in table
+    assert "+2.0 (+5.3% vs fedit), on seed 0 (the seeds all have)" in table
+    full = gain([*records, record("fedit", 1, 36.0)], "dual", "personalized")
+    assert full["seeds"] == [0, 1] and not full["partial"] and full["absolute"] == pytest.approx(-2.0)

@@ -34,6 +34,18 @@ def _cell(values: list[float]) -> str:
     return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ± {(max(values) - min(values)) / 2:.1f}"
 
 
+def _seeds_cell(chosen: list[dict], values: list[float], scenario_seeds: set[int]) -> str:
+    """``_cell``, naming the seeds when this cell has fewer than its scenario (a benchmark still running)."""
+    seeds = {r["seed"] for r in chosen}
+    if not chosen or seeds == scenario_seeds:
+        return _cell(values)
+    return f"{_cell(values)} (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, sorted(seeds)))})"
+
+
+def _scenario_seeds(records: list[dict], scenario: str) -> set[int]:
+    return {r["seed"] for r in records if r["scenario"] == scenario}
+
+
 def _select(records: list[dict], method: str, routing: str | None, scenario: str, eval_mode: str) -> list[dict]:
     return [
         r
@@ -51,20 +63,32 @@ def _mean(records: list[dict], key: str = "rouge1") -> float | None:
 
 
 def gain(records: list[dict], scenario: str, eval_mode: str) -> dict | None:
-    """FedRouter (its predeclared routing mode) against the best baseline: absolute and relative ROUGE-1 gain."""
-    ours = _mean(_select(records, "fedrouter", FEDROUTER_MODE[eval_mode], scenario, eval_mode))
-    baselines = {m: _mean(_select(records, m, None, scenario, eval_mode)) for m in BASELINES}
-    baselines = {m: v for m, v in baselines.items() if v is not None}
-    if ours is None or not baselines:
+    """FedRouter (its predeclared routing mode) against the best baseline: absolute and relative ROUGE-1 gain.
+
+    Compared on the seeds FedRouter and every baseline that has run share: a mean over seeds 0 and 1 against
+    another over seed 0 alone would mix seed noise into the gain. Baselines without a run are named as missing.
+    """
+    ours = _select(records, "fedrouter", FEDROUTER_MODE[eval_mode], scenario, eval_mode)
+    baselines = {m: _select(records, m, None, scenario, eval_mode) for m in BASELINES}
+    baselines = {m: chosen for m, chosen in baselines.items() if chosen}
+    if not ours or not baselines:
         return None
-    best = max(baselines, key=baselines.get)
+    seeds = set.intersection({r["seed"] for r in ours}, *({r["seed"] for r in chosen} for chosen in baselines.values()))
+    if not seeds:
+        return None
+    ours_mean = _mean([r for r in ours if r["seed"] in seeds])
+    means = {m: _mean([r for r in chosen if r["seed"] in seeds]) for m, chosen in baselines.items()}
+    best = max(means, key=means.get)
+    all_seeds = {r["seed"] for r in records if r["scenario"] == scenario}
     return {
         "missing": [m for m in BASELINES if m not in baselines],
-        "fedrouter": ours,
+        "seeds": sorted(seeds),
+        "partial": seeds != all_seeds,
+        "fedrouter": ours_mean,
         "best_baseline": best,
-        "baseline": baselines[best],
-        "absolute": ours - baselines[best],
-        "relative": (ours - baselines[best]) / baselines[best] if baselines[best] else float("nan"),
+        "baseline": means[best],
+        "absolute": ours_mean - means[best],
+        "relative": (ours_mean - means[best]) / means[best] if means[best] else float("nan"),
     }
 
 
@@ -72,6 +96,8 @@ def _gain_line(g: dict | None) -> str:
     if g is None:
         return "–"
     line = f"{g['absolute']:+.1f} ({100 * g['relative']:+.1f}% vs {g['best_baseline']})"
+    if g["partial"]:
+        line += f", on seed{'s' if len(g['seeds']) > 1 else ''} {', '.join(map(str, g['seeds']))} (the seeds all have)"
     return line + (f", {', '.join(g['missing'])} not run yet" if g["missing"] else "")
 
 
@@ -84,7 +110,10 @@ def table1(records: list[dict]) -> str:
         "|---|" + "---|" * len(scenarios),
     ]
     for method, routing, label in ROWS:
-        cells = [_cell([r["rouge1"] for r in _select(records, method, routing, s, "personalized")]) for s in scenarios]
+        cells = []
+        for scenario in scenarios:
+            chosen = _select(records, method, routing, scenario, "personalized")
+            cells.append(_seeds_cell(chosen, [r["rouge1"] for r in chosen], _scenario_seeds(records, scenario)))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     gains = [_gain_line(gain(records, s, "personalized")) for s in scenarios]
     lines.append("| FedRouter (local routing) vs best baseline | " + " | ".join(gains) + " |")
@@ -98,7 +127,8 @@ def table3(records: list[dict]) -> str:
     for method, routing, label in ROWS:
         chosen = _select(single, method, routing, "single", "generalization")
         cells = [_cell([r["rouge1_per_task"][t] for r in chosen if t in r["rouge1_per_task"]]) for t in tasks]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {_cell([r['rouge1'] for r in chosen])} |")
+        average = _seeds_cell(chosen, [r["rouge1"] for r in chosen], _scenario_seeds(records, "single"))
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {average} |")
     lines.append(
         "| FedRouter (global routing) vs best baseline | "
         + " | ".join("" for _ in tasks)
