@@ -34,12 +34,15 @@ def _cell(values: list[float]) -> str:
     return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ± {(max(values) - min(values)) / 2:.1f}"
 
 
-def _seeds_cell(chosen: list[dict], values: list[float], scenario_seeds: set[int]) -> str:
-    """``_cell``, naming the seeds when this cell has fewer than its scenario (a benchmark still running)."""
+def _seeds_label(seeds) -> str:
+    return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, sorted(seeds)))}"
+
+
+def _rouge1_cell(chosen: list[dict], scenario_seeds: set[int]) -> str:
+    """``_cell`` of ROUGE-1, naming the seeds when this cell has fewer than its scenario (a benchmark still running)."""
+    cell = _cell([r["rouge1"] for r in chosen])
     seeds = {r["seed"] for r in chosen}
-    if not chosen or seeds == scenario_seeds:
-        return _cell(values)
-    return f"{_cell(values)} (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, sorted(seeds)))})"
+    return cell if not chosen or seeds == scenario_seeds else f"{cell} ({_seeds_label(seeds)})"
 
 
 def _scenario_seeds(records: list[dict], scenario: str) -> set[int]:
@@ -79,11 +82,10 @@ def gain(records: list[dict], scenario: str, eval_mode: str) -> dict | None:
     ours_mean = _mean([r for r in ours if r["seed"] in seeds])
     means = {m: _mean([r for r in chosen if r["seed"] in seeds]) for m, chosen in baselines.items()}
     best = max(means, key=means.get)
-    all_seeds = {r["seed"] for r in records if r["scenario"] == scenario}
     return {
         "missing": [m for m in BASELINES if m not in baselines],
         "seeds": sorted(seeds),
-        "partial": seeds != all_seeds,
+        "partial": seeds != _scenario_seeds(records, scenario),
         "fedrouter": ours_mean,
         "best_baseline": best,
         "baseline": means[best],
@@ -97,7 +99,7 @@ def _gain_line(g: dict | None) -> str:
         return "–"
     line = f"{g['absolute']:+.1f} ({100 * g['relative']:+.1f}% vs {g['best_baseline']})"
     if g["partial"]:
-        line += f", on seed{'s' if len(g['seeds']) > 1 else ''} {', '.join(map(str, g['seeds']))} (the seeds all have)"
+        line += f", on {_seeds_label(g['seeds'])} (the seeds all have)"
     return line + (f", {', '.join(g['missing'])} not run yet" if g["missing"] else "")
 
 
@@ -113,7 +115,7 @@ def table1(records: list[dict]) -> str:
         cells = []
         for scenario in scenarios:
             chosen = _select(records, method, routing, scenario, "personalized")
-            cells.append(_seeds_cell(chosen, [r["rouge1"] for r in chosen], _scenario_seeds(records, scenario)))
+            cells.append(_rouge1_cell(chosen, _scenario_seeds(records, scenario)))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     gains = [_gain_line(gain(records, s, "personalized")) for s in scenarios]
     lines.append("| FedRouter (local routing) vs best baseline | " + " | ".join(gains) + " |")
@@ -127,7 +129,7 @@ def table3(records: list[dict]) -> str:
     for method, routing, label in ROWS:
         chosen = _select(single, method, routing, "single", "generalization")
         cells = [_cell([r["rouge1_per_task"][t] for r in chosen if t in r["rouge1_per_task"]]) for t in tasks]
-        average = _seeds_cell(chosen, [r["rouge1"] for r in chosen], _scenario_seeds(records, "single"))
+        average = _rouge1_cell(chosen, _scenario_seeds(records, "single"))
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {average} |")
     lines.append(
         "| FedRouter (global routing) vs best baseline | "
