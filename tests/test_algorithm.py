@@ -7,7 +7,7 @@ from fedrouter.algorithm.aggregation import aggregate_clusters, weighted_average
 from fedrouter.algorithm.clustering import ClusteringError, global_clusters, local_clusters
 from fedrouter.algorithm.metrics import clustering_accuracy, contingency, exact_match, rouge, routing_accuracy
 from fedrouter.algorithm.routing import route
-from fedrouter.algorithm.scheduling import learning_rate, scheduled_clusters
+from fedrouter.algorithm.scheduling import balanced_offsets, learning_rate, scheduled_clusters
 
 
 def blobs(k: int, per: int = 20, dim: int = 16, spread: float = 0.3, seed: int = 0):
@@ -102,12 +102,44 @@ def test_routing_local_and_global_modes():
         route(samples, mode="nearest", global_centroids=global_centroids)
 
 
+def _updates(assignments, offsets, rounds):
+    """(round, global cluster) -> how many clients train it, under round-robin with these offsets."""
+    counts = np.zeros((rounds, 1 + max(max(a) for a in assignments)), dtype=int)
+    for clusters, offset in zip(assignments, offsets, strict=True):
+        for r in range(rounds):
+            counts[r, clusters[scheduled_clusters("round-robin", len(clusters), r, offset)[0]]] += 1
+    return counts
+
+
+def test_balanced_offsets_give_every_global_cluster_updates_in_every_round():
+    # dual: client c holds tasks c and c+1 of 4 (local clusters in task order; global ids as a real run drew them).
+    dual = [[2, 3], [3, 1], [1, 0], [0, 2]] * 2
+    by_client_id = _updates(dual, list(range(8)), 3)  # the old choice: half the adapters idle in every round
+    assert (by_client_id == 0).sum(axis=1).tolist() == [2, 2, 2]
+    assert sorted(by_client_id.sum(axis=0)) == [4, 4, 8, 8]
+    balanced = _updates(dual, balanced_offsets(dual, 3), 3)
+    assert balanced.tolist() == [[2, 2, 2, 2]] * 3
+    # all: every client holds the 4 tasks in the same order; offsets spread them, 2 clients per task per round.
+    same_order = [[0, 1, 2, 3]] * 8
+    assert _updates(same_order, balanced_offsets(same_order, 3), 3).tolist() == [[2, 2, 2, 2]] * 3
+    # Random layouts of 2-4 clusters per client: never less even than starting at the client id, and far fewer
+    # (round, cluster) pairs without an update (coordinate descent finds a good plan, not always the best).
+    rng = np.random.default_rng(0)
+    idle = {"balanced": 0, "client id": 0}
+    for _ in range(20):
+        layout = [list(rng.permutation(5)[: rng.integers(2, 5)]) for _ in range(10)]
+        new, old = _updates(layout, balanced_offsets(layout, 3), 3), _updates(layout, list(range(10)), 3)
+        assert (new**2).sum() + (new.sum(0) ** 2).sum() <= (old**2).sum() + (old.sum(0) ** 2).sum()
+        idle["balanced"] += int((new == 0).sum())
+        idle["client id"] += int((old == 0).sum())
+    assert idle["balanced"] * 4 <= idle["client id"], idle
+    assert balanced_offsets([[0], [1, 0], []], 3)[:2] == [0, 0] and balanced_offsets([], 3) == []
+
+
 def test_round_robin_is_per_client_and_cosine_schedule():
     assert [scheduled_clusters("round-robin", 2, r) for r in range(4)] == [[0], [1], [0], [1]]
     assert [scheduled_clusters("round-robin", 3, r) for r in range(4)] == [[0], [1], [2], [0]]
     assert scheduled_clusters("all", 3, 5) == [0, 1, 2]
-    # Four clients holding four tasks in the same order: round 0 already trains every task once.
-    assert sorted(scheduled_clusters("round-robin", 4, 0, offset=c)[0] for c in range(4)) == [0, 1, 2, 3]
     assert [scheduled_clusters("round-robin", 2, r, offset=1) for r in range(3)] == [[1], [0], [1]]
     rates = [learning_rate(1.0, r, 5, "cosine", 0.1) for r in range(5)]
     assert rates[0] == 1.0 and rates[-1] == pytest.approx(0.1) and rates == sorted(rates, reverse=True)

@@ -117,5 +117,8 @@ def test_oracle_clusters_and_routes_by_task(method_runs):
     assert metrics["clustering"]["cluster_acc_local"] == metrics["clustering"]["cluster_acc_global"] == 1.0
     assert metrics["clustering"]["global_k"] == 4
     assert metrics["evaluation"]["overall"]["personalized/oracle"]["routing_acc"] == 1.0
+    # Clients holding tasks (0, 1), (1, 2), (2, 3): the round-robin starting points give three global clusters an
+    # update in the round (starting at the client id, clients 1 and 2 would both have trained task 2).
+    assert len(metrics["rounds"][0]["updated_adapters"]) == 3
     for name in ("local", "fedit", "feddpa", "fedsa"):
         assert method_runs[name]["clustering"]["cluster_acc_global"] is None

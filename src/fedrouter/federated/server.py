@@ -455,6 +455,7 @@ def _train_round(grid: Grid, cfg: Config, run: RunFolder, method: Method, state:
     by_node = {c.node_id: c for c in active}
     shapes = {key: value.shape for key, value in state.initial.items()}
     messages, plan = [], {}
+    method.schedule(state.clients)
     for client in active:
         jobs = method.jobs(r, client)
         plan[client.node_id] = jobs

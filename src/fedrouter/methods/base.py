@@ -88,6 +88,10 @@ class Method:
         """The adapters the server keeps and averages, keyed by name, at the start."""
         raise NotImplementedError
 
+    def schedule(self, clients: list[ClientClusters]) -> None:
+        """Called before each training round with every client the server knows, absent ones included (so a
+        client dropping out does not reshuffle the others), ordered by client id. Nothing to plan by default."""
+
     def jobs(self, round_index: int, client: ClientClusters) -> list[Job]:
         """What ``client`` trains in round ``round_index`` (0-based)."""
         raise NotImplementedError
