@@ -121,6 +121,15 @@ def test_tables_and_plots_come_from_the_results_alone(results):
     assert result["best_baseline"] == "fedsa" and result["baseline"] == pytest.approx(fedsa)
 
 
+def test_report_of_a_benchmark_where_fedrouter_has_not_run_a_scenario_yet(results):
+    tmp, path, _lines = results
+    records = bench.read_records(path)  # FedRouter and FedSA in single; FedSA has also run dual:
+    records += [dict(r, scenario="dual") for r in records if r["method"] == "fedsa"]
+    written = write_report(records, tmp / "partial", "paper4-cpu-quick", "fedrouter bench --quick")
+    assert "silhouette.png" in {p.name for p in written}
+    assert "| FedRouter (local routing) | – |" in (tmp / "partial" / "paper4-cpu-quick.md").read_text()
+
+
 def test_cli_report_only_and_a_truncated_results_line(results, tmp_path):
     _tmp, path, _lines = results
     out = tmp_path / "out"

@@ -253,9 +253,10 @@ def _save(plt, fig, path: Path) -> None:
 
 
 def plot_silhouette(records: list[dict], path: Path) -> None:
-    plt, fig, panels = _scenario_panels(records)
+    fedrouter = [r for r in records if r["method"] == "fedrouter"]  # a scenario FedRouter has not run yet: no panel
+    plt, fig, panels = _scenario_panels(fedrouter)
     for ax, scenario in panels:
-        run = next(r for r in records if r["method"] == "fedrouter" and r["scenario"] == scenario)
+        run = next(r for r in fedrouter if r["scenario"] == scenario)
         for i, (_client, scores) in enumerate(sorted(run["silhouette_local"].items())):
             ks = sorted(int(k) for k in scores)
             ax.plot(
