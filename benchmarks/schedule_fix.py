@@ -11,18 +11,18 @@ local routing; oracle: task routing), the number of global clusters updated in e
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from fedrouter.bench import read_records
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROUTING = {"fedrouter": "local", "oracle": "task"}
 
 
 def _personalized(path: Path) -> dict[tuple, dict]:
-    records = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
     return {
         (r["scenario"], r["seed"], r["method"]): r
-        for r in records
+        for r in read_records(path)
         if r["method"] in ROUTING and r["eval_mode"] == "personalized" and r.get("routing") == ROUTING[r["method"]]
     }
 
