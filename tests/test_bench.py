@@ -200,3 +200,6 @@ def test_gain_compares_only_the_seeds_every_method_has():
     assert "+2.0 (+5.3% vs fedit), on seed 0 (the seeds all have)" in table
     full = gain([*records, record("fedit", 1, 36.0)], "dual", "personalized")
     assert full["seeds"] == [0, 1] and not full["partial"] and full["absolute"] == pytest.approx(-2.0)
+    # Tiny test models can score 0: the table then says so rather than printing "+nan%".
+    zero = table1([record("fedrouter", 0, 1.5, "local"), record("fedit", 0, 0.0)])
+    assert "+1.5 (vs fedit, which scores 0: no relative gain)" in zero and "nan" not in zero

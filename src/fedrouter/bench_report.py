@@ -90,14 +90,17 @@ def gain(records: list[dict], scenario: str, eval_mode: str) -> dict | None:
         "best_baseline": best,
         "baseline": means[best],
         "absolute": ours_mean - means[best],
-        "relative": (ours_mean - means[best]) / means[best] if means[best] else float("nan"),
+        "relative": (ours_mean - means[best]) / means[best] if means[best] else None,
     }
 
 
 def _gain_line(g: dict | None) -> str:
     if g is None:
         return "–"
-    line = f"{g['absolute']:+.1f} ({100 * g['relative']:+.1f}% vs {g['best_baseline']})"
+    if g["relative"] is None:  # a baseline scoring 0 (seen with tiny test models): no relative gain exists
+        line = f"{g['absolute']:+.1f} (vs {g['best_baseline']}, which scores 0: no relative gain)"
+    else:
+        line = f"{g['absolute']:+.1f} ({100 * g['relative']:+.1f}% vs {g['best_baseline']})"
     if g["partial"]:
         line += f", on {_seeds_label(g['seeds'])} (the seeds all have)"
     return line + (f", {', '.join(g['missing'])} not run yet" if g["missing"] else "")
