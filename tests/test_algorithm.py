@@ -136,6 +136,35 @@ def test_balanced_offsets_give_every_global_cluster_updates_in_every_round():
     assert balanced_offsets([[0], [1, 0], []], 3)[:2] == [0, 0] and balanced_offsets([], 3) == []
 
 
+def test_a_late_joiner_gets_an_offset_without_moving_anyone_elses():
+    from fedrouter.config import Config
+    from fedrouter.methods import ClientClusters, make_method
+
+    # Five clients train; a sixth joins late (a layout where the joint plan for six differs from the first).
+    layout = [[2, 0], [2, 0], [3, 1, 2], [0, 2, 3], [0, 2], [3, 2]]
+    first = balanced_offsets(layout[:5], 3)
+    assert balanced_offsets(layout, 3)[:5] != first  # unpinned, client 2 would jump part-way through its cycle
+    joined = balanced_offsets(layout, 3, fixed=dict(enumerate(first)))
+    assert joined[:5] == first
+    # The newcomer takes the best offset given the others (brute force over its 2 choices).
+    best = min(range(2), key=lambda o: ((u := _updates(layout, [*first, o], 3)) ** 2).sum() + (u.sum(0) ** 2).sum())
+    assert joined[5] == best
+
+    # The same through the method: FedRouter schedules before every round, and a late joiner moves nobody.
+    method = make_method(Config({"run.method": "fedrouter", "run.rounds": 3}))
+
+    def client(i):
+        n = len(layout[i])
+        return ClientClusters(i, i, np.zeros((n, 0)), np.ones(n), [], np.zeros((n, 0)), {}, np.array(layout[i]))
+
+    clients = [client(i) for i in range(5)]
+    method.schedule(clients)
+    before = [[method.jobs(r, c)[0].shared for r in range(3)] for c in clients]
+    method.schedule([*clients, client(5)])
+    assert [[method.jobs(r, c)[0].shared for r in range(3)] for c in clients] == before
+    assert method.jobs(1, client(5))[0].shared == str(layout[5][(1 + best) % 2])
+
+
 def test_round_robin_is_per_client_and_cosine_schedule():
     assert [scheduled_clusters("round-robin", 2, r) for r in range(4)] == [[0], [1], [0], [1]]
     assert [scheduled_clusters("round-robin", 3, r) for r in range(4)] == [[0], [1], [2], [0]]

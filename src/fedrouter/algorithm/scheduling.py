@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -24,7 +24,9 @@ def scheduled_clusters(schedule: str, num_local: int, round_index: int, offset: 
     raise ValueError(f"unknown schedule {schedule!r} (expected 'round-robin' or 'all')")
 
 
-def balanced_offsets(assignments: Sequence[Sequence[int]], rounds: int) -> list[int]:
+def balanced_offsets(
+    assignments: Sequence[Sequence[int]], rounds: int, fixed: Mapping[int, int] | None = None
+) -> list[int]:
     """A round-robin starting point per client that spreads the updates over the global clusters.
 
     ``assignments[i]`` maps client i's local clusters to global clusters; client i trains local cluster
@@ -33,6 +35,9 @@ def balanced_offsets(assignments: Sequence[Sequence[int]], rounds: int) -> list[
     in every round its holders allow and about the same number over the run. Each client still cycles through
     its own clusters, at the same cost. Found by coordinate descent from all-zero offsets: each client in turn
     takes its best offset given the others (ties to the smallest), until a pass changes nothing.
+
+    ``fixed`` maps client indices to offsets that must stay (clients already training when another joins
+    late): only the other clients' offsets are chosen, so nobody's cycle jumps part-way through a run.
 
     Why not the client id: local clusters tend to come out in the order of the client's tasks, and in ``dual``
     client c holds tasks c and c+1; offset c then makes every client train an even-numbered task in even rounds,
@@ -52,12 +57,16 @@ def balanced_offsets(assignments: Sequence[Sequence[int]], rounds: int) -> list[
     def cost(counts: np.ndarray) -> float:
         return float((counts**2).sum() + (counts.sum(axis=0) ** 2).sum())
 
-    offsets = [0] * len(assignments)
-    total = sum((updates(clusters, 0) for clusters in assignments if len(clusters)), np.zeros((rounds, num_global)))
+    fixed = dict(fixed or {})
+    offsets = [fixed.get(i, 0) % max(len(clusters), 1) for i, clusters in enumerate(assignments)]
+    total = sum(
+        (updates(clusters, offsets[i]) for i, clusters in enumerate(assignments) if len(clusters)),
+        np.zeros((rounds, num_global)),
+    )
     for _ in range(10):  # converges in two or three passes; the cap only bounds a pathological input
         changed = False
         for i, clusters in enumerate(assignments):
-            if len(clusters) == 0:  # a client without clusters trains nothing; no offset to choose
+            if len(clusters) == 0 or i in fixed:  # no clusters: trains nothing; fixed: keeps its offset
                 continue
             rest = total - updates(clusters, offsets[i])
             best = min(range(len(clusters)), key=lambda offset: (cost(rest + updates(clusters, offset)), offset))

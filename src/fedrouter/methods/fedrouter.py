@@ -25,8 +25,12 @@ class FedRouter(Method):
         return {str(g): dict(initial) for g in range(num_global)}
 
     def schedule(self, clients: list[ClientClusters]) -> None:
-        """Round-robin starting points that spread each round's updates over the global clusters."""
-        offsets = balanced_offsets([c.assignment for c in clients], self.cfg["run.rounds"])
+        """Round-robin starting points that spread each round's updates over the global clusters.
+
+        Clients scheduled before keep their offsets; only a newcomer (a late joiner) gets one chosen around them.
+        """
+        fixed = {i: self._offsets[c.client_id] for i, c in enumerate(clients) if c.client_id in self._offsets}
+        offsets = balanced_offsets([c.assignment for c in clients], self.cfg["run.rounds"], fixed)
         self._offsets = {c.client_id: offset for c, offset in zip(clients, offsets, strict=True)}
 
     def jobs(self, round_index: int, client: ClientClusters) -> list[Job]:
