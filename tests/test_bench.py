@@ -127,7 +127,16 @@ def test_report_of_a_benchmark_where_fedrouter_has_not_run_a_scenario_yet(result
     records += [dict(r, scenario="dual") for r in records if r["method"] == "fedsa"]
     written = write_report(records, tmp / "partial", "paper4-cpu-quick", "fedrouter bench --quick")
     assert "silhouette.png" in {p.name for p in written}
-    assert "| FedRouter (local routing) | – |" in (tmp / "partial" / "paper4-cpu-quick.md").read_text()
+    text = (tmp / "partial" / "paper4-cpu-quick.md").read_text()
+    assert "| FedRouter (local routing) | – |" in text
+    # Table 1 by task: FedSA's dual row holds its per-task scores, and their mean is the average column.
+    by_task = text.split("## Table 1 by task")[1].split("## Table 3")[0]
+    assert "**dual**" in by_task and "**all**" not in by_task
+    fedsa = next(
+        r for r in records if r["method"] == "fedsa" and r["scenario"] == "dual" and r["eval_mode"] == "personalized"
+    )
+    cells = " | ".join(f"{fedsa['rouge1_per_task'][t]:.1f}" for t in sorted(fedsa["rouge1_per_task"]))
+    assert f"| FedSA | {cells} | {fedsa['rouge1']:.1f} |" in by_task
 
 
 def test_cli_report_only_and_a_truncated_results_line(results, tmp_path):

@@ -125,18 +125,34 @@ def table1(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def table3(records: list[dict]) -> str:
-    single = [r for r in records if r["scenario"] == "single" and r["eval_mode"] == "generalization"]
-    tasks = sorted({t for r in single for t in r["rouge1_per_task"]})
+def _per_task(records: list[dict], scenario: str, eval_mode: str) -> list[str]:
+    """Header and one row per method: ROUGE-1 per task and the average (the mean of the task scores)."""
+    chosen_records = [r for r in records if r["scenario"] == scenario and r["eval_mode"] == eval_mode]
+    tasks = sorted({t for r in chosen_records for t in r["rouge1_per_task"]})
     lines = ["| method | " + " | ".join(tasks) + " | average |", "|---|" + "---|" * (len(tasks) + 1)]
     for method, routing, label in ROWS:
-        chosen = _select(single, method, routing, "single", "generalization")
+        chosen = _select(chosen_records, method, routing, scenario, eval_mode)
         cells = [_cell([r["rouge1_per_task"][t] for r in chosen if t in r["rouge1_per_task"]]) for t in tasks]
-        average = _rouge1_cell(chosen, _scenario_seeds(records, "single"))
+        average = _rouge1_cell(chosen, _scenario_seeds(records, scenario))
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {average} |")
+    return lines
+
+
+def table1_by_task(records: list[dict]) -> str:
+    """Table 1 split by task, one table per scenario: where a method's average comes from."""
+    parts = []
+    for scenario in ("dual", "all", "flan16-dual"):
+        if any(r["scenario"] == scenario for r in records):
+            parts += [f"**{scenario}**", "", *_per_task(records, scenario, "personalized"), ""]
+    return "\n".join(parts).rstrip() or "No dual, all or flan16-dual results yet."
+
+
+def table3(records: list[dict]) -> str:
+    lines = _per_task(records, "single", "generalization")
+    tasks = len(lines[0].split("|")) - 4  # "| method | t1 | ... | average |"
     lines.append(
         "| FedRouter (global routing) vs best baseline | "
-        + " | ".join("" for _ in tasks)
+        + " | ".join("" for _ in range(tasks))
         + f" | {_gain_line(gain(records, 'single', 'generalization'))} |"
     )
     return "\n".join(lines)
@@ -211,6 +227,10 @@ def markdown(records: list[dict], command: str, notes: list[dict] | None = None)
         "## Table 1: personalized evaluation (ROUGE-1)",
         "",
         table1(records),
+        "",
+        "## Table 1 by task (personalized ROUGE-1 per task; the average is the mean over tasks)",
+        "",
+        table1_by_task(records),
         "",
         "## Table 3: generalization, trained in the single scenario (ROUGE-1 per task)",
         "",
