@@ -125,8 +125,8 @@ def table1(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _per_task(records: list[dict], scenario: str, eval_mode: str) -> list[str]:
-    """Header and one row per method: ROUGE-1 per task and the average (the mean of the task scores)."""
+def _per_task(records: list[dict], scenario: str, eval_mode: str) -> tuple[list[str], list[str]]:
+    """The tasks, and a table of them: header and one row per method, ROUGE-1 per task and the average."""
     chosen_records = [r for r in records if r["scenario"] == scenario and r["eval_mode"] == eval_mode]
     tasks = sorted({t for r in chosen_records for t in r["rouge1_per_task"]})
     lines = ["| method | " + " | ".join(tasks) + " | average |", "|---|" + "---|" * (len(tasks) + 1)]
@@ -135,7 +135,7 @@ def _per_task(records: list[dict], scenario: str, eval_mode: str) -> list[str]:
         cells = [_cell([r["rouge1_per_task"][t] for r in chosen if t in r["rouge1_per_task"]]) for t in tasks]
         average = _rouge1_cell(chosen, _scenario_seeds(records, scenario))
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {average} |")
-    return lines
+    return tasks, lines
 
 
 def table1_by_task(records: list[dict]) -> str:
@@ -143,16 +143,15 @@ def table1_by_task(records: list[dict]) -> str:
     parts = []
     for scenario in ("dual", "all", "flan16-dual"):
         if any(r["scenario"] == scenario for r in records):
-            parts += [f"**{scenario}**", "", *_per_task(records, scenario, "personalized"), ""]
+            parts += [f"**{scenario}**", "", *_per_task(records, scenario, "personalized")[1], ""]
     return "\n".join(parts).rstrip() or "No dual, all or flan16-dual results yet."
 
 
 def table3(records: list[dict]) -> str:
-    lines = _per_task(records, "single", "generalization")
-    tasks = len(lines[0].split("|")) - 4  # "| method | t1 | ... | average |"
+    tasks, lines = _per_task(records, "single", "generalization")
     lines.append(
         "| FedRouter (global routing) vs best baseline | "
-        + " | ".join("" for _ in range(tasks))
+        + " | ".join("" for _ in tasks)
         + f" | {_gain_line(gain(records, 'single', 'generalization'))} |"
     )
     return "\n".join(lines)

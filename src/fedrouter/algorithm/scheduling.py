@@ -33,7 +33,7 @@ def balanced_offsets(
     ``(r + offset_i) % len(assignments[i])`` in round r. The offsets minimise the sum of squared update counts,
     per (round, global cluster) and per global cluster over the run, so that every global cluster gets updates
     in every round its holders allow and about the same number over the run. Each client still cycles through
-    its own clusters, at the same cost. Found by coordinate descent from all-zero offsets: each client in turn
+    its own clusters, at the same cost. Found by coordinate descent from all-zero offsets (``fixed`` ones aside): each client in turn
     takes its best offset given the others (ties to the smallest), until a pass changes nothing.
 
     ``fixed`` maps client indices to offsets that must stay (clients already training when another joins
