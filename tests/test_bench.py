@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import ROOT, SHARED_DATA
 
 from fedrouter import bench
@@ -90,12 +91,22 @@ def test_records_carry_the_benchmark_keys(results):
         assert len(record["round_s"]) == len(record["bytes_up_per_round"]) == len(record["rouge1_per_round"]) == 2
         assert 0 <= record["rouge1"] <= 100 and 0 <= record["exact_match_qqp"] <= 100
         assert record["peak_rss_mb"] > 100 and 0 < record["peak_pss_mb"] <= record["peak_rss_mb"]
+        assert record["compute_dtype"] == bench.resolved_dtype(record["config"]["model.precision"])
     fedsa = [r for r in records if r["method"] == "fedsa"]
     assert all(r["cluster_acc_local"] is None and r["routing_acc"] is None for r in fedsa)
     ours = [r for r in records if r["method"] == "fedrouter"]
     assert all(0 <= r["cluster_acc_global"] <= 1 for r in ours)
     # The generalization set holds every task; the personalized set only the client's own.
     assert len(ours[0]["rouge1_per_task"]) == 4 or len(ours[1]["rouge1_per_task"]) == 4
+
+
+def test_records_name_the_compute_dtype_the_machine_gives():
+    assert bench.resolved_dtype("fp32") == "float32" and bench.resolved_dtype("bf16") == "bfloat16"
+    # 'auto' takes bf16 only where the CPU computes it natively, and the machine string says which it is.
+    native = ", AVX-512 BF16," in bench.machine()
+    assert native != (", no AVX-512 BF16," in bench.machine())
+    if not torch.cuda.is_available():  # on a GPU, 'auto' follows the GPU instead
+        assert bench.resolved_dtype("auto") == ("bfloat16" if native else "float32")
 
 
 def test_a_second_call_resumes_without_rerunning(results):
