@@ -179,12 +179,9 @@ def machine() -> str:
 
 def resolved_dtype(precision: str) -> str:
     """The compute dtype a run's ``model.precision`` resolves to on this machine (as its clients choose it)."""
-    import torch
+    from fedrouter.model.loading import compute_dtype, default_device
 
-    from fedrouter.model.loading import compute_dtype
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return str(compute_dtype(precision, device)).removeprefix("torch.")
+    return str(compute_dtype(precision, default_device())).removeprefix("torch.")
 
 
 def commit() -> str:
@@ -212,6 +209,7 @@ def records_from(
     """
     code = code or commit()
     where = machine()
+    dtype = resolved_dtype(metrics["config"]["model.precision"])
     method = metrics["method"]
     clustering = metrics["clustering"]
     rounds = metrics["rounds"]
@@ -240,7 +238,7 @@ def records_from(
             "peak_pss_mb": peak_pss_mb,
             "commit": code,
             "machine": where,
-            "compute_dtype": resolved_dtype(metrics["config"]["model.precision"]),
+            "compute_dtype": dtype,
             "profile": profile,
             # Beyond the required keys: the learning curve, clustering detail and phase times.
             "rouge1_per_round": [r.get("eval", {}).get(f"personalized/{mode}", {}).get("rouge1") for r in rounds],

@@ -150,6 +150,11 @@ def check_model_name(name: str) -> None:
         raise ModelError(f"setting 'model.name': {name!r} is neither an existing path nor a Hugging Face model id")
 
 
+def default_device() -> torch.device:
+    """Where a model runs unless told otherwise: the GPU if there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
     """bf16 where the hardware computes it natively ('auto'), else float32."""
     if precision == "fp32":
@@ -206,7 +211,7 @@ def load_base_model(
 ) -> BaseModel:
     """Load tokenizer and base model, freeze it and add a LoRA adapter slot. Counts as one load."""
     global LOAD_COUNT
-    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    target = torch.device(device) if device else default_device()
     dtype = compute_dtype(precision, target)
     started = time.perf_counter()
     if name == "tiny-random":
