@@ -203,6 +203,21 @@ def test_cost_table_keeps_wall_times_of_different_machines_apart():
     assert "| fedit | cpu B | 300 | 1 |" in table
 
 
+def test_cost_table_keeps_the_many_task_run_apart_from_paper4():
+    from fedrouter.bench_report import cost_table
+
+    def record(scenario, wall, up):
+        return {"method": "fedit", "scenario": scenario, "seed": 0, "wall_s": wall, "machine": "cpu A",
+                "bytes_up_per_round": [up], "peak_rss_mb": 1024.0}  # fmt: skip
+
+    records = [record("dual", 100.0, 8e6), record("all", 300.0, 8e6), record("flan16-dual", 900.0, 16e6)]
+    table = cost_table(records)
+    assert "| method | setting | wall s (mean) |" in table
+    assert "| fedit | paper4 | 200 | 2 | 8.00 | 1.0 |" in table
+    assert "| fedit | flan16-dual | 900 | 1 | 16.00 | 1.0 |" in table
+    assert "setting" not in cost_table(records[:2])  # one setting: no column for it
+
+
 def test_gain_compares_only_the_seeds_every_method_has():
     from fedrouter.bench_report import table1
 

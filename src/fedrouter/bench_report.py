@@ -180,32 +180,40 @@ def clustering_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _setting(scenario: str) -> str:
+    """The benchmark setting a scenario belongs to: paper4 (8 clients) or the many-task flan16 run (16 clients)."""
+    return scenario if scenario == "flan16-dual" else "paper4"
+
+
 def cost_table(records: list[dict], notes: list[dict] | None = None) -> str:
-    """Time, bytes and memory per method, and per machine when runs come from more than one (wall times of
-    different CPUs do not average). Runs named in ``notes`` (timed while other work shared the machine) are
-    left out of the time column and listed below it."""
+    """Time, bytes and memory per method, per setting when both paper4 and the many-task run are present (16
+    clients cost more than 8), and per machine when runs come from more than one (wall times of different CPUs
+    do not average). Runs named in ``notes`` (timed while other work shared the machine) are left out of the
+    time column and listed below it."""
     noted = {(n["scenario"], n["seed"], n["method"]): n["note"] for n in notes or []}
+    settings = sorted({_setting(r["scenario"]) for r in records}, key=("paper4", "flan16-dual").index)
     machines = sorted({r.get("machine", "") for r in records})
-    split = len(machines) > 1
-    lines = [
-        f"| method |{' machine |' if split else ''} wall s (mean) | runs timed | MB up per round | peak memory GiB |",
-        f"|---|{'---|' if split else ''}---|---|---|---|",
-    ]
+    by_setting, by_machine = len(settings) > 1, len(machines) > 1
+    extra = ["setting"] * by_setting + ["machine"] * by_machine
+    header = ["method", *extra, "wall s (mean)", "runs timed", "MB up per round", "peak memory GiB"]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for method in ("fedrouter", "oracle", *BASELINES):
-        for where in machines:
-            chosen = {
-                (r["scenario"], r["seed"]): r
-                for r in records
-                if r["method"] == method and r.get("machine", "") == where
-            }
-            if not chosen:
-                continue
-            timed = [r["wall_s"] for (scenario, seed), r in chosen.items() if (scenario, seed, method) not in noted]
-            wall = f"{np.mean(timed):.0f}" if timed else "n/a"
-            up = np.mean([np.mean(r["bytes_up_per_round"]) for r in chosen.values()]) / 1e6
-            peak = max(r["peak_rss_mb"] for r in chosen.values()) / 1024
-            cells = [method, *([where] if split else []), wall, str(len(timed)), f"{up:.2f}", f"{peak:.1f}"]
-            lines.append("| " + " | ".join(cells) + " |")
+        for setting in settings:
+            for where in machines:
+                chosen = {
+                    (r["scenario"], r["seed"]): r
+                    for r in records
+                    if r["method"] == method and _setting(r["scenario"]) == setting and r.get("machine", "") == where
+                }
+                if not chosen:
+                    continue
+                timed = [r["wall_s"] for (scenario, seed), r in chosen.items() if (scenario, seed, method) not in noted]
+                wall = f"{np.mean(timed):.0f}" if timed else "n/a"
+                up = np.mean([np.mean(r["bytes_up_per_round"]) for r in chosen.values()]) / 1e6
+                peak = max(r["peak_rss_mb"] for r in chosen.values()) / 1024
+                where_cells = [setting] * by_setting + [where] * by_machine
+                cells = [method, *where_cells, wall, str(len(timed)), f"{up:.2f}", f"{peak:.1f}"]
+                lines.append("| " + " | ".join(cells) + " |")
     if noted:
         lines += ["", "Left out of the time column (their wall_s is in the JSONL):"]
         lines += [f"- {method}, {scenario}, seed {seed}: {note}" for (scenario, seed, method), note in noted.items()]
@@ -260,9 +268,9 @@ def _pyplot():
 
 
 def _scenario_panels(records: list[dict]):
-    """One panel per paper4 scenario present in the records: (pyplot, figure, [(axis, scenario)])."""
+    """One panel per scenario present in the records: (pyplot, figure, [(axis, scenario)])."""
     plt = _pyplot()
-    scenarios = [s for s in ("single", "dual", "all") if any(r["scenario"] == s for r in records)]
+    scenarios = [s for s in ("single", "dual", "all", "flan16-dual") if any(r["scenario"] == s for r in records)]
     width = max(len(scenarios), 1)
     fig, axes = plt.subplots(1, width, figsize=(4 * width, 3.2), squeeze=False)
     return plt, fig, list(zip(axes[0], scenarios, strict=False))
