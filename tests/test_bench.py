@@ -127,6 +127,9 @@ def test_tables_and_plots_come_from_the_results_alone(results):
     assert all(p.stat().st_size > 0 for p in written)
     text = (tmp / "report" / "paper4-cpu-quick.md").read_text()
     assert "Table 3" in text and "FedRouter (global routing)" in text and "FedSA" in text
+    # The tiny runs change the protocol's settings: every record and the report say so.
+    assert all(r["overrides"] == dict(sorted(TINY.items())) for r in records)
+    assert "**A variant of the protocol**" in text and '"model.name": "tiny-random"' in text
     result = gain(records, "single", "generalization")
     fedsa = next(r["rouge1"] for r in records if r["method"] == "fedsa" and r["eval_mode"] == "generalization")
     assert result["best_baseline"] == "fedsa" and result["baseline"] == pytest.approx(fedsa)
@@ -166,6 +169,15 @@ def test_cli_report_only_and_a_truncated_results_line(results, tmp_path):
         bench.read_records(out / "paper4-cpu-quick.jsonl")
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 2 and "not a JSON record" in done.stderr
+
+
+def test_cli_bench_settings_are_validated_and_kept_out_of_the_standard_results(tmp_path):
+    command = [sys.executable, "-m", "fedrouter.cli", "bench", "--report-only"]
+    mixed = subprocess.run([*command, "cluster.global_k=16"], capture_output=True, text=True, cwd=tmp_path)
+    assert mixed.returncode == 2 and "another --out" in mixed.stderr and "cluster.global_k" in mixed.stderr
+    typo = subprocess.run([*command, "--out", "v", "cluster.globl_k=16"], capture_output=True, text=True, cwd=tmp_path)
+    assert typo.returncode == 2 and "cluster.global_k" in typo.stderr  # the nearest valid key is suggested
+    assert not (tmp_path / "benchmarks").exists()  # nothing was written
 
 
 def test_profiles_match_the_committed_config():

@@ -338,6 +338,8 @@ def run_bench(
             peak_pss_mb=memory.peak_pss / 2**20,
             code=code,
         )
+        if overrides:  # a variant of the protocol says so in every record
+            records = [r | {"overrides": dict(sorted(overrides.items()))} for r in records]
         append_records(path, records)
         summary = ", ".join(f"{r['eval_mode'][:4]}/{r.get('routing', method)} {r['rouge1']:.1f}" for r in records)
         log(f"[{number}/{len(todo)}] {scenario} seed {seed} {method}: {time.time() - started:.0f}s, ROUGE-1 {summary}")

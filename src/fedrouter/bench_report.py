@@ -8,6 +8,7 @@ generalization (the paper's two modes).
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -225,12 +226,18 @@ def markdown(records: list[dict], command: str, notes: list[dict] | None = None)
     profiles = sorted({r["profile"] for r in records})
     machines = sorted({r["machine"] for r in records})
     commits = sorted({r["commit"] for r in records})
+    variants = sorted({json.dumps(r["overrides"], sort_keys=True) for r in records if r.get("overrides")})
     parts = [
         "# paper4-cpu results",
         "",
         f"Regenerate: `{command}`. Profile {', '.join(profiles)}; seeds {seeds}; ROUGE-1 mean ± half the range over "
         f"seeds. Machine: {'; '.join(machines)}. Commits: {', '.join(commits)}.",
         "",
+        *(
+            [f"**A variant of the protocol**: settings changed from `paper4-cpu`: {'; '.join(variants)}.", ""]
+            if variants
+            else []
+        ),
         "## Table 1: personalized evaluation (ROUGE-1)",
         "",
         table1(records),

@@ -13,6 +13,8 @@ from fedrouter.bench import METHODS as BENCH_METHODS
 from fedrouter.config import SETTINGS, Config, load_config, parse_overrides
 from fedrouter.errors import ConfigError, FedRouterError
 
+DEFAULT_BENCH_OUT = Path("benchmarks/results")
+
 # Shortcuts for the most used settings; every setting is also reachable as KEY=VALUE.
 SHORTCUTS = {
     "clients": "data.num_clients",
@@ -80,10 +82,16 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--scenarios", help="comma-separated: single,dual,all,flan16-dual (default: all of them)")
     bench.add_argument("--seeds", help="comma-separated seeds (default: the profile's)")
     bench.add_argument("--data", type=Path, default=Path("../shared/data"), help="folder with paper4/ and flan16/")
-    bench.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results, tables and plots")
+    bench.add_argument("--out", type=Path, default=DEFAULT_BENCH_OUT, help="results, tables and plots")
     bench.add_argument("--runs", type=Path, default=Path("benchmarks/runs"), help="run folders of each run")
     bench.add_argument(
         "--report-only", action="store_true", help="no runs: remake tables and plots from the results file"
+    )
+    bench.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="change a setting of every run: a variant of the protocol, so it needs an --out of its own",
     )
 
     cache = commands.add_parser("prepare-model", help="dequantize and cache the embedded model (or another)")
@@ -222,6 +230,14 @@ def _bench(args: argparse.Namespace) -> int:
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     except ValueError:
         raise ConfigError(f"--seeds: expected comma-separated whole numbers, got {args.seeds!r}") from None
+    overrides = parse_overrides(args.overrides)
+    if overrides:
+        Config(overrides, where="command line")
+        if args.out.resolve() == DEFAULT_BENCH_OUT.resolve():
+            raise ConfigError(
+                f"settings {', '.join(overrides)} change the benchmark's protocol: write such runs to another "
+                f"--out than {DEFAULT_BENCH_OUT}, so they never mix with the standard results"
+            )
     if not args.report_only:
         for needed in {"flan16" if s == bench.MANY_TASK else "paper4" for s in scenarios}:
             if not (args.data / needed / "train.jsonl").is_file():
@@ -234,6 +250,7 @@ def _bench(args: argparse.Namespace) -> int:
             methods=methods,
             scenarios=scenarios,
             seeds=seeds,
+            overrides=overrides,
         )
     path = bench.results_path(args.out, profile)
     records = bench.read_records(path)
@@ -245,6 +262,8 @@ def _bench(args: argparse.Namespace) -> int:
         tsne_path.write_text(json.dumps(bench.tsne_points(profile, args.data)))
     tsne = json.loads(tsne_path.read_text()) if tsne_path.exists() else None
     command = "fedrouter bench" + (" --quick" if args.quick else "")
+    if overrides:
+        command += f" --out {args.out} " + " ".join(f"{key}={value}" for key, value in overrides.items())
     notes_path = path.with_name(path.stem + "-timing-notes.json")  # runs whose wall time is not comparable
     notes = json.loads(notes_path.read_text()) if notes_path.exists() else None
     for written in write_report(records, args.out, path.stem, command, tsne, notes):
