@@ -257,7 +257,8 @@ def _bench(args: argparse.Namespace) -> int:
     if not records:
         raise ConfigError(f"{path}: no results yet (run without --report-only first)")
     tsne_path = path.with_name(path.stem + "-tsne.json")
-    if not tsne_path.exists() and (args.data / "paper4" / "train.jsonl").is_file():  # once, after the runs
+    has_all = any(r["scenario"] == "all" for r in records)  # the t-SNE plot shows the 'all' scenario's embeddings
+    if has_all and not tsne_path.exists() and (args.data / "paper4" / "train.jsonl").is_file():  # once, after the runs
         print("t-SNE of the 'all' scenario's embeddings ...")
         tsne_path.write_text(json.dumps(bench.tsne_points(profile, args.data)))
     tsne = json.loads(tsne_path.read_text()) if tsne_path.exists() else None
