@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -178,6 +179,27 @@ def test_cli_bench_settings_are_validated_and_kept_out_of_the_standard_results(t
     typo = subprocess.run([*command, "--out", "v", "cluster.globl_k=16"], capture_output=True, text=True, cwd=tmp_path)
     assert typo.returncode == 2 and "cluster.global_k" in typo.stderr  # the nearest valid key is suggested
     assert not (tmp_path / "benchmarks").exists()  # nothing was written
+
+
+def test_commit_counts_code_changes_but_not_the_results_already_written(tmp_path, monkeypatch):
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "paper4-cpu.jsonl").write_text("{}\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "start")
+    monkeypatch.chdir(tmp_path)
+    clean = bench.commit(Path("results"))
+    assert clean and "+changes" not in clean and clean != "unknown"
+    (tmp_path / "results" / "paper4-cpu.jsonl").write_text("{}\n{}\n")  # a run appended its records
+    assert bench.commit(Path("results")) == clean and bench.commit(tmp_path / "results") == clean
+    assert bench.commit() == clean + "+changes"  # without naming the results folder, any change counts
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert bench.commit(Path("results")) == clean + "+changes"
+    assert bench.commit(Path("/elsewhere")) == clean + "+changes"  # a folder outside the repository
 
 
 def test_profiles_match_the_committed_config():

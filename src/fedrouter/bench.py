@@ -184,11 +184,21 @@ def resolved_dtype(precision: str) -> str:
     return str(compute_dtype(precision, default_device())).removeprefix("torch.")
 
 
-def commit() -> str:
+def commit(results: Path | None = None) -> str:
+    """The checkout's commit, with '+changes' when tracked files differ from it.
+
+    ``results``: the folder the benchmark writes to; its own files (results already appended) are no change
+    of the code.
+    """
     with contextlib.suppress(OSError):
         result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
         if result.returncode == 0:
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True)
+            status = ["git", "status", "--porcelain", "--untracked-files=no"]
+            dirty = subprocess.run(
+                [*status, "--", ".", f":(exclude){results}"] if results else status, capture_output=True
+            )
+            if dirty.returncode != 0:  # a results folder outside the repository: nothing to leave out
+                dirty = subprocess.run(status, capture_output=True)
             return result.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
     return "unknown"
 
@@ -311,7 +321,7 @@ def run_bench(
 
     profile = PROFILES[profile_name]
     path = results_path(out, profile_name)
-    code = commit()  # the code every run of this call uses, even if the checkout changes meanwhile
+    code = commit(out)  # the code every run of this call uses, even if the checkout changes meanwhile
     done = {(r["scenario"], r["seed"], r["method"]) for r in read_records(path)}
     todo = plan(methods, scenarios, profile.seeds if seeds is None else seeds)
     for scenario in {s for s, _, _ in todo}:
