@@ -1,0 +1,155 @@
+"""Why FedRouter's clustering holds on paper4 and collapses on flan16: the embedding and the choice of k.
+
+For the benchmark's data splits (paper4 `all` and `dual`, flan16 `flan16-dual`; seed 0; the settings of
+`fedrouter bench`), every client's training inputs are embedded twice with SmolLM2-135M:
+
+- ``mean``: FedRouter's embedding (the mean of the last hidden layer over the input's tokens, `compute.embed`);
+- ``last``: the last hidden layer at the input's last token (last-token pooling, common for decoder-only
+  embedders), computed here for comparison only.
+
+Then the product's own clustering runs on them (`local_clusters` per client, `global_clusters` on the server's
+side, the benchmark's silhouette threshold), once with the global k chosen by silhouette (FedRouter's default)
+and once fixed at the number of tasks (the authors' code has only a fixed k). Also reported: 1-nearest-neighbour
+task accuracy (how well the embedding alone separates tasks) and the mean silhouette of the true task labels
+within each client. No Flower, no training: embeddings and K-Means only.
+
+    .venv/bin/python benchmarks/clustering_embeddings.py     # from the project root; about 10 minutes here
+
+Writes benchmarks/results/clustering-embeddings.json and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import silhouette_score
+
+from fedrouter import bench
+from fedrouter.algorithm.clustering import global_clusters, local_clusters
+from fedrouter.algorithm.metrics import clustering_accuracy, contingency
+from fedrouter.config import Config
+from fedrouter.data import all_clients
+from fedrouter.federated.client import base_model
+from fedrouter.model import compute
+from fedrouter.model.compute import _pad
+from fedrouter.model.prompts import embedding_ids
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+SPLITS = (("all", 0), ("dual", 0), ("flan16-dual", 0))
+
+
+def last_token(base, texts: list[str], max_len: int, batch_size: int = 32) -> np.ndarray:
+    """The last hidden layer at each input's last token (the same tokens as `compute.embed`)."""
+    encoded = [embedding_ids(base.tokenizer, text, max_len) for text in texts]
+    out = np.zeros((len(texts), base.hidden_size), dtype=np.float32)
+    backbone = base.model.get_base_model().base_model
+    with torch.no_grad(), base.model.disable_adapter(), base.autocast():
+        for start in range(0, len(texts), batch_size):
+            rows = encoded[start : start + batch_size]
+            ids = _pad(rows, base.tokenizer.pad_token_id).to(base.device)
+            mask = _pad([[1] * len(r) for r in rows], 0).to(base.device)
+            hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+            out[start : start + len(rows)] = hidden[torch.arange(len(rows)), mask.sum(1) - 1].cpu().numpy()
+    return out
+
+
+def nearest_neighbour_accuracy(x: np.ndarray, tasks: np.ndarray) -> float:
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    similarity = unit @ unit.T
+    np.fill_diagonal(similarity, -np.inf)
+    return float((tasks[similarity.argmax(1)] == tasks).mean())
+
+
+def pipeline(x: np.ndarray, tasks: np.ndarray, clients: np.ndarray, cfg: Config, global_k: str) -> dict:
+    """FedRouter's clustering on precomputed embeddings: local per client, then global over the centroids."""
+    names = sorted(set(tasks))
+    centroids, counts, labels, offset, matched = [], [], np.zeros(len(x), dtype=int), 0, 0.0
+    local_k = []
+    for client in sorted(set(clients)):
+        rows = np.where(clients == client)[0]
+        fitted = local_clusters(
+            x[rows],
+            k=cfg.cluster_k("cluster.local_k"),
+            k_max=cfg["cluster.local_k_max"],
+            threshold=cfg["cluster.silhouette_threshold"],
+            seed=cfg["run.seed"],
+        )
+        labels[rows] = fitted.labels_ + offset
+        offset += fitted.n_clusters_
+        centroids.append(fitted.centers_)
+        counts.append(np.bincount(fitted.labels_, minlength=fitted.n_clusters_))
+        local_k.append(fitted.n_clusters_)
+        matched += clustering_accuracy(contingency(fitted.labels_, tasks[rows], fitted.n_clusters_, names)) * len(rows)
+    fitted = global_clusters(
+        np.concatenate(centroids),
+        np.concatenate(counts).astype(float),
+        k=global_k,
+        k_max=cfg["cluster.global_k_max"],
+        threshold=cfg["cluster.silhouette_threshold"],
+        seed=cfg["run.seed"],
+    )
+    merged = contingency(fitted.labels_[labels], tasks, fitted.n_clusters_, names)
+    return {
+        "cluster_acc_local": round(matched / len(x), 4),
+        "cluster_acc_global": round(clustering_accuracy(merged), 4),
+        "local_k": local_k,
+        "global_k": fitted.n_clusters_,
+        "silhouette_global": {k: round(v, 4) for k, v in fitted.scores_.items()},
+    }
+
+
+def main() -> None:
+    results = []
+    for scenario, seed in SPLITS:
+        cfg = Config(bench.run_settings(bench.PROFILES["full"], scenario, "fedrouter", seed, DATA), where="benchmark")
+        base = base_model(cfg)
+        clients = all_clients(cfg)
+        texts = [s.instruction for c in clients for s in c.train]
+        tasks = np.array([s.task for c in clients for s in c.train])
+        owners = np.array([c.client_id for c in clients for _ in c.train])
+        started = time.time()
+        embeddings = {
+            "mean": compute.embed(base, texts, max_len=cfg["model.max_seq_len"]),
+            "last": last_token(base, texts, cfg["model.max_seq_len"]),
+        }
+        for pooling, x in embeddings.items():
+            true_silhouette = np.mean([silhouette_score(x[owners == c], tasks[owners == c]) for c in set(owners)])
+            for global_k in ("auto", str(len(set(tasks)))):
+                record = {
+                    "scenario": scenario,
+                    "seed": seed,
+                    "pooling": pooling,
+                    "global_k_setting": global_k,
+                    "tasks": len(set(tasks)),
+                    "nn_task_acc": round(nearest_neighbour_accuracy(x, tasks), 4),
+                    "true_task_silhouette": round(float(true_silhouette), 4),
+                } | pipeline(x, tasks, owners, cfg, global_k)
+                results.append(record)
+                print(json.dumps(record), flush=True)
+        print(f"{scenario}: embedded {len(texts)} inputs twice in {time.time() - started:.0f} s", flush=True)
+    out = ROOT / "benchmarks" / "results" / "clustering-embeddings.json"
+    meta = {
+        "command": "python benchmarks/clustering_embeddings.py",
+        "commit": bench.commit(),
+        "machine": bench.machine(),
+    }
+    out.write_text(json.dumps(meta | {"runs": results}, indent=2) + "\n")
+    print(
+        "\n| split | pooling | global k setting | 1-NN task acc. | true-task silhouette | local acc. | global k "
+        "| global acc. |\n|---|---|---|---|---|---|---|---|"
+    )
+    for r in results:
+        print(
+            f"| {r['scenario']} s{r['seed']} | {r['pooling']} | {r['global_k_setting']} | {r['nn_task_acc']:.3f} "
+            f"| {r['true_task_silhouette']:.3f} | {r['cluster_acc_local']:.3f} | {r['global_k']} "
+            f"| {r['cluster_acc_global']:.3f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
