@@ -53,6 +53,29 @@ def test_global_clustering_groups_clients_by_task():
         assert len(set(fitted.labels_[task == t])) == 1
 
 
+def test_cosine_global_clustering_sees_tasks_that_one_far_task_hides():
+    # Three tasks, two clients each: tasks 0 and 1 point in different directions at length 1, task 2 lies far
+    # away (length 100). Euclidean silhouette prefers k=2 (task 2 against the rest, as flan16's word_segment
+    # did); on directions the three tasks are three clusters.
+    rng = np.random.default_rng(0)
+    axes = np.eye(3)[:, None, :] * np.array([1.0, 1.0, 100.0])[:, None, None]
+    centroids = np.concatenate([a + 0.02 * rng.normal(size=(2, 3)) for a in axes])
+    counts = np.array([10, 30, 10, 30, 10, 30])
+    euclidean = global_clusters(centroids, counts, k="auto", k_max=4, threshold=0.2, seed=0)
+    cosine = global_clusters(centroids, counts, k="auto", k_max=4, threshold=0.2, seed=0, metric="cosine")
+    assert euclidean.n_clusters_ == 2
+    assert cosine.n_clusters_ == 3 and len(set(cosine.labels_[[0, 2, 4]])) == 3
+    for g in range(3):  # each global centroid is its members' count-weighted mean, at their own length
+        members = cosine.labels_ == g
+        np.testing.assert_allclose(cosine.centers_[g], np.average(centroids[members], axis=0, weights=counts[members]))
+    assert np.array_equal(cosine.predict(centroids), cosine.labels_)
+    with pytest.raises(ClusteringError, match="zero vector"):
+        global_clusters(np.vstack([centroids, np.zeros(3)]), np.ones(7), k="auto", k_max=4, threshold=0.2, seed=0,
+                        metric="cosine")  # fmt: skip
+    with pytest.raises(ClusteringError, match="NaN"):
+        global_clusters(np.full((3, 2), np.nan), np.ones(3), k=2, k_max=2, threshold=0.2, seed=0, metric="cosine")
+
+
 def test_clustering_accuracy_uses_best_one_to_one_matching():
     # Cluster ids are arbitrary; a swapped labelling is still perfect; a merged cluster is not.
     assert clustering_accuracy(np.array([[0, 10], [10, 0]])) == 1.0

@@ -394,6 +394,7 @@ def tsne_points(profile_name: str, data_root: Path, scenario: str = "all", seed:
         k_max=cfg["cluster.global_k_max"],
         threshold=cfg["cluster.silhouette_threshold"],
         seed=seed,
+        metric=cfg["cluster.global_metric"],
     )
     clusters = glob.labels_[np.concatenate(local_labels)]
     xy = TSNE(n_components=2, random_state=seed, init="pca", perplexity=30).fit_transform(np.concatenate(embeddings))

@@ -123,6 +123,13 @@ SETTINGS: dict[str, Setting] = {
     "cluster.local_k_max": Setting(int, 6, "largest k tried by the local silhouette search", _at_least(1)),
     "cluster.global_k": Setting(str, "auto", "global clusters: 'auto' (silhouette) or a number", _k_setting),
     "cluster.global_k_max": Setting(int, 16, "largest k tried by the global silhouette search", _at_least(1)),
+    "cluster.global_metric": Setting(
+        str,
+        "euclidean",
+        "how the server compares local centroids: 'euclidean' (the paper) or 'cosine' (K-Means and silhouette on "
+        "their directions; each global centroid stays the mean of its members)",
+        _one_of("euclidean", "cosine"),
+    ),
     "cluster.silhouette_threshold": Setting(
         float, 0.2, "below this best silhouette, a client is single-task (k=1)", _between(-1.0, 1.0)
     ),

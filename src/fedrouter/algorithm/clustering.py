@@ -111,15 +111,36 @@ def global_clusters(
     k_max: int,
     threshold: float,
     seed: int,
+    metric: str = "euclidean",
 ) -> SilhouetteKMeans:
     """Cluster all clients' local centroids on the server (weighted by their sample counts).
 
     With ``k="auto"`` a single global cluster is chosen when no k>1 reaches ``threshold`` (every client
     holds the same task).
+
+    ``metric="cosine"`` clusters the centroids' directions (unit-length copies: K-Means and silhouette then
+    follow the angle between them, not their length) and keeps each global centroid the count-weighted mean of
+    its members, so routing compares embeddings with centroids of the same kind as before. With many tasks, one
+    task lying far from the rest can make the Euclidean silhouette prefer k=2 (that task against all others);
+    ``benchmarks/clustering_embeddings.py`` measures both.
     """
-    return SilhouetteKMeans(k=k, k_max=k_max, threshold=threshold, random_state=seed, what="local centroids").fit(
-        centroids, sample_weight=np.asarray(counts, dtype=np.float64)
-    )
+    weights = np.asarray(counts, dtype=np.float64)
+    search = SilhouetteKMeans(k=k, k_max=k_max, threshold=threshold, random_state=seed, what="local centroids")
+    if metric == "euclidean":
+        return search.fit(centroids, sample_weight=weights)
+    if metric != "cosine":
+        raise ClusteringError(f"unknown metric {metric!r} (expected 'euclidean' or 'cosine')")
+    points = np.asarray(centroids, dtype=np.float64)
+    directions = points  # not a finite 2-D array: fit() names what is wrong with it
+    if points.ndim == 2 and np.isfinite(points).all():
+        norms = np.linalg.norm(points, axis=1, keepdims=True)
+        if (norms == 0).any():
+            raise ClusteringError("local centroids: a zero vector has no direction (cluster.global_metric='cosine')")
+        directions = points / norms
+    search.fit(directions, sample_weight=weights)
+    members = [search.labels_ == g for g in range(search.n_clusters_)]
+    search.centers_ = np.stack([np.average(points[m], axis=0, weights=weights[m]) for m in members])
+    return search
 
 
 def join_radius(members: np.ndarray, assignment: np.ndarray, centers: np.ndarray) -> float:

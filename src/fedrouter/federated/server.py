@@ -248,6 +248,7 @@ def _group_clusters(method: Method, clients: list[ClientClusters], cfg: Config) 
             k_max=cfg["cluster.global_k_max"],
             threshold=cfg["cluster.silhouette_threshold"],
             seed=cfg["run.seed"],
+            metric=cfg["cluster.global_metric"],
         )
         labels, centers, scores = fitted.labels_, fitted.centers_, fitted.scores_
     offset = 0
