@@ -61,8 +61,8 @@ def test_cosine_global_clustering_sees_tasks_that_one_far_task_hides():
     axes = np.eye(3)[:, None, :] * np.array([1.0, 1.0, 100.0])[:, None, None]
     centroids = np.concatenate([a + 0.02 * rng.normal(size=(2, 3)) for a in axes])
     counts = np.array([10, 30, 10, 30, 10, 30])
-    euclidean = global_clusters(centroids, counts, k="auto", k_max=4, threshold=0.2, seed=0)
-    cosine = global_clusters(centroids, counts, k="auto", k_max=4, threshold=0.2, seed=0, metric="cosine")
+    euclidean = global_clusters(centroids, counts, k="auto", k_max=4, threshold=0.2, seed=0, metric="euclidean")
+    cosine = global_clusters(centroids, counts, k="auto", k_max=4, threshold=0.2, seed=0)  # the default
     assert euclidean.n_clusters_ == 2
     assert cosine.n_clusters_ == 3 and len(set(cosine.labels_[[0, 2, 4]])) == 3
     for g in range(3):  # each global centroid is its members' count-weighted mean, at their own length

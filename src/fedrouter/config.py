@@ -125,9 +125,9 @@ SETTINGS: dict[str, Setting] = {
     "cluster.global_k_max": Setting(int, 16, "largest k tried by the global silhouette search", _at_least(1)),
     "cluster.global_metric": Setting(
         str,
-        "euclidean",
-        "how the server compares local centroids: 'euclidean' (the paper) or 'cosine' (K-Means and silhouette on "
-        "their directions; each global centroid stays the mean of its members)",
+        "cosine",
+        "how the server compares local centroids: 'cosine' (K-Means and silhouette on their directions; each "
+        "global centroid stays the mean of its members) or 'euclidean' (the paper)",
         _one_of("euclidean", "cosine"),
     ),
     "cluster.silhouette_threshold": Setting(
