@@ -44,7 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 SPLITS = [(scenario, seed) for scenario in ("single", "dual", "all", "flan16-dual") for seed in (0, 1)]
 # How the server clusters the local centroids: (cluster.global_k, cluster.global_metric); the number of tasks
-# stands in for "tasks" (the authors' fixed k).
+# stands in for "tasks" (the authors' fixed k). The first is the paper's search: the others' partitions are compared
+# with it, so it must come first.
 GLOBAL = (("auto", "euclidean"), ("auto", "cosine"), ("tasks", "euclidean"))
 
 
@@ -139,7 +140,7 @@ def main() -> None:
                     "nn_task_acc": round(nearest_neighbour_accuracy(x, tasks), 4),
                     "true_task_silhouette": None if np.isnan(true_silhouette) else round(float(true_silhouette), 4),
                 } | pipeline(x, tasks, owners, cfg, global_k, metric)
-                if (global_k, metric) == ("auto", "euclidean"):
+                if (global_k, metric) == GLOBAL[0]:
                     euclidean = record["sample_clusters"]
                 # Is the partition of the training samples the same as with the Euclidean search (up to names)?
                 record["same_partition_as_euclidean"] = bool(
