@@ -1,0 +1,116 @@
+"""Every text of ../shared/data embedded once with SmolLM2-135M, at several layers and two poolings.
+
+The task-discovery benchmark (`benchmarks/task_discovery.py`) compares embeddings and clustering rules on many
+task mixes; embedding is its only slow part, so it is done once here and cached (not committed):
+
+    .venv/bin/python benchmarks/embedding_cache.py [--precision auto|fp32]
+
+For every distinct input text of paper4, paper4-raw, extra and flan16 (train and test), one forward pass of the
+frozen backbone gives, at each layer of ``LAYERS``, the mean over the input's tokens (``mean``) and the hidden state
+at its last token (``last``). Inputs are tokenized exactly as `compute.embed` does (`embedding_ids`: the raw text, no
+template, cut to 256 tokens). Written to ``$FEDROUTER_CACHE/task-discovery/embeddings-<precision>.npz``, resumable
+in chunks, so an interrupted run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedrouter.model.compute import _pad
+from fedrouter.model.loading import cache_root, shared_base_model
+from fedrouter.model.prompts import embedding_ids
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+SOURCES = ("flan16", "extra", "paper4", "paper4-raw")
+# Hidden-state indices (0 = token embeddings, 30 = the last layer after the final norm, as `compute.embed` uses).
+LAYERS = (6, 12, 16, 20, 24, 30)
+MAX_LEN = 256
+CHUNK = 512
+
+
+def texts() -> list[str]:
+    seen: dict[str, None] = {}
+    for source in SOURCES:
+        for split in ("train", "test"):
+            for line in (DATA / source / f"{split}.jsonl").read_text().splitlines():
+                seen.setdefault(json.loads(line)["instruction"], None)
+    return list(seen)
+
+
+def key(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def cache_path(precision: str) -> Path:
+    return cache_root() / "task-discovery" / f"embeddings-{precision}.npz"
+
+
+def load(precision: str) -> dict[str, np.ndarray]:
+    """The cache: ``keys`` (sha1 of each text) and ``<pooling>-<layer>`` arrays, one row per key."""
+    with np.load(cache_path(precision)) as cached:
+        return {name: cached[name] for name in cached.files}
+
+
+@torch.inference_mode()
+def embed_all(base, batch: list[str]) -> dict[str, np.ndarray]:
+    tokenizer = base.tokenizer
+    encoded = [embedding_ids(tokenizer, text, MAX_LEN) for text in batch]
+    order = sorted(range(len(batch)), key=lambda i: len(encoded[i]))
+    out = {
+        f"{p}-{layer}": np.zeros((len(batch), base.hidden_size), np.float32)
+        for p in ("mean", "last")
+        for layer in LAYERS
+    }
+    backbone = base.model.get_base_model().base_model
+    with base.model.disable_adapter(), base.autocast():
+        for start in range(0, len(order), 32):
+            index = order[start : start + 32]
+            ids = _pad([encoded[i] for i in index], tokenizer.pad_token_id).to(base.device)
+            mask = _pad([[1] * len(encoded[i]) for i in index], 0).to(base.device)
+            hidden = backbone(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+            weights = mask.unsqueeze(-1).float()
+            last = mask.sum(1) - 1
+            for layer in LAYERS:
+                h = hidden[layer].float()
+                out[f"mean-{layer}"][index] = ((h * weights).sum(1) / weights.sum(1)).cpu().numpy()
+                out[f"last-{layer}"][index] = h[torch.arange(len(index)), last].cpu().numpy()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32"))
+    args = parser.parse_args()
+    path = cache_path(args.precision)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    wanted = texts()
+    done = load(args.precision) if path.is_file() else {"keys": np.array([], dtype="<U40")}
+    have = set(done["keys"].tolist())
+    todo = [t for t in wanted if key(t) not in have]
+    print(f"{len(wanted)} texts, {len(todo)} to embed", flush=True)
+    base = shared_base_model("smollm2", args.precision, (8, 16.0, 0.05, ("q_proj", "v_proj")))
+    started = time.time()
+    for start in range(0, len(todo), CHUNK):
+        batch = todo[start : start + CHUNK]
+        fresh = embed_all(base, batch)
+        keys = np.concatenate([done["keys"], np.array([key(t) for t in batch])])
+        done = {"keys": keys} | {
+            name: np.concatenate([done[name], fresh[name]]) if name in done else fresh[name] for name in fresh
+        }
+        partial = path.with_suffix(".tmp.npz")
+        np.savez(partial, **done)
+        partial.replace(path)  # atomic: an interrupted run keeps the last complete chunk
+        rate = (start + len(batch)) / (time.time() - started)
+        print(f"{start + len(batch)}/{len(todo)} ({rate:.1f} texts/s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
