@@ -37,7 +37,7 @@ import embedding_cache
 from sklearn.cluster import AgglomerativeClustering
 
 from fedrouter import bench
-from fedrouter.algorithm.clustering import SilhouetteKMeans, local_clusters, nearest
+from fedrouter.algorithm.clustering import SilhouetteKMeans, global_clusters, local_clusters, nearest
 from fedrouter.algorithm.metrics import clustering_accuracy, contingency, routing_accuracy
 from fedrouter.config import Config
 from fedrouter.data import all_clients
@@ -146,9 +146,9 @@ class Embeddings:
         self.row = {k: i for i, k in enumerate(self.arrays["keys"].tolist())}
 
     def get(self, texts: list[str], name: str) -> np.ndarray:
-        rows = [self.row[embedding_cache.key(t)] for t in texts]
         if "+" in name:  # a concatenation of unit-length parts
             return np.concatenate([unit(self.get(texts, part)) for part in name.split("+")], axis=1)
+        rows = [self.row[embedding_cache.key(t)] for t in texts]
         return self.arrays[name][rows].astype(np.float64)
 
 
@@ -172,21 +172,21 @@ class Candidate:
 
 def evaluate(split: Split, cand: Candidate, emb: Embeddings) -> dict:
     tasks = split.tasks
-    centroids, counts, spreads, owners, local_routes, local_acc = [], [], [], [], [], 0
+    centroids, counts, spreads, offsets, local_routes, local_acc = [], [], [], [], [], 0
     local_k, sample_local = [], []
-    for i, client in enumerate(split.clients):
+    for client in split.clients:
         x = emb.get(client.train, cand.embedding)
         labels, router = cand.local(x, split.seed)
         k = int(labels.max()) + 1
         local_k.append(k)
         local_acc += clustering_accuracy(contingency(labels, client.train_tasks, k, tasks)) * len(x)
+        offsets.append(len(centroids))  # this client's first local cluster among all uploaded ones
         for j in range(k):
             members = x[labels == j]
             centroids.append(members.mean(0))
             counts.append(len(members))
             spreads.append(float(np.sqrt(((members - members.mean(0)) ** 2).sum(1).mean())))
-            owners.append(i)
-        sample_local.append(labels + (len(centroids) - k))
+        sample_local.append(labels + offsets[-1])
         local_routes.append(router)
     centroids, counts = np.array(centroids), np.array(counts, float)
     glabels, grouter = cand.global_(centroids, counts, np.array(spreads), split.seed)
@@ -199,8 +199,7 @@ def evaluate(split: Split, cand: Candidate, emb: Embeddings) -> dict:
     routed = {"local": np.zeros_like(table), "global": np.zeros_like(table)}
     for i, client in enumerate(split.clients):
         x = emb.get(client.test, cand.embedding)
-        offset = int(np.where(np.array(owners) == i)[0][0])
-        for mode, g in (("local", glabels[local_routes[i](x) + offset]), ("global", grouter(x))):
+        for mode, g in (("local", glabels[local_routes[i](x) + offsets[i]]), ("global", grouter(x))):
             for cluster, task in zip(g, client.test_tasks, strict=True):
                 routed[mode][cluster, tasks.index(task)] += 1
     return {
@@ -219,17 +218,45 @@ def evaluate(split: Split, cand: Candidate, emb: Embeddings) -> dict:
     }
 
 
-# --- candidate rules (exploration; the product's default is run through its own code below) ---
+# --- rules: today's default through the product's own functions and settings, then the candidates ---
+
+
+def default_local(x: np.ndarray, seed: int):
+    """The product's local clustering (`local_clusters` with the `cluster.*` defaults), Euclidean routing."""
+    cfg = Config({"run.seed": seed})
+    fitted = local_clusters(
+        x,
+        k=cfg.cluster_k("cluster.local_k"),
+        k_max=cfg["cluster.local_k_max"],
+        threshold=cfg["cluster.silhouette_threshold"],
+        seed=seed,
+    )
+    return fitted.labels_, fitted.predict
+
+
+def default_global(c: np.ndarray, w: np.ndarray, s: np.ndarray, seed: int):
+    """The product's global clustering (`global_clusters` with the `cluster.*` defaults), Euclidean routing."""
+    cfg = Config({"run.seed": seed})
+    fitted = global_clusters(
+        c,
+        w,
+        k=cfg.cluster_k("cluster.global_k"),
+        k_max=cfg["cluster.global_k_max"],
+        threshold=cfg["cluster.silhouette_threshold"],
+        seed=seed,
+        metric=cfg["cluster.global_metric"],
+    )
+    return fitted.labels_, fitted.predict
 
 
 def sil_local(threshold: float = 0.2, k_max: int = 6, space: str = "raw") -> Callable:
     """Silhouette K-Means per client on raw, unit-length or client-centred unit-length embeddings."""
 
     def fit(x: np.ndarray, seed: int):
-        z = _space(x, space, x.mean(0))
+        mean = x.mean(0)
+        z = _space(x, space, mean)
         fitted = local_clusters(z, k="auto", k_max=k_max, threshold=threshold, seed=seed)
         centers = np.stack([z[fitted.labels_ == j].mean(0) for j in range(fitted.n_clusters_)])
-        mean = x.mean(0)
         return fitted.labels_, lambda q: nearest(_space(q, space, mean), centers)
 
     return fit
@@ -296,7 +323,9 @@ def agglo_global(threshold: float, space: str = "centered", linkage: str = "aver
 def candidates() -> list[Candidate]:
     """Today's default first (the product's rules and settings), then the candidates measured beside it."""
     return [
-        Candidate("today: mean-30, silhouette k-means, cosine global (k<=16)", "mean-30", sil_local(), sil_global()),
+        Candidate(
+            "today: mean-30, silhouette k-means, cosine global (k<=16)", "mean-30", default_local, default_global
+        ),
         Candidate(
             "mean-30, client-centred local, centred global silhouette (k<=n-1), t=0.1",
             "mean-30",
@@ -340,16 +369,17 @@ def summary(rows: list[dict]) -> list[str]:
 def main() -> None:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     emb = Embeddings()
+    every_split = splits()
     rows = []
     for cand in candidates():
-        for split in splits():
+        for split in every_split:
             rows.append(evaluate(split, cand, emb))
             print(json.dumps(rows[-1]), flush=True)
     meta = {
         "command": "python benchmarks/embedding_cache.py && python benchmarks/task_discovery.py",
         "commit": bench.commit(),
         "machine": bench.machine(),
-        "embedding_precision": "auto (bf16 on this host)",
+        "embedding_precision": "auto",  # bf16 where the machine has AVX-512 BF16 (see "machine"), else fp32
     }
     (OUT / "task-discovery.json").write_text(json.dumps(meta | {"runs": rows}, indent=1) + "\n")
     text = "\n".join(["# Task discovery (embeddings and clustering only)", "", f"`{meta['command']}`", ""])
