@@ -2,9 +2,12 @@
 
 Embeddings and clustering only (no training, no Flower): for every split below, each client's training inputs are
 clustered locally, the server clusters all clients' local centroids (weighted by their counts), and each client's
-test inputs are routed. Labels only score. Reported per split and candidate: local and global clustering accuracy,
-local k per client, global k, how many global clusters the most-split task is spread over, and routing accuracy
-(local and global mode).
+test inputs are routed. Labels only score. Reported per split and candidate: local and global clustering accuracy
+(also "by dataset": the mixes hold gigaword, QQP and WebNLG twice, from paper4 and from flan16 in other templates,
+scored there as one task each), local k per client, global k, how many global clusters the most-split task is
+spread over, and routing accuracy (local and global mode). Candidates: the product's rules before issue 19 and its
+default now (both through `fedrouter.discovery` with their settings), variations of the default's settings, the
+default's global step on the true tasks (what the global step alone can do), and two other rules.
 
 Splits (train 96 samples per client unless said; personalized test sets, 8 samples per task held):
 - the six paper4 splits of `fedrouter bench` (single, dual, all; seeds 0, 1), and paper4-raw's (seed 0, 1, 2);
@@ -36,12 +39,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import embedding_cache
 from sklearn.cluster import AgglomerativeClustering
 
-from fedrouter import bench
-from fedrouter.algorithm.clustering import SilhouetteKMeans, global_clusters, local_clusters, nearest
+from fedrouter import bench, discovery
+from fedrouter.algorithm.clustering import local_clusters, nearest
 from fedrouter.algorithm.metrics import clustering_accuracy, contingency, routing_accuracy
 from fedrouter.config import Config
 from fedrouter.data import all_clients
 from fedrouter.data.samples import load_file
+from fedrouter.model.loading import shared_base_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = embedding_cache.DATA
@@ -139,17 +143,32 @@ def splits() -> list[Split]:
 
 
 class Embeddings:
-    """Cached embeddings looked up by text: ``get(texts, "mean-30")``."""
+    """Cached embeddings looked up by text: ``get(texts, "mean-30")``; ``"mean-6:reference"`` divides by the
+    product's reference scale for that layer (`discovery.embedding_space`, computed here once per layer)."""
+
+    layers = 30  # SmolLM2-135M's hidden layers: embed_depth d is layer round(30 d)
 
     def __init__(self, precision: str = "auto") -> None:
         self.arrays = embedding_cache.load(precision)
         self.row = {k: i for i, k in enumerate(self.arrays["keys"].tolist())}
+        self.precision = precision
+        self.scales: dict[int, np.ndarray] = {}
 
     def get(self, texts: list[str], name: str) -> np.ndarray:
         if "+" in name:  # a concatenation of unit-length parts
             return np.concatenate([unit(self.get(texts, part)) for part in name.split("+")], axis=1)
+        name, _, scale = name.partition(":")
         rows = [self.row[embedding_cache.key(t)] for t in texts]
-        return self.arrays[name][rows].astype(np.float64)
+        x = self.arrays[name][rows].astype(np.float64)
+        return x / self.scale(int(name.split("-")[1])) if scale == "reference" else x
+
+    def scale(self, layer: int) -> np.ndarray:
+        if layer not in self.scales:
+            base = shared_base_model("smollm2", self.precision, (8, 16.0, 0.05, ("q_proj", "v_proj")))
+            space = discovery.embedding_space(base, layer / self.layers, "reference")
+            assert space.layer == layer, (space.layer, layer)
+            self.scales[layer] = space.scale.astype(np.float64)
+        return self.scales[layer]
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -160,7 +179,7 @@ def unit(x: np.ndarray) -> np.ndarray:
 class Candidate:
     """An embedding and the two clustering rules.
 
-    ``local(x, seed)`` -> (labels, local routing function x -> local cluster);
+    ``local(x, seed)`` -> (labels, local routing function x -> local cluster), or "oracle" (the true tasks);
     ``global_(centroids, counts, spreads, seed)`` -> (labels, global routing function x -> global cluster).
     """
 
@@ -170,13 +189,33 @@ class Candidate:
     global_: Callable
 
 
+SAME_DATASET = {
+    "flan16/gigaword": "gigaword",
+    "paper4/gigaword": "gigaword",
+    "flan16/glue_qqp": "qqp",
+    "paper4/qqp": "qqp",
+    "flan16/web_nlg_en": "webnlg",
+    "paper4/webnlg": "webnlg",
+}
+
+
+def _nearest_mean(x: np.ndarray, labels: np.ndarray) -> Callable:
+    means = np.stack([x[labels == j].mean(0) for j in range(int(labels.max()) + 1)])
+    return lambda q: nearest(q, means)
+
+
 def evaluate(split: Split, cand: Candidate, emb: Embeddings) -> dict:
     tasks = split.tasks
     centroids, counts, spreads, offsets, local_routes, local_acc = [], [], [], [], [], 0
     local_k, sample_local = [], []
     for client in split.clients:
         x = emb.get(client.train, cand.embedding)
-        labels, router = cand.local(x, split.seed)
+        if cand.local == "oracle":  # the true tasks as local clusters: what the global step alone can do
+            held = sorted(set(client.train_tasks))
+            labels = np.array([held.index(t) for t in client.train_tasks])
+            router = _nearest_mean(x, labels)
+        else:
+            labels, router = cand.local(x, split.seed)
         k = int(labels.max()) + 1
         local_k.append(k)
         local_acc += clustering_accuracy(contingency(labels, client.train_tasks, k, tasks)) * len(x)
@@ -202,6 +241,9 @@ def evaluate(split: Split, cand: Candidate, emb: Embeddings) -> dict:
         for mode, g in (("local", glabels[local_routes[i](x) + offsets[i]]), ("global", grouter(x))):
             for cluster, task in zip(g, client.test_tasks, strict=True):
                 routed[mode][cluster, tasks.index(task)] += 1
+    # The mixes hold three datasets under two task names each (one dataset, two templates): scored as one task.
+    datasets = [SAME_DATASET.get(t, t) for t in all_tasks]
+    by_dataset = contingency(sample_global, datasets, gk, sorted(set(datasets)))
     return {
         "split": split.name,
         "group": split.group,
@@ -210,6 +252,7 @@ def evaluate(split: Split, cand: Candidate, emb: Embeddings) -> dict:
         "tasks": len(tasks),
         "cluster_acc_local": round(local_acc / len(all_tasks), 4),
         "cluster_acc_global": round(clustering_accuracy(table), 4),
+        "cluster_acc_global_by_dataset": round(clustering_accuracy(by_dataset), 4),
         "local_k": local_k,
         "global_k": gk,
         "max_clusters_per_task": spread_over,
@@ -218,35 +261,37 @@ def evaluate(split: Split, cand: Candidate, emb: Embeddings) -> dict:
     }
 
 
-# --- rules: today's default through the product's own functions and settings, then the candidates ---
+# --- rules: the product's, from its settings (through `fedrouter.discovery`), then other candidates ---
+
+# The product's default before issue 19 (last layer, raw embeddings, silhouette K-Means local and global).
+BEFORE = {
+    "cluster.embed_depth": 1.0,
+    "cluster.embed_scale": "none",
+    "cluster.local_space": "raw",
+    "cluster.local_threshold": 0.2,
+    "cluster.global_method": "silhouette",
+}
 
 
-def default_local(x: np.ndarray, seed: int):
-    """The product's local clustering (`local_clusters` with the `cluster.*` defaults), Euclidean routing."""
-    cfg = Config({"run.seed": seed})
-    fitted = local_clusters(
-        x,
-        k=cfg.cluster_k("cluster.local_k"),
-        k_max=cfg["cluster.local_k_max"],
-        threshold=cfg["cluster.silhouette_threshold"],
-        seed=seed,
-    )
-    return fitted.labels_, fitted.predict
+def product(name: str, settings: dict, emb: Embeddings) -> Candidate:
+    """The product's own embedding space and clustering for these ``cluster.*`` settings (others at defaults)."""
 
+    def config(seed: int) -> Config:
+        return Config(settings | {"run.seed": seed}, where=name)
 
-def default_global(c: np.ndarray, w: np.ndarray, s: np.ndarray, seed: int):
-    """The product's global clustering (`global_clusters` with the `cluster.*` defaults), Euclidean routing."""
-    cfg = Config({"run.seed": seed})
-    fitted = global_clusters(
-        c,
-        w,
-        k=cfg.cluster_k("cluster.global_k"),
-        k_max=cfg["cluster.global_k_max"],
-        threshold=cfg["cluster.silhouette_threshold"],
-        seed=seed,
-        metric=cfg["cluster.global_metric"],
-    )
-    return fitted.labels_, fitted.predict
+    cfg = config(0)
+    layer = round(cfg["cluster.embed_depth"] * emb.layers)
+    embedding = f"mean-{layer}" + (":reference" if cfg["cluster.embed_scale"] == "reference" else "")
+
+    def local(x: np.ndarray, seed: int):
+        fitted = discovery.cluster_samples(config(seed), x)
+        return fitted.labels_, fitted.predict
+
+    def global_(c: np.ndarray, w: np.ndarray, s: np.ndarray, seed: int):
+        fitted = discovery.cluster_centroids(config(seed), c, w, s)
+        return fitted.labels_, fitted.predict
+
+    return Candidate(name, embedding, local, global_)
 
 
 def sil_local(threshold: float = 0.2, k_max: int = 6, space: str = "raw") -> Callable:
@@ -272,93 +317,77 @@ def _space(x: np.ndarray, space: str, center: np.ndarray) -> np.ndarray:
     raise ValueError(space)
 
 
-def sil_global(k_max: int | None = 16, space: str = "unit", threshold: float = 0.2) -> Callable:
-    """Silhouette K-Means over the local centroids' directions (optionally centred on their weighted mean)."""
-
-    def fit(c: np.ndarray, w: np.ndarray, s: np.ndarray, seed: int):
-        center = np.average(c, axis=0, weights=w)
-        z = _space(c, space, center)
-        top = len(c) - 1 if k_max is None else k_max
-        fitted = SilhouetteKMeans(k="auto", k_max=top, threshold=threshold, random_state=seed).fit(z, sample_weight=w)
-        return fitted.labels_, _router(c, w, fitted.labels_, space, center)
-
-    return fit
-
-
 def _router(c, w, labels, space, center):
     k = int(labels.max()) + 1
     means = np.stack([np.average(c[labels == g], axis=0, weights=w[labels == g]) for g in range(k)])
-    if space == "raw" or space == "unit":  # today's router: nearest global centroid, Euclidean
+    if space == "raw" or space == "unit":
         return lambda q: nearest(q, means)
     targets = _space(means, space, center)
     return lambda q: nearest(_space(q, space, center), targets)
 
 
-def agglo_global(threshold: float, space: str = "centered", linkage: str = "average", spread: bool = False) -> Callable:
-    """Agglomerative clustering of the local centroids cut at a distance threshold (no k to choose).
-
-    ``spread``: Euclidean distance divided by the pair's pooled spread (RMS radius of the two local clusters),
-    otherwise cosine distance in ``space``.
-    """
+def spread_agglomerative(threshold: float) -> Callable:
+    """Agglomerative clustering of the local centroids on Euclidean distance / the pair's pooled spread."""
 
     def fit(c: np.ndarray, w: np.ndarray, s: np.ndarray, seed: int):
-        center = np.average(c, axis=0, weights=w)
         if len(c) == 1:
-            return np.zeros(1, dtype=int), _router(c, w, np.zeros(1, int), space, center)
-        if spread:
-            d = np.linalg.norm(c[:, None] - c[None], axis=-1) / np.sqrt((s[:, None] ** 2 + s[None] ** 2) / 2)
-        else:
-            z = _space(c, space, center)
-            d = np.clip(1 - z @ z.T, 0, 2)
+            return np.zeros(1, dtype=int), _router(c, w, np.zeros(1, int), "raw", None)
+        d = np.linalg.norm(c[:, None] - c[None], axis=-1) / np.sqrt((s[:, None] ** 2 + s[None] ** 2) / 2)
         np.fill_diagonal(d, 0)
         model = AgglomerativeClustering(
-            n_clusters=None, distance_threshold=threshold, metric="precomputed", linkage=linkage
+            n_clusters=None, distance_threshold=threshold, metric="precomputed", linkage="average"
         )
         labels = model.fit_predict(d)
-        return labels, _router(c, w, labels, space if not spread else "raw", center)
+        return labels, _router(c, w, labels, "raw", None)
 
     return fit
 
 
-def candidates() -> list[Candidate]:
-    """Today's default first (the product's rules and settings), then the candidates measured beside it."""
+def candidates(emb: Embeddings) -> list[Candidate]:
+    """The product's default before and now, variations of today's settings, then other rules measured beside."""
     return [
+        product("before: mean-30, silhouette k-means, cosine global (k<=16)", BEFORE, emb),
+        product("default: mean-6 / reference scale, centred local (0.11), agglomerative global (0.4)", {}, emb),
         Candidate(
-            "today: mean-30, silhouette k-means, cosine global (k<=16)", "mean-30", default_local, default_global
+            "default's global step on the true tasks as local clusters (oracle local)",
+            "mean-6:reference",
+            "oracle",
+            product("", {}, emb).global_,
         ),
-        Candidate(
-            "mean-30, client-centred local, centred global silhouette (k<=n-1), t=0.1",
-            "mean-30",
-            sil_local(space="centered", threshold=0.1),
-            sil_global(k_max=None, space="centered", threshold=0.1),
-        ),
+        product("default, local threshold 0.10", {"cluster.local_threshold": 0.1}, emb),
+        product("default, global threshold 0.3", {"cluster.global_threshold": 0.3}, emb),
+        product("default, global threshold 0.5", {"cluster.global_threshold": 0.5}, emb),
+        product("default without the reference scale (mean-6 raw)", {"cluster.embed_scale": "none"}, emb),
+        product("default at depth 1.0 (mean-30 / reference scale)", {"cluster.embed_depth": 1.0}, emb),
+        product("default at depth 0.4 (mean-12 / reference scale)", {"cluster.embed_depth": 0.4}, emb),
         Candidate(
             "last-30, client-centred local, spread-normalised agglomerative global (0.8)",
             "last-30",
             sil_local(space="centered", threshold=0.1),
-            agglo_global(0.8, spread=True),
+            spread_agglomerative(0.8),
         ),
         Candidate(
             "mean-20+last-20, client-centred local, spread-normalised agglomerative global (0.8)",
             "mean-20+last-20",
             sil_local(space="centered", threshold=0.1),
-            agglo_global(0.8, spread=True),
+            spread_agglomerative(0.8),
         ),
     ]
 
 
 def summary(rows: list[dict]) -> list[str]:
     lines = [
-        "| candidate | split | seeds | global acc. (min–max) | local acc. (min) | global k | tasks "
-        "| max clusters per task | routing acc. local / global (min) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| candidate | split | seeds | global acc. (min–max) | by dataset (min–max) | local acc. (min) | global k "
+        "| tasks | max clusters per task | routing acc. local / global (min) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for cand in dict.fromkeys(r["candidate"] for r in rows):
         for name in dict.fromkeys(r["split"] for r in rows):
             rs = [r for r in rows if r["candidate"] == cand and r["split"] == name]
             g = [r["cluster_acc_global"] for r in rs]
+            d = [r["cluster_acc_global_by_dataset"] for r in rs]
             lines.append(
-                f"| {cand} | {name} | {len(rs)} | {min(g):.3f}–{max(g):.3f} "
+                f"| {cand} | {name} | {len(rs)} | {min(g):.3f}–{max(g):.3f} | {min(d):.3f}–{max(d):.3f} "
                 f"| {min(r['cluster_acc_local'] for r in rs):.3f} | {', '.join(str(r['global_k']) for r in rs)} "
                 f"| {rs[0]['tasks']} | {max(r['max_clusters_per_task'] for r in rs)} "
                 f"| {min(r['routing_acc_local'] for r in rs):.3f} / {min(r['routing_acc_global'] for r in rs):.3f} |"
@@ -371,7 +400,7 @@ def main() -> None:
     emb = Embeddings()
     every_split = splits()
     rows = []
-    for cand in candidates():
+    for cand in candidates(emb):
         for split in every_split:
             rows.append(evaluate(split, cand, emb))
             print(json.dumps(rows[-1]), flush=True)

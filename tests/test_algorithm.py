@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 
 from fedrouter.algorithm.aggregation import aggregate_clusters, weighted_average
-from fedrouter.algorithm.clustering import ClusteringError, global_clusters, local_clusters
+from fedrouter.algorithm.clustering import (
+    ClusteringError,
+    ThresholdAgglomerative,
+    centred_local_clusters,
+    global_clusters,
+    local_clusters,
+)
 from fedrouter.algorithm.metrics import clustering_accuracy, contingency, exact_match, rouge, routing_accuracy
 from fedrouter.algorithm.routing import route
 from fedrouter.algorithm.scheduling import balanced_offsets, learning_rate, scheduled_clusters
@@ -204,3 +210,102 @@ def test_metrics():
     assert exact_match("Yes.", ["yes"]) == 100 and exact_match("no", ["yes"]) == 0
     routed = np.array([[5, 1], [0, 4]])  # cluster 0 is mostly task 0 in training, cluster 1 task 1
     assert routing_accuracy(routed, np.array([[20, 0], [1, 20]])) == pytest.approx(9 / 10)
+
+
+def shared_component_blobs(sizes, dim=32, seed=0, overlap=1.5, common=200.0):
+    """Gaussian blobs of the given sizes that overlap and share one large common vector (as LM embeddings do)."""
+    rng = np.random.default_rng(seed)
+    offset = rng.normal(size=dim)
+    offset *= common / np.linalg.norm(offset)
+    means = rng.normal(size=(len(sizes), dim)) * overlap
+    points = np.concatenate([offset + m + rng.normal(size=(n, dim)) for m, n in zip(means, sizes, strict=True)])
+    return points, np.repeat(np.arange(len(sizes)), sizes)
+
+
+def test_centred_local_search_finds_unequal_overlapping_groups_and_keeps_centroids_in_place():
+    points, truth = shared_component_blobs([40, 25, 12])
+    fitted = centred_local_clusters(points, k="auto", k_max=6, threshold=0.11, seed=0)
+    assert fitted.n_clusters_ == 3
+    table = contingency(fitted.labels_, [str(t) for t in truth], 3, ["0", "1", "2"])
+    assert clustering_accuracy(table) == 1.0
+    # Centroids are the clusters' mean embeddings (what a client uploads and routes with), not unit directions.
+    for j in range(3):
+        np.testing.assert_allclose(fitted.centers_[j], points[fitted.labels_ == j].mean(0))
+    assert (fitted.predict(points) == fitted.labels_).all()
+
+
+def test_centred_local_search_keeps_one_task_whole():
+    points, _ = shared_component_blobs([48])
+    fitted = centred_local_clusters(points, k="auto", k_max=6, threshold=0.11, seed=0)
+    assert fitted.n_clusters_ == 1
+    np.testing.assert_allclose(fitted.centers_[0], points.mean(0))
+    with pytest.raises(ClusteringError, match="client 2's samples: contain NaN"):
+        centred_local_clusters(
+            np.full((4, 3), np.nan), k="auto", k_max=3, threshold=0.1, seed=0, what="client 2's samples"
+        )
+
+
+def client_centroids(task_of_client, sizes, dim=32, seed=0, common=200.0, separation=1.5):
+    """Local centroids, counts and spreads of clients whose samples come from per-task Gaussians."""
+    rng = np.random.default_rng(seed)
+    offset = rng.normal(size=dim)
+    offset *= common / np.linalg.norm(offset)
+    means = rng.normal(size=(max(task_of_client) + 1, dim)) * separation
+    centroids, spreads = [], []
+    for task, n in zip(task_of_client, sizes, strict=True):
+        samples = offset + means[task] + rng.normal(size=(n, dim))
+        centroids.append(samples.mean(0))
+        spreads.append(np.sqrt(((samples - samples.mean(0)) ** 2).sum(1).mean()))
+    return np.array(centroids), np.array(sizes, float), np.array(spreads)
+
+
+def test_agglomerative_groups_local_clusters_by_task_without_being_told_k():
+    # Ten local clusters of four tasks, of unequal sizes; task 3 is held by one client only.
+    tasks = [0, 1, 2, 0, 1, 2, 0, 1, 2, 3]
+    sizes = [48, 24, 30, 12, 60, 48, 24, 6, 30, 40]
+    centroids, counts, spreads = client_centroids(tasks, sizes)
+    fitted = ThresholdAgglomerative(threshold=0.4).fit(centroids, sample_weight=counts, spreads=spreads)
+    assert fitted.n_clusters_ == 4
+    for t in range(4):
+        assert len(set(fitted.labels_[np.array(tasks) == t])) == 1
+    g = fitted.labels_[0]
+    members = fitted.labels_ == g
+    np.testing.assert_allclose(fitted.centers_[g], np.average(centroids[members], axis=0, weights=counts[members]))
+    assert (fitted.predict(centroids) == fitted.labels_).all()
+
+
+def test_agglomerative_merges_identical_centroids_and_keeps_one_sample_clusters():
+    centroids, counts, spreads = client_centroids([0, 1, 2, 0, 1, 2], [24, 24, 24, 24, 24, 1])
+    centroids = np.vstack([centroids, centroids[:1]])  # a seventh centroid identical to the first
+    counts, spreads = np.append(counts, 5), np.append(spreads, spreads[0])
+    assert spreads[5] == 0  # one sample: no spread
+    fitted = ThresholdAgglomerative(0.4).fit(centroids, sample_weight=counts, spreads=spreads)
+    assert fitted.labels_[6] == fitted.labels_[0]
+    assert fitted.n_clusters_ == 3
+
+
+def test_agglomerative_sees_that_every_client_holds_the_same_task():
+    # Eight clients drawn from one distribution: seen from their mean the centroids point anywhere and never
+    # merge; their spreads show the differences are sampling noise, so there is one global cluster.
+    centroids, counts, spreads = client_centroids([0] * 8, [96, 48, 96, 24, 96, 96, 60, 96])
+    assert ThresholdAgglomerative(0.4).fit(centroids, sample_weight=counts).n_clusters_ == 8
+    fitted = ThresholdAgglomerative(0.4).fit(centroids, sample_weight=counts, spreads=spreads)
+    assert fitted.n_clusters_ == 1
+    np.testing.assert_allclose(fitted.centers_[0], np.average(centroids, axis=0, weights=counts))
+    # One client of another task is enough for the noise check to let the tasks apart.
+    centroids, counts, spreads = client_centroids([0] * 7 + [1], [96] * 8)
+    fitted = ThresholdAgglomerative(0.4).fit(centroids, sample_weight=counts, spreads=spreads)
+    assert fitted.n_clusters_ == 2 and len(set(fitted.labels_[:7])) == 1 and fitted.labels_[7] != fitted.labels_[0]
+
+
+def test_agglomerative_rejects_bad_input_by_name():
+    centroids, counts, _ = client_centroids([0, 1], [10, 10])
+    with pytest.raises(ClusteringError, match="positive weight"):
+        ThresholdAgglomerative().fit(centroids, sample_weight=np.array([1.0, 0.0]))
+    with pytest.raises(ClusteringError, match="spread >= 0"):
+        ThresholdAgglomerative().fit(centroids, sample_weight=counts, spreads=np.array([1.0, -1.0]))
+    with pytest.raises(ClusteringError, match="threshold 3"):
+        ThresholdAgglomerative(threshold=3).fit(centroids)
+    with pytest.raises(ClusteringError, match="NaN"):
+        ThresholdAgglomerative().fit(np.full((2, 3), np.inf))
+    assert ThresholdAgglomerative().fit(centroids[:1]).n_clusters_ == 1

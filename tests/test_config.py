@@ -33,6 +33,10 @@ def test_bare_field_name_suggests_dotted_key():
         ("data.test_per_task_overrides", "qqp:4", r"expects 'task=number'"),
         ("train.lr", float("nan"), r"finite number, got nan"),
         ("run.reply_timeout_s", float("inf"), r"finite number, got inf"),
+        ("cluster.embed_scale", "zscore", r"'cluster.embed_scale' must be one of"),
+        ("cluster.embed_depth", 1.5, r"'cluster.embed_depth' must be between"),
+        ("cluster.global_method", "hdbscan", r"'cluster.global_method' must be one of"),
+        ("cluster.global_threshold", 0.0, r"'cluster.global_threshold' must be between"),
     ],
 )
 def test_bad_values_name_the_setting(key, value, pattern):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fedrouter.model import compute, lora
-from fedrouter.model.prompts import prompt_ids, training_ids
+from fedrouter.model.prompts import embedding_ids, prompt_ids, training_ids
 
 
 def test_embeddings_ignore_padding(tiny_base):
@@ -196,3 +196,37 @@ def test_bf16_compute_trains_fp32_adapter_weights():
     after = lora.get_adapter(base)
     assert all(p.dtype == torch.float32 for p in base.model.parameters() if p.requires_grad)
     assert any(not np.allclose(after[k], start[k]) for k in start)
+
+
+def test_embeddings_of_an_inner_layer_stop_there_and_divide_by_the_scale(tiny_base):
+    texts = ["route me", "a longer text to route somewhere else"]
+    backbone = tiny_base.model.get_base_model().base_model
+    ids = compute._pad([embedding_ids(tiny_base.tokenizer, t, 256) for t in texts[:1]], 0)
+    with torch.inference_mode(), tiny_base.model.disable_adapter():
+        hidden = backbone(input_ids=ids, output_hidden_states=True).hidden_states
+    inner = compute.embed(tiny_base, texts[:1], layer=1)
+    np.testing.assert_allclose(inner[0], hidden[1][0].mean(0).numpy(), rtol=1e-5, atol=1e-6)
+    last = compute.embed(tiny_base, texts[:1], layer=2)
+    np.testing.assert_allclose(last, compute.embed(tiny_base, texts[:1]), rtol=1e-6)
+    assert not np.allclose(inner, last)
+    scale = np.linspace(0.5, 2.0, tiny_base.hidden_size, dtype=np.float32)
+    np.testing.assert_allclose(
+        compute.embed(tiny_base, texts, layer=1, scale=scale),
+        compute.embed(tiny_base, texts, layer=1) / scale,
+        rtol=1e-6,
+    )
+    with pytest.raises(ValueError, match="positive numbers"):
+        compute.embed(tiny_base, texts, scale=-scale)
+    assert compute.embedding_layer(tiny_base, 0.2) == 1 and compute.embedding_layer(tiny_base, 1.0) == 2
+
+
+def test_the_reference_scale_depends_only_on_the_model(tiny_base):
+    scale = compute.reference_scale(tiny_base, 1)
+    assert scale.shape == (tiny_base.hidden_size,) and (scale > 0).all()
+    np.testing.assert_array_equal(scale, compute.reference_scale(tiny_base, 1))  # no data, no state: the same
+    assert not np.allclose(scale, compute.reference_scale(tiny_base, 2))
+    # It is the spread of the pooled layer over random token sequences: divided by it, they have unit spread.
+    generator = torch.Generator().manual_seed(0)
+    ids = [torch.randint(0, len(tiny_base.tokenizer), (16 + 16 * (i % 8),), generator=generator) for i in range(256)]
+    pooled = compute._pooled(tiny_base, [row.tolist() for row in ids], 32, 1) / scale
+    np.testing.assert_allclose(pooled.std(0), 1.0, rtol=1e-3)

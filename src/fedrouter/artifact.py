@@ -2,7 +2,7 @@
 
 Layout of ``RUN_DIR/router/``::
 
-    router.json                  base model, LoRA settings, cluster counts, format version
+    router.json                  base model, LoRA settings, embedding space, cluster counts, format version
     global_centroids.npy         (num_global, hidden) float32
     local_centroids.safetensors  one (num_local, hidden) tensor per client, key "client_<id>"
     cluster_map.json             {"<client>": [global cluster of each local cluster, ...]}
@@ -41,6 +41,10 @@ class RouterArtifact:
     adapters: dict[int, dict[str, np.ndarray]]
     precision: str = "auto"
     max_seq_len: int = 256
+    # How prompts are embedded (cluster.embed_depth, cluster.embed_scale); an artifact written before these
+    # settings existed embedded with the last layer, unscaled.
+    embed_depth: float = 1.0
+    embed_scale: str = "none"
 
     @property
     def num_global(self) -> int:
@@ -72,6 +76,7 @@ class RouterArtifact:
                 "model_name": self.model_name,
                 "precision": self.precision,
                 "max_seq_len": self.max_seq_len,
+                "embedding": {"depth": self.embed_depth, "scale": self.embed_scale},
                 "num_global_clusters": self.num_global,
                 "hidden_size": int(self.global_centroids.shape[1]),
                 "lora": self.lora,
@@ -112,6 +117,10 @@ class RouterArtifact:
             raise ArtifactError(f"{meta_path}: format_version {meta.get('format_version')} (expected {FORMAT_VERSION})")
         if centroids.ndim != 2 or len(centroids) != meta["num_global_clusters"]:
             raise ArtifactError(f"{folder}: global_centroids.npy has shape {centroids.shape}")
+        embedding = meta.get("embedding", {"depth": 1.0, "scale": "none"})
+        depth, scale = embedding.get("depth"), embedding.get("scale")
+        if not (isinstance(depth, (int, float)) and 0 <= depth <= 1 and scale in ("reference", "none")):
+            raise ArtifactError(f"{meta_path}: 'embedding' must be {{depth in [0, 1], scale 'reference'|'none'}}")
         for client, mapping in cluster_map.items():
             if (
                 client not in local
@@ -129,6 +138,8 @@ class RouterArtifact:
             adapters=adapters,
             precision=meta.get("precision", "auto"),
             max_seq_len=int(meta.get("max_seq_len", 256)),
+            embed_depth=depth,
+            embed_scale=scale,
         )
 
     def adapter_path(self, run_dir: str | Path, g: int) -> Path:

@@ -365,36 +365,24 @@ def tsne_points(profile_name: str, data_root: Path, scenario: str = "all", seed:
     import numpy as np
     from sklearn.manifold import TSNE
 
-    from fedrouter.algorithm.clustering import global_clusters, local_clusters
+    from fedrouter import discovery
     from fedrouter.data import all_clients
     from fedrouter.federated.client import base_model
-    from fedrouter.model import compute
 
     cfg = Config(run_settings(PROFILES[profile_name], scenario, "fedrouter", seed, data_root), where="benchmark")
     base = base_model(cfg)
-    embeddings, tasks, centroids, counts, local_labels = [], [], [], [], []
+    embeddings, tasks, centroids, counts, spreads, local_labels = [], [], [], [], [], []
     for client in all_clients(cfg):
-        emb = compute.embed(base, [s.instruction for s in client.train], max_len=cfg["model.max_seq_len"])
-        fitted = local_clusters(
-            emb,
-            k=cfg.cluster_k("cluster.local_k"),
-            k_max=cfg["cluster.local_k_max"],
-            threshold=cfg["cluster.silhouette_threshold"],
-            seed=seed,
-        )
+        emb = discovery.embed(base, cfg, [s.instruction for s in client.train])
+        fitted = discovery.cluster_samples(cfg, emb)
         local_labels.append(fitted.labels_ + sum(len(c) for c in centroids))
         centroids.append(fitted.centers_)
         counts.append(np.bincount(fitted.labels_, minlength=fitted.n_clusters_))
+        spreads.append(discovery.cluster_spreads(emb, fitted.labels_, fitted.n_clusters_))
         embeddings.append(emb)
         tasks += [s.task for s in client.train]
-    glob = global_clusters(
-        np.concatenate(centroids),
-        np.concatenate(counts).astype(float),
-        k=cfg.cluster_k("cluster.global_k"),
-        k_max=cfg["cluster.global_k_max"],
-        threshold=cfg["cluster.silhouette_threshold"],
-        seed=seed,
-        metric=cfg["cluster.global_metric"],
+    glob = discovery.cluster_centroids(
+        cfg, np.concatenate(centroids), np.concatenate(counts).astype(float), np.concatenate(spreads)
     )
     clusters = glob.labels_[np.concatenate(local_labels)]
     xy = TSNE(n_components=2, random_state=seed, init="pca", perplexity=30).fit_transform(np.concatenate(embeddings))

@@ -119,19 +119,59 @@ SETTINGS: dict[str, Setting] = {
     ),
     "train.adapter_dtype": Setting(str, "float32", "adapter precision on the wire", _one_of("float32", "float16")),
     # --- clustering ---
+    "cluster.embed_depth": Setting(
+        float,
+        0.2,
+        "which hidden layer embeds a sample, as a fraction of the model's layers (0.2: layer 6 of SmolLM2's 30; "
+        "1.0: the last layer, the paper's)",
+        _between(0.0, 1.0),
+    ),
+    "cluster.embed_scale": Setting(
+        str,
+        "reference",
+        "'reference': divide each embedding dimension by its spread over random token sequences (needs no data); "
+        "'none': raw hidden states (the paper)",
+        _one_of("reference", "none"),
+    ),
     "cluster.local_k": Setting(str, "auto", "local clusters per client: 'auto' (silhouette) or a number", _k_setting),
     "cluster.local_k_max": Setting(int, 6, "largest k tried by the local silhouette search", _at_least(1)),
-    "cluster.global_k": Setting(str, "auto", "global clusters: 'auto' (silhouette) or a number", _k_setting),
+    "cluster.local_space": Setting(
+        str,
+        "centred",
+        "where a client's silhouette search runs: 'centred' (directions from the client's mean embedding) or "
+        "'raw' (the embeddings, the paper)",
+        _one_of("centred", "raw"),
+    ),
+    "cluster.local_threshold": Setting(
+        float, 0.11, "below this best local silhouette, a client is single-task (k=1)", _between(-1.0, 1.0)
+    ),
+    "cluster.global_k": Setting(
+        str, "auto", "global clusters: 'auto' (see cluster.global_method) or a number", _k_setting
+    ),
+    "cluster.global_method": Setting(
+        str,
+        "agglomerative",
+        "how the server finds the global clusters when global_k = 'auto': 'agglomerative' (average linkage on the "
+        "cosine distance of centred centroids, cut at cluster.global_threshold) or 'silhouette' (K-Means, k by "
+        "silhouette up to cluster.global_k_max, metric cluster.global_metric)",
+        _one_of("agglomerative", "silhouette"),
+    ),
+    "cluster.global_threshold": Setting(
+        float, 0.4, "agglomerative: groups closer than this cosine distance merge", _between(0.01, 2.0)
+    ),
     "cluster.global_k_max": Setting(int, 16, "largest k tried by the global silhouette search", _at_least(1)),
     "cluster.global_metric": Setting(
         str,
         "cosine",
-        "how the server compares local centroids: 'cosine' (K-Means and silhouette on their directions; each "
-        "global centroid stays the mean of its members) or 'euclidean' (the paper)",
+        "how the silhouette search compares local centroids: 'cosine' (K-Means and silhouette on their directions; "
+        "each global centroid stays the mean of its members) or 'euclidean' (the paper)",
         _one_of("euclidean", "cosine"),
     ),
     "cluster.silhouette_threshold": Setting(
-        float, 0.2, "below this best silhouette, a client is single-task (k=1)", _between(-1.0, 1.0)
+        float,
+        0.2,
+        "global silhouette search: below this best silhouette, every client holds one task (one global cluster)",
+        _between(-1.0, 1.0),
     ),
     "cluster.join_factor": Setting(
         float,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedrouter import discovery
 from fedrouter.algorithm.routing import route
 from fedrouter.artifact import ArtifactError, RouterArtifact
 from fedrouter.model import compute, lora
@@ -59,7 +60,8 @@ class Router:
         return self.artifact.num_global
 
     def embed(self, prompts: Sequence[str]) -> np.ndarray:
-        return compute.embed(self.base, list(prompts), max_len=self.artifact.max_seq_len)
+        space = discovery.embedding_space(self.base, self.artifact.embed_depth, self.artifact.embed_scale)
+        return space.embed(self.base, list(prompts), max_len=self.artifact.max_seq_len)
 
     def route(self, prompts: Sequence[str], *, mode: str = "global", client: int | None = None) -> np.ndarray:
         """Global cluster index for each prompt. ``mode="local"`` needs the ``client`` whose clusters to use."""

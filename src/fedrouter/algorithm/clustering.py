@@ -1,4 +1,4 @@
-"""Local and global clustering: K-Means with the number of clusters fixed or chosen by silhouette score.
+"""Local and global clustering: K-Means with k fixed or chosen by silhouette score, and threshold agglomerative.
 
 Estimator-like (``fit`` / ``predict``, fitted state ends in ``_``), NumPy only.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from sklearn.cluster import KMeans
+from sklearn.cluster import AgglomerativeClustering, KMeans
 from sklearn.metrics import silhouette_score
 
 from fedrouter.errors import ClusteringError
@@ -184,3 +184,104 @@ def join_clusters(
             g = len(centers) - 1
         assignment.append(g)
     return np.asarray(assignment, dtype=np.int64), centers
+
+
+def centred_directions(points: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Unit vectors from the points' (weighted) mean to each point; a point at the mean gets the zero vector.
+
+    Language-model embeddings share a large common component: the angle between two raw embeddings says little
+    about their difference, the angle seen from the group's mean says more (``benchmarks/task_discovery.py``).
+    """
+    points = np.asarray(points, dtype=np.float64)
+    offsets = points - np.average(points, axis=0, weights=weights)
+    norms = np.linalg.norm(offsets, axis=1, keepdims=True)
+    return np.divide(offsets, norms, out=np.zeros_like(offsets), where=norms > 1e-12 * max(1.0, norms.max()))
+
+
+def centred_local_clusters(
+    embeddings: np.ndarray, *, k: int | str, k_max: int, threshold: float, seed: int, what: str = "samples"
+) -> SilhouetteKMeans:
+    """One client's clusters found on its centred directions; centroids and routing stay in the embedding space.
+
+    The silhouette search (``SilhouetteKMeans``, k=1 reachable below ``threshold``) runs on
+    `centred_directions` of the client's embeddings; ``centers_`` are then the mean embedding of each cluster,
+    so what a client uploads and how a sample is routed are unchanged.
+    """
+    points = np.asarray(embeddings, dtype=np.float64)
+    search = SilhouetteKMeans(k=k, k_max=k_max, threshold=threshold, random_state=seed, what=what)
+    if points.ndim != 2 or len(points) == 0 or not np.isfinite(points).all():
+        return search.fit(points)  # fit() names what is wrong with the input
+    search.fit(centred_directions(points))
+    search.centers_ = np.stack([points[search.labels_ == j].mean(0) for j in range(search.n_clusters_)])
+    return search
+
+
+@dataclass
+class ThresholdAgglomerative:
+    """Average-linkage agglomerative clustering of local centroids, cut at a cosine distance (no k to choose).
+
+    The centroids are compared by the angle between their `centred_directions` (centred on the count-weighted
+    mean of all centroids); two groups merge while their mean pairwise cosine distance is below ``threshold``,
+    so a task held by one client only stays its own cluster and a task held by many clients is one. Identical
+    centroids always share a cluster. ``centers_`` are the count-weighted means of the members' centroids (in the
+    embedding space, where routing compares them).
+
+    Seen from their mean, centroids that all come from one distribution point in random directions and would
+    never merge. With ``spreads`` (each local cluster's RMS distance of its samples to its centroid) the fit first
+    asks whether the centroids differ more than sampling noise: if no centroid lies farther from the mean than
+    ``noise_factor`` x its standard error (``spread / sqrt(count)``), every centroid is one cluster.
+    """
+
+    threshold: float = 0.4
+    noise_factor: float = 2.0
+    what: str = "local centroids"
+
+    centers_: np.ndarray = field(init=False, repr=False)
+    labels_: np.ndarray = field(init=False, repr=False)
+    scores_: dict[int, float] = field(init=False, repr=False)  # no search: always empty (as SilhouetteKMeans')
+
+    def fit(
+        self, points: np.ndarray, sample_weight: np.ndarray | None = None, spreads: np.ndarray | None = None
+    ) -> ThresholdAgglomerative:
+        points = np.asarray(points, dtype=np.float64)
+        if points.ndim != 2 or len(points) == 0:
+            raise ClusteringError(f"{self.what}: expected a non-empty 2-D array, got shape {points.shape}")
+        if not np.isfinite(points).all():
+            raise ClusteringError(f"{self.what}: contain NaN or infinite values")
+        if not 0 < self.threshold <= 2:
+            raise ClusteringError(f"{self.what}: threshold {self.threshold} is not a cosine distance in (0, 2]")
+        weights = np.ones(len(points)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+        if weights.shape != (len(points),) or not (weights > 0).all():
+            raise ClusteringError(f"{self.what}: expected one positive weight per point, got shape {weights.shape}")
+        self.scores_ = {}
+        distinct, inverse = np.unique(points, axis=0, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        if len(distinct) == 1 or (spreads is not None and self._within_noise(points, weights, spreads)):
+            groups = np.zeros(len(distinct), dtype=np.int64)
+        else:
+            directions = centred_directions(distinct, np.bincount(inverse, weights=weights))
+            distances = np.clip(1.0 - directions @ directions.T, 0.0, 2.0)
+            np.fill_diagonal(distances, 0.0)
+            model = AgglomerativeClustering(
+                n_clusters=None, distance_threshold=self.threshold, metric="precomputed", linkage="average"
+            )
+            groups = model.fit_predict(distances).astype(np.int64)
+        self.labels_ = groups[inverse]
+        members = [self.labels_ == g for g in range(int(self.labels_.max()) + 1)]
+        self.centers_ = np.stack([np.average(points[m], axis=0, weights=weights[m]) for m in members])
+        return self
+
+    def _within_noise(self, points: np.ndarray, weights: np.ndarray, spreads: np.ndarray) -> bool:
+        spreads = np.asarray(spreads, dtype=np.float64)
+        if spreads.shape != (len(points),) or not (np.isfinite(spreads).all() and (spreads >= 0).all()):
+            raise ClusteringError(f"{self.what}: expected one spread >= 0 per point, got shape {spreads.shape}")
+        offsets = np.linalg.norm(points - np.average(points, axis=0, weights=weights), axis=1)
+        errors = spreads / np.sqrt(weights)
+        return bool((offsets <= self.noise_factor * errors).all())
+
+    @property
+    def n_clusters_(self) -> int:
+        return len(self.centers_)
+
+    def predict(self, points: np.ndarray) -> np.ndarray:
+        return nearest(points, self.centers_)

@@ -16,7 +16,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedrouter.algorithm.clustering import local_clusters
+from fedrouter import discovery
 from fedrouter.algorithm.metrics import exact_match, rouge
 from fedrouter.algorithm.routing import route
 from fedrouter.config import Config
@@ -114,25 +114,15 @@ def cluster(message: Message, context: Context) -> Message:
         centroids = None
     else:
         started = time.perf_counter()
-        embeddings = compute.embed(
-            base,
-            [s.instruction for s in data.train],
-            batch_size=cfg["model.embed_batch_size"],
-            max_len=cfg["model.max_seq_len"],
-        )
+        embeddings = discovery.embed(base, cfg, [s.instruction for s in data.train])
         embed_s = time.perf_counter() - started
         started = time.perf_counter()
         if clustering == "task":
             labels = np.array([held.index(s.task) for s in data.train], dtype=np.int64)
             centroids = np.stack([embeddings[labels == i].mean(0) for i in range(len(held))]).astype(np.float32)
         else:
-            fitted = local_clusters(
-                embeddings,
-                k=cfg.cluster_k("cluster.local_k"),
-                k_max=cfg["cluster.local_k_max"],
-                threshold=cfg["cluster.silhouette_threshold"],
-                seed=cfg["run.seed"],
-                what=f"client {data.client_id}'s {len(embeddings)} training samples",
+            fitted = discovery.cluster_samples(
+                cfg, embeddings, f"client {data.client_id}'s {len(embeddings)} training samples"
             )
             labels, centroids, scores = fitted.labels_, fitted.centers_.astype(np.float32), fitted.scores_
         cluster_s = time.perf_counter() - started
@@ -151,6 +141,9 @@ def cluster(message: Message, context: Context) -> Message:
         clip, noise = cfg["privacy.centroid_clip"], cfg["privacy.centroid_noise"]
         shared = private_centroids(state["embeddings"], labels, num_local, clip, noise) if clip > 0 else centroids
         uploaded["centroids"] = shared  # the client keeps its exact centroids (state) for local routing
+        if clip == 0:  # under privacy.* nothing exact leaves the client: the server goes without the spreads
+            spreads = discovery.cluster_spreads(state["embeddings"], labels, num_local)
+            uploaded["spreads"] = spreads.astype(np.float32)
     reply = {
         "clusters": to_record(uploaded),
         "labels": to_record({"task_counts": task_counts}),
@@ -346,7 +339,7 @@ def _dpa_reference(base: BaseModel, cfg: Config, data: ClientData) -> np.ndarray
     """Embeddings of FedDPA's reference instances: a few random local training inputs."""
     rng = np.random.default_rng(_seed(cfg["run.seed"], data.client_id))
     chosen = rng.choice(len(data.train), size=min(INSTANCES, len(data.train)), replace=False)
-    return compute.embed(base, [data.train[i].instruction for i in chosen], max_len=cfg["model.max_seq_len"])
+    return discovery.embed(base, cfg, [data.train[i].instruction for i in chosen])
 
 
 def _dpa_weights(emb: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -433,12 +426,7 @@ def evaluate(message: Message, context: Context) -> Message:
     # The sets overlap (a client's own tasks are in both): each sample is embedded once.
     embedded = None
     if serving in ("route", "task", "mix"):
-        embedded = compute.embed(
-            base,
-            [s.instruction for s in ordered],
-            batch_size=cfg["model.embed_batch_size"],
-            max_len=cfg["model.max_seq_len"],
-        )
+        embedded = discovery.embed(base, cfg, [s.instruction for s in ordered])
     for set_name, test in tests.items():
         weights = None
         emb = embedded[[index_of[s.id] for s in test]] if embedded is not None else None

@@ -16,8 +16,9 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from fedrouter import discovery
 from fedrouter.algorithm.aggregation import aggregate_clusters
-from fedrouter.algorithm.clustering import global_clusters, join_clusters, join_radius
+from fedrouter.algorithm.clustering import join_clusters, join_radius
 from fedrouter.algorithm.metrics import ROUGE_KEYS, clustering_accuracy, matched_count, routing_accuracy
 from fedrouter.algorithm.scheduling import learning_rate
 from fedrouter.artifact import RouterArtifact
@@ -145,6 +146,11 @@ def _parse_clusters(reply: Message, cfg: Config, method: Method, hidden: int | N
     counts = check_array(clusters.get("counts"), f"{who} counts", shape=(k,), kind="i")
     if (counts < 1).any():
         raise ReplyError(f"{who}: every local cluster must count at least one sample")
+    spreads = None
+    if "spreads" in clusters:
+        spreads = check_array(clusters["spreads"], f"{who} spreads", shape=(k,))
+        if not (spreads >= 0).all():
+            raise ReplyError(f"{who}: a cluster spread is negative")
     labels = get_arrays(content, "labels", who)
     task_counts = check_array(labels.get("task_counts"), f"{who} task counts", shape=(k, len(tasks)), kind="i")
     if tasks and (task_counts.sum(1) != counts).any():
@@ -159,6 +165,7 @@ def _parse_clusters(reply: Message, cfg: Config, method: Method, hidden: int | N
         tasks,
         task_counts.astype(np.int64),
         silhouette,
+        spreads=None if spreads is None else spreads.astype(np.float64),
     )
 
 
@@ -222,7 +229,7 @@ def _task_matrix(clients: list[ClientClusters], tasks: list[str], num: int) -> n
 
 
 def _group_clusters(method: Method, clients: list[ClientClusters], cfg: Config) -> tuple[np.ndarray, dict]:
-    """4. Global clusters: K-Means over all local centroids, or one per task (oracle), or one (no clustering).
+    """4. Global clusters of all local centroids (`discovery.cluster_centroids`), one per task (oracle), or one.
 
     Sets every client's ``assignment`` (global cluster of each local cluster); returns the global centroids
     and the silhouette scores of the global search.
@@ -241,15 +248,9 @@ def _group_clusters(method: Method, clients: list[ClientClusters], cfg: Config) 
         )
         scores: dict = {}
     else:
-        fitted = global_clusters(
-            all_centroids,
-            all_counts,
-            k=cfg.cluster_k("cluster.global_k"),
-            k_max=cfg["cluster.global_k_max"],
-            threshold=cfg["cluster.silhouette_threshold"],
-            seed=cfg["run.seed"],
-            metric=cfg["cluster.global_metric"],
-        )
+        spreads = [c.spreads for c in clients]
+        all_spreads = None if any(s is None for s in spreads) else np.concatenate(spreads)
+        fitted = discovery.cluster_centroids(cfg, all_centroids, all_counts, all_spreads)
         labels, centers, scores = fitted.labels_, fitted.centers_, fitted.scores_
     offset = 0
     for client in clients:
@@ -600,6 +601,8 @@ def _router_artifact(cfg: Config, state: ServerState) -> RouterArtifact:
         adapters={int(key): arrays for key, arrays in state.shared.items()},
         precision=cfg["model.precision"],
         max_seq_len=cfg["model.max_seq_len"],
+        embed_depth=cfg["cluster.embed_depth"],
+        embed_scale=cfg["cluster.embed_scale"],
     )
 
 

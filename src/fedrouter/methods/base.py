@@ -52,6 +52,8 @@ class ClientClusters:
     task_counts: np.ndarray  # (num_local, len(tasks)), evaluation-only labels
     silhouette: dict[int, float]
     assignment: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # global cluster per local
+    # RMS radius of each local cluster, for the global clustering only (absent under privacy; not checkpointed)
+    spreads: np.ndarray | None = None
 
     @property
     def num_samples(self) -> int:

@@ -25,23 +25,102 @@ def _pad(rows: Sequence[list[int]], value: int, left: bool = False) -> torch.Ten
     )
 
 
-@torch.inference_mode()
-def embed(base: BaseModel, texts: Sequence[str], *, batch_size: int = 32, max_len: int = 256) -> np.ndarray:
-    """Mean of the backbone's last hidden layer over non-padding tokens, one row per text (float32).
+def embedding_layer(base: BaseModel, depth: float) -> int:
+    """The hidden-state index at ``depth`` (a fraction of the model's layers; 1.0 is the last, after its norm)."""
+    layers = int(base.model.get_base_model().config.num_hidden_layers)
+    return min(layers, max(1, round(depth * layers)))
 
+
+@torch.inference_mode()
+def embed(
+    base: BaseModel,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 32,
+    max_len: int = 256,
+    layer: int | None = None,
+    scale: np.ndarray | None = None,
+) -> np.ndarray:
+    """Mean of one hidden layer over non-padding tokens, one row per text (float32).
+
+    ``layer`` is a hidden-state index (0 the token embeddings, ``num_hidden_layers`` or None the last layer after
+    the final norm); each row is divided by ``scale`` (one positive number per dimension) when it is given.
     Runs the frozen backbone only (no adapter, no LM head), batched by similar length.
     """
+    encoded = [embedding_ids(base.tokenizer, text, max_len) for text in texts]
+    out = _pooled(base, encoded, batch_size, layer)
+    if scale is not None:
+        scale = np.asarray(scale, dtype=np.float32)
+        if scale.shape != (base.hidden_size,) or not (np.isfinite(scale).all() and (scale > 0).all()):
+            raise ValueError(f"embedding scale: expected {base.hidden_size} positive numbers, got shape {scale.shape}")
+        out /= scale
+    return out
+
+
+@torch.inference_mode()
+def reference_scale(base: BaseModel, layer: int | None = None, *, sequences: int = 256, seed: int = 0) -> np.ndarray:
+    """Per-dimension spread of ``embed`` over random token sequences: a scale that needs no data.
+
+    A language model's hidden states have a few dimensions whose values are orders of magnitude larger than the
+    rest; they dominate distances between embeddings although they vary little with the text. Dividing each
+    dimension by its standard deviation over ``sequences`` sequences of uniformly random token ids (lengths
+    16..128, fixed ``seed``) gives every direction a comparable say. It depends only on the model, so every client
+    and the router compute the same scale without sharing anything. Zero spreads are replaced by the smallest
+    positive one.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    vocabulary = len(base.tokenizer)
+    encoded = [
+        torch.randint(0, vocabulary, (16 + 16 * (i % 8),), generator=generator).tolist() for i in range(sequences)
+    ]
+    spread = _pooled(base, encoded, 32, layer).astype(np.float64).std(0)
+    positive = spread[spread > 0]
+    floor = positive.min() if len(positive) else 1.0
+    return np.maximum(spread, floor).astype(np.float32)
+
+
+class _Reached(Exception):
+    """Raised by a forward hook to stop the backbone once the wanted layer has run."""
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        self.hidden = hidden
+
+
+def _hidden(backbone: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, layer: int | None) -> torch.Tensor:
+    """Hidden states after decoder layer ``layer`` (``hidden_states[layer]``), without running the layers above it.
+
+    transformers has no "run the first n layers" call; ``output_hidden_states`` would run every layer and keep
+    them all. A hook on the wanted layer stops the forward pass instead (at depth 0.2 about 5x less compute).
+    """
+    if layer is None or layer >= int(backbone.config.num_hidden_layers):
+        return backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+    if layer == 0:
+        return backbone.get_input_embeddings()(ids)
+
+    def stop(module, inputs, output):
+        raise _Reached(output[0] if isinstance(output, tuple) else output)
+
+    handle = backbone.layers[layer - 1].register_forward_hook(stop)
+    try:
+        backbone(input_ids=ids, attention_mask=mask, use_cache=False)
+    except _Reached as reached:
+        return reached.hidden
+    finally:
+        handle.remove()
+    raise RuntimeError(f"the backbone never ran decoder layer {layer}")
+
+
+def _pooled(base: BaseModel, encoded: list[list[int]], batch_size: int, layer: int | None) -> np.ndarray:
     tokenizer = base.tokenizer
-    encoded = [embedding_ids(tokenizer, text, max_len) for text in texts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    out = np.zeros((len(texts), base.hidden_size), dtype=np.float32)
+    out = np.zeros((len(encoded), base.hidden_size), dtype=np.float32)
     backbone = base.model.get_base_model().base_model
     with base.model.disable_adapter(), base.autocast():
         for start in range(0, len(order), batch_size):
             index = order[start : start + batch_size]
             ids = _pad([encoded[i] for i in index], tokenizer.pad_token_id).to(base.device)
             mask = _pad([[1] * len(encoded[i]) for i in index], 0).to(base.device)
-            hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+            hidden = _hidden(backbone, ids, mask, layer).float()
             weights = mask.unsqueeze(-1).float()
             pooled = (hidden * weights).sum(1) / weights.sum(1)
             out[index] = pooled.cpu().numpy()

@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -178,6 +178,7 @@ class BaseModel:
     tokenizer: PreTrainedTokenizerBase
     dtype: torch.dtype  # compute (and frozen weight) dtype
     lora: LoraConfig
+    derived: dict = field(default_factory=dict, repr=False)  # values computed once from the model (embedding scales)
 
     @property
     def device(self) -> torch.device:
