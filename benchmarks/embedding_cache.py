@@ -49,6 +49,11 @@ def key(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()
 
 
+def base_model(precision: str):
+    """The embedded SmolLM2-135M as `fedrouter run` loads it by default (its LoRA slot is never used here)."""
+    return shared_base_model("smollm2", precision, (8, 16.0, 0.05, ("q_proj", "v_proj")))
+
+
 def cache_path(precision: str) -> Path:
     return cache_root() / "task-discovery" / f"embeddings-{precision}.npz"
 
@@ -96,7 +101,7 @@ def main() -> None:
     have = set(done["keys"].tolist())
     todo = [t for t in wanted if key(t) not in have]
     print(f"{len(wanted)} texts, {len(todo)} to embed", flush=True)
-    base = shared_base_model("smollm2", args.precision, (8, 16.0, 0.05, ("q_proj", "v_proj")))
+    base = base_model(args.precision)
     started = time.time()
     for start in range(0, len(todo), CHUNK):
         batch = todo[start : start + CHUNK]

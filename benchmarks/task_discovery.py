@@ -40,12 +40,11 @@ import embedding_cache
 from sklearn.cluster import AgglomerativeClustering
 
 from fedrouter import bench, discovery
-from fedrouter.algorithm.clustering import local_clusters, nearest
+from fedrouter.algorithm.clustering import cluster_means, local_clusters, nearest
 from fedrouter.algorithm.metrics import clustering_accuracy, contingency, routing_accuracy
 from fedrouter.config import Config
 from fedrouter.data import all_clients
 from fedrouter.data.samples import load_file
-from fedrouter.model.loading import shared_base_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = embedding_cache.DATA
@@ -164,7 +163,7 @@ class Embeddings:
 
     def scale(self, layer: int) -> np.ndarray:
         if layer not in self.scales:
-            base = shared_base_model("smollm2", self.precision, (8, 16.0, 0.05, ("q_proj", "v_proj")))
+            base = embedding_cache.base_model(self.precision)
             space = discovery.embedding_space(base, layer / self.layers, "reference")
             assert space.layer == layer, (space.layer, layer)
             self.scales[layer] = space.scale.astype(np.float64)
@@ -200,7 +199,7 @@ SAME_DATASET = {
 
 
 def _nearest_mean(x: np.ndarray, labels: np.ndarray) -> Callable:
-    means = np.stack([x[labels == j].mean(0) for j in range(int(labels.max()) + 1)])
+    means = cluster_means(x, labels)
     return lambda q: nearest(q, means)
 
 
@@ -220,11 +219,9 @@ def evaluate(split: Split, cand: Candidate, emb: Embeddings) -> dict:
         local_k.append(k)
         local_acc += clustering_accuracy(contingency(labels, client.train_tasks, k, tasks)) * len(x)
         offsets.append(len(centroids))  # this client's first local cluster among all uploaded ones
-        for j in range(k):
-            members = x[labels == j]
-            centroids.append(members.mean(0))
-            counts.append(len(members))
-            spreads.append(float(np.sqrt(((members - members.mean(0)) ** 2).sum(1).mean())))
+        centroids += list(cluster_means(x, labels))
+        counts += np.bincount(labels, minlength=k).tolist()
+        spreads += discovery.cluster_spreads(x, labels, k).tolist()
         sample_local.append(labels + offsets[-1])
         local_routes.append(router)
     centroids, counts = np.array(centroids), np.array(counts, float)
@@ -301,7 +298,7 @@ def sil_local(threshold: float = 0.2, k_max: int = 6, space: str = "raw") -> Cal
         mean = x.mean(0)
         z = _space(x, space, mean)
         fitted = local_clusters(z, k="auto", k_max=k_max, threshold=threshold, seed=seed)
-        centers = np.stack([z[fitted.labels_ == j].mean(0) for j in range(fitted.n_clusters_)])
+        centers = cluster_means(z, fitted.labels_)
         return fitted.labels_, lambda q: nearest(_space(q, space, mean), centers)
 
     return fit
@@ -318,8 +315,7 @@ def _space(x: np.ndarray, space: str, center: np.ndarray) -> np.ndarray:
 
 
 def _router(c, w, labels, space, center):
-    k = int(labels.max()) + 1
-    means = np.stack([np.average(c[labels == g], axis=0, weights=w[labels == g]) for g in range(k)])
+    means = cluster_means(c, labels, w)
     if space == "raw" or space == "unit":
         return lambda q: nearest(q, means)
     targets = _space(means, space, center)

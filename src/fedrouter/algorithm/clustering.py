@@ -34,11 +34,7 @@ class SilhouetteKMeans:
     scores_: dict[int, float] = field(init=False, repr=False)
 
     def fit(self, points: np.ndarray, sample_weight: np.ndarray | None = None) -> SilhouetteKMeans:
-        points = np.asarray(points, dtype=np.float64)
-        if points.ndim != 2 or len(points) == 0:
-            raise ClusteringError(f"{self.what}: expected a non-empty 2-D array, got shape {points.shape}")
-        if not np.isfinite(points).all():
-            raise ClusteringError(f"{self.what}: contain NaN or infinite values")
+        points = checked_points(points, self.what)
         n = len(points)
         distinct = len(np.unique(points, axis=0))
         self.scores_ = {}
@@ -80,6 +76,26 @@ class SilhouetteKMeans:
 
     def predict(self, points: np.ndarray) -> np.ndarray:
         return nearest(points, self.centers_)
+
+
+def checked_points(points: np.ndarray, what: str) -> np.ndarray:
+    """``points`` as a float64 array, or a `ClusteringError` naming ``what`` if it is not finite, 2-D, non-empty."""
+    points = np.asarray(points, dtype=np.float64)
+    if points.ndim != 2 or len(points) == 0:
+        raise ClusteringError(f"{what}: expected a non-empty 2-D array, got shape {points.shape}")
+    if not np.isfinite(points).all():
+        raise ClusteringError(f"{what}: contain NaN or infinite values")
+    return points
+
+
+def cluster_means(points: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """The (weighted) mean of the points of each label ``0..labels.max()``, one row per label."""
+    points = np.asarray(points, dtype=np.float64)
+    groups = range(int(labels.max()) + 1)
+    if weights is None:
+        return np.stack([points[labels == g].mean(0) for g in groups])
+    weights = np.asarray(weights, dtype=np.float64)
+    return np.stack([np.average(points[labels == g], axis=0, weights=weights[labels == g]) for g in groups])
 
 
 def nearest(points: np.ndarray, centers: np.ndarray) -> np.ndarray:
@@ -140,8 +156,7 @@ def global_clusters(
             raise ClusteringError("local centroids: a zero vector has no direction (cluster.global_metric='cosine')")
         directions = points / norms
     search.fit(directions, sample_weight=weights)
-    members = [search.labels_ == g for g in range(search.n_clusters_)]
-    search.centers_ = np.stack([np.average(points[m], axis=0, weights=weights[m]) for m in members])
+    search.centers_ = cluster_means(points, search.labels_, weights)
     return search
 
 
@@ -212,7 +227,7 @@ def centred_local_clusters(
     if points.ndim != 2 or len(points) == 0 or not np.isfinite(points).all():
         return search.fit(points)  # fit() names what is wrong with the input
     search.fit(centred_directions(points))
-    search.centers_ = np.stack([points[search.labels_ == j].mean(0) for j in range(search.n_clusters_)])
+    search.centers_ = cluster_means(points, search.labels_)
     return search
 
 
@@ -243,11 +258,7 @@ class ThresholdAgglomerative:
     def fit(
         self, points: np.ndarray, sample_weight: np.ndarray | None = None, spreads: np.ndarray | None = None
     ) -> ThresholdAgglomerative:
-        points = np.asarray(points, dtype=np.float64)
-        if points.ndim != 2 or len(points) == 0:
-            raise ClusteringError(f"{self.what}: expected a non-empty 2-D array, got shape {points.shape}")
-        if not np.isfinite(points).all():
-            raise ClusteringError(f"{self.what}: contain NaN or infinite values")
+        points = checked_points(points, self.what)
         if not 0 < self.threshold <= 2:
             raise ClusteringError(f"{self.what}: threshold {self.threshold} is not a cosine distance in (0, 2]")
         weights = np.ones(len(points)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
@@ -267,8 +278,7 @@ class ThresholdAgglomerative:
             )
             groups = model.fit_predict(distances).astype(np.int64)
         self.labels_ = groups[inverse]
-        members = [self.labels_ == g for g in range(int(self.labels_.max()) + 1)]
-        self.centers_ = np.stack([np.average(points[m], axis=0, weights=weights[m]) for m in members])
+        self.centers_ = cluster_means(points, self.labels_, weights)
         return self
 
     def _within_noise(self, points: np.ndarray, weights: np.ndarray, spreads: np.ndarray) -> bool:

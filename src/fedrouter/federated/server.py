@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 
 from fedrouter import discovery
 from fedrouter.algorithm.aggregation import aggregate_clusters
-from fedrouter.algorithm.clustering import join_clusters, join_radius
+from fedrouter.algorithm.clustering import cluster_means, join_clusters, join_radius
 from fedrouter.algorithm.metrics import ROUGE_KEYS, clustering_accuracy, matched_count, routing_accuracy
 from fedrouter.algorithm.scheduling import learning_rate
 from fedrouter.artifact import RouterArtifact
@@ -243,9 +243,7 @@ def _group_clusters(method: Method, clients: list[ClientClusters], cfg: Config) 
     if method.clustering == "task":
         tasks = sorted({t for c in clients for t in c.tasks})
         labels = np.concatenate([[tasks.index(t) for t in c.tasks] for c in clients]).astype(np.int64)
-        centers = np.stack(
-            [np.average(all_centroids[labels == g], axis=0, weights=all_counts[labels == g]) for g in range(len(tasks))]
-        )
+        centers = cluster_means(all_centroids, labels, all_counts)
         scores: dict = {}
     else:
         spreads = [c.spreads for c in clients]
