@@ -114,7 +114,9 @@ def pipeline(x: np.ndarray, tasks: np.ndarray, clients: np.ndarray, cfg: Config,
 def main() -> None:
     results = []
     for scenario, seed in SPLITS:
-        cfg = Config(bench.run_settings(bench.PROFILES["full"], scenario, "fedrouter", seed, DATA), where="benchmark")
+        cfg = Config(
+            bench.run_settings(bench.PROFILES["paper4-cpu"], scenario, "fedrouter", seed, DATA), where="benchmark"
+        )
         base = base_model(cfg)
         clients = all_clients(cfg)
         texts = [s.instruction for c in clients for s in c.train]

@@ -1,7 +1,7 @@
 """Clustering accuracy of FedRouter on the real paper4 data (8 clients), per scenario and seed.
 
 Runs the whole Flower pipeline up to global clustering (run.rounds=0, no evaluation) with the settings of
-configs/paper4-cpu.toml. Writes benchmarks/results/clustering-paper4.json and prints a Markdown table.
+configs/paper4-raw-cpu.toml, on the paper4 data (the v1 prompts). Writes benchmarks/results/clustering-paper4.json and prints a Markdown table.
 
     .venv/bin/python benchmarks/clustering_paper4.py            # from the project root
 """
@@ -30,7 +30,7 @@ def main() -> None:
         for scenario in SCENARIOS:
             for seed in SEEDS:
                 cfg = load_config(
-                    ROOT / "configs" / "paper4-cpu.toml",
+                    ROOT / "configs" / "paper4-raw-cpu.toml",
                     {
                         "data.source": str(ROOT.parent / "shared" / "data" / "paper4"),
                         "data.scenario": scenario,
@@ -59,7 +59,7 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
     result = {
         "command": "python benchmarks/clustering_paper4.py",
-        "settings": "configs/paper4-cpu.toml (8 clients, 96 train samples each, SmolLM2-135M embeddings), rounds=0",
+        "settings": "configs/paper4-raw-cpu.toml on paper4 (8 clients, 96 train samples each, SmolLM2-135M embeddings), rounds=0",
         "commit": commit.strip(),
         "machine": f"{platform.processor() or platform.machine()}, {platform.system()}",
         "runs": records,

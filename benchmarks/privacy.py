@@ -1,4 +1,4 @@
-"""What the privacy options cost: FedRouter on paper4-cpu --quick with noisy centroids or private updates.
+"""What the privacy options cost: FedRouter on the quick bench profile with noisy centroids or private updates.
 
 For each noise level and the dual and all scenarios (the ones with local clustering to get wrong), one
 FedRouter run of the quick profile (seed 0); records clustering accuracy and personalized ROUGE-1 (local and
@@ -39,6 +39,7 @@ LEVELS = {
 
 def run_level(level: str, scenario: str, data_root: Path, tmp: Path) -> dict:
     settings = run_settings(PROFILES["quick"], scenario, "fedrouter", 0, data_root) | LEVELS[level]
+    settings["eval.sets"] = "personalized"  # the scores below are personalized in every scenario
     cfg = Config(settings | {"run.output_dir": str(tmp), "run.name": f"{scenario}-{level}".replace(" ", "_")})
     started = time.time()
     _, metrics = run_experiment(cfg)
@@ -63,7 +64,7 @@ def run_level(level: str, scenario: str, data_root: Path, tmp: Path) -> dict:
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "# Privacy options: cost on paper4-cpu --quick (FedRouter, seed 0)",
+        "# Privacy options: cost on the quick bench profile (FedRouter, seed 0)",
         "",
         "Command: `.venv/bin/python benchmarks/privacy.py`. Centroids: every sample embedding clipped to L2 norm "
         f"{CLIP:g}, noise std sigma x {CLIP:g} / cluster size. Updates: Flower's LocalDpMod, clip 0.5, "

@@ -254,7 +254,6 @@ def reference_setting(tmp: Path, adapter_dtype: str) -> dict:
         "eval.sets": "personalized",
         "eval.routing": "local",
         "eval.max_new_tokens": 48,
-        "eval.max_new_tokens_overrides": "qqp=4",
         "run.output_dir": str(tmp),
         "run.name": f"reference-{adapter_dtype}",
     }
@@ -283,7 +282,7 @@ def reference_setting(tmp: Path, adapter_dtype: str) -> dict:
 
 
 def quick_16bit(tmp: Path) -> dict:
-    """FedRouter on `paper4-cpu --quick` (single, dual, all; seed 0) with fp32 and with float16 adapters on the
+    """FedRouter on the quick profile (single, dual, all; seed 0) with fp32 and with float16 adapters on the
     wire, the same runs otherwise: ROUGE-1 of every (scenario, evaluation, routing) record side by side."""
     from fedrouter.bench import read_records, run_bench
 
@@ -348,7 +347,7 @@ def main() -> None:
         print("measuring the reference setting (fp32 and fp16 adapters) ...", file=sys.stderr, flush=True)
         full = reference_setting(Path(tmp), "float32")
         half = reference_setting(Path(tmp), "float16")
-        print("measuring float16 adapters on paper4-cpu --quick ...", file=sys.stderr, flush=True)
+        print("measuring float16 adapters on the quick profile ...", file=sys.stderr, flush=True)
         result.update(quick_16bit(Path(tmp)))
     result.update(
         {

@@ -72,7 +72,7 @@ class Split:
 
 
 def bench_split(scenario: str, seed: int, source: str) -> Split:
-    settings = bench.run_settings(bench.PROFILES["full"], scenario, "fedrouter", seed, DATA)
+    settings = bench.run_settings(bench.PROFILES["paper4-cpu"], scenario, "fedrouter", seed, DATA)
     settings |= {"eval.sets": "personalized", "data.test_per_task": 8, "data.test_per_task_overrides": ""}
     if source != "flan16":
         settings["data.source"] = str(DATA / source)

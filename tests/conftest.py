@@ -34,7 +34,6 @@ def tiny_settings(tmp_path: Path, **extra) -> dict:
         "train.local_steps": 2,
         "train.batch_size": 4,
         "eval.max_new_tokens": 4,
-        "eval.max_new_tokens_overrides": "sentiment=2,extraction=2,sorting=4,data2text=4",
         "cluster.global_k": "4",
     }
     settings.update(extra)

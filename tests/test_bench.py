@@ -53,13 +53,13 @@ pytestmark = pytest.mark.skipif(not (SHARED_DATA / "paper4").is_dir(), reason="n
 
 
 def _tiny_bench(tmp, lines: list):
-    """The quick profile's single scenario for two methods, shrunk to the tiny model and a few samples."""
+    """The quick profile's single scenario for three methods, shrunk to the tiny model and a few samples."""
     return bench.run_bench(
         "quick",
         out=tmp / "results",
         data_root=SHARED_DATA,
         runs_dir=tmp / "runs",
-        methods=["fedrouter", "fedsa"],
+        methods=["zeroshot", "fedrouter", "fedsa"],
         scenarios=["single"],
         overrides=TINY,
         log=lines.append,
@@ -77,28 +77,27 @@ def results(tmp_path_factory):
 def test_records_carry_the_benchmark_keys(results):
     _tmp, path, _lines = results
     records = bench.read_records(path)
-    # fedrouter: 2 eval modes x 2 routing modes; fedsa: 2 eval modes
+    # single feeds Table 3 only: generalization; fedrouter in both routing modes
     assert sorted((r["method"], r["eval_mode"], r.get("routing")) for r in records) == [
         ("fedrouter", "generalization", "global"),
         ("fedrouter", "generalization", "local"),
-        ("fedrouter", "personalized", "global"),
-        ("fedrouter", "personalized", "local"),
         ("fedsa", "generalization", None),
-        ("fedsa", "personalized", None),
+        ("zeroshot", "generalization", None),
     ]
     for record in records:
         assert set(REQUIRED) <= set(record), set(REQUIRED) - set(record)
         assert record["profile"] == "quick" and record["scenario"] == "single" and record["seed"] == 0
-        assert len(record["round_s"]) == len(record["bytes_up_per_round"]) == len(record["rouge1_per_round"]) == 2
+        rounds = 0 if record["method"] == "zeroshot" else 2  # zero-shot trains nothing
+        assert len(record["round_s"]) == len(record["bytes_up_per_round"]) == len(record["rouge1_per_round"]) == rounds
+        assert record["config"]["model.precision"] == "fp32" and record["config"]["eval.max_new_tokens"] == 2
         assert 0 <= record["rouge1"] <= 100 and 0 <= record["exact_match_qqp"] <= 100
         assert record["peak_rss_mb"] > 100 and 0 < record["peak_pss_mb"] <= record["peak_rss_mb"]
         assert record["compute_dtype"] == bench.resolved_dtype(record["config"]["model.precision"])
-    fedsa = [r for r in records if r["method"] == "fedsa"]
+    fedsa = [r for r in records if r["method"] in ("fedsa", "zeroshot")]
     assert all(r["cluster_acc_local"] is None and r["routing_acc"] is None for r in fedsa)
     ours = [r for r in records if r["method"] == "fedrouter"]
     assert all(0 <= r["cluster_acc_global"] <= 1 for r in ours)
-    # The generalization set holds every task; the personalized set only the client's own.
-    assert len(ours[0]["rouge1_per_task"]) == 4 or len(ours[1]["rouge1_per_task"]) == 4
+    assert all(len(r["rouge1_per_task"]) == 4 for r in records)  # the generalization set holds every task
 
 
 def test_records_name_the_compute_dtype_the_machine_gives():
@@ -122,27 +121,40 @@ def test_a_second_call_resumes_without_rerunning(results):
 def test_tables_and_plots_come_from_the_results_alone(results):
     tmp, path, _lines = results
     records = bench.read_records(path)
-    written = write_report(records, tmp / "report", "paper4-cpu-quick", "fedrouter bench --quick")
+    written = write_report(records, tmp / "report", "paper4-raw-cpu-quick", "fedrouter bench --quick")
     names = {p.name for p in written}
-    assert {"paper4-cpu-quick.md", "silhouette.png", "clustering_accuracy.png", "rouge1_per_round.png"} <= names
+    assert {"paper4-raw-cpu-quick.md", "silhouette.png", "clustering_accuracy.png"} <= names
+    assert "rouge1_per_round.png" not in names  # the per-round check scores personalized samples: single has none
     assert all(p.stat().st_size > 0 for p in written)
-    text = (tmp / "report" / "paper4-cpu-quick.md").read_text()
-    assert "Table 3" in text and "FedRouter (global routing)" in text and "FedSA" in text
+    text = (tmp / "report" / "paper4-raw-cpu-quick.md").read_text()
+    assert "Table 3" in text and "FedRouter (global routing)" in text and "FedSA" in text and "Zero-shot" in text
     # The tiny runs change the protocol's settings: every record and the report say so.
     assert all(r["overrides"] == dict(sorted(TINY.items())) for r in records)
     assert "**A variant of the protocol**" in text and '"model.name": "tiny-random"' in text
     result = gain(records, "single", "generalization")
     fedsa = next(r["rouge1"] for r in records if r["method"] == "fedsa" and r["eval_mode"] == "generalization")
     assert result["best_baseline"] == "fedsa" and result["baseline"] == pytest.approx(fedsa)
+    assert result["missing"] == ["local", "fedit", "feddpa"]  # zero-shot is beside the baselines, not one of them
+    assert "vs best client-personalized baseline (Local, FedDPA, FedSA)" in text
+
+
+def test_the_report_is_remade_byte_for_byte(results):
+    tmp, path, _lines = results
+    records = bench.read_records(path)
+    first = write_report(records, tmp / "again-1", "r", "fedrouter bench")
+    second = write_report(records, tmp / "again-2", "r", "fedrouter bench")
+    assert [p.name for p in first] == [p.name for p in second]
+    for a, b in zip(first, second, strict=True):
+        assert a.read_bytes() == b.read_bytes(), a.name
 
 
 def test_report_of_a_benchmark_where_fedrouter_has_not_run_a_scenario_yet(results):
     tmp, path, _lines = results
     records = bench.read_records(path)  # FedRouter and FedSA in single; FedSA has also run dual:
-    records += [dict(r, scenario="dual") for r in records if r["method"] == "fedsa"]
-    written = write_report(records, tmp / "partial", "paper4-cpu-quick", "fedrouter bench --quick")
+    records += [dict(r, scenario="dual", eval_mode="personalized") for r in records if r["method"] == "fedsa"]
+    written = write_report(records, tmp / "partial", "paper4-raw-cpu-quick", "fedrouter bench --quick")
     assert "silhouette.png" in {p.name for p in written}
-    text = (tmp / "partial" / "paper4-cpu-quick.md").read_text()
+    text = (tmp / "partial" / "paper4-raw-cpu-quick.md").read_text()
     assert "| FedRouter (local routing) | – |" in text
     # Table 1 by task: FedSA's dual row holds its per-task scores, and their mean is the average column.
     by_task = text.split("## Table 1 by task")[1].split("## Table 3")[0]
@@ -158,16 +170,16 @@ def test_cli_report_only_and_a_truncated_results_line(results, tmp_path):
     _tmp, path, _lines = results
     out = tmp_path / "out"
     out.mkdir()
-    (out / "paper4-cpu-quick.jsonl").write_text(path.read_text())
-    command = [sys.executable, "-m", "fedrouter.cli", "bench", "--quick", "--report-only", "--out", str(out)]
+    (out / "paper4-raw-cpu-quick.jsonl").write_text(path.read_text())
+    command = [sys.executable, "-m", "fedrouter.cli", "bench", "--profile", "quick", "--report-only", "--out", str(out)]
     command += ["--data", str(tmp_path / "no-data")]  # no t-SNE here: it needs the real model
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert (out / "paper4-cpu-quick.md").is_file()
-    with (out / "paper4-cpu-quick.jsonl").open("a") as handle:
+    assert (out / "paper4-raw-cpu-quick.md").is_file()
+    with (out / "paper4-raw-cpu-quick.jsonl").open("a") as handle:
         handle.write('{"method": "fedit", "sce')  # a crash mid-write
-    with pytest.raises(ConfigError, match=r"paper4-cpu-quick.jsonl:\d+: not a JSON record"):
-        bench.read_records(out / "paper4-cpu-quick.jsonl")
+    with pytest.raises(ConfigError, match=r"paper4-raw-cpu-quick.jsonl:\d+: not a JSON record"):
+        bench.read_records(out / "paper4-raw-cpu-quick.jsonl")
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 2 and "not a JSON record" in done.stderr
 
@@ -205,10 +217,34 @@ def test_commit_counts_code_changes_but_not_the_results_already_written(tmp_path
 def test_profiles_match_the_committed_config():
     from fedrouter.config import load_config
 
-    cfg = load_config(ROOT / "configs" / "paper4-cpu.toml", {})
-    for key, value in bench.PAPER4_CPU.items():
+    cfg = load_config(ROOT / "configs" / "paper4-raw-cpu.toml", {})
+    for key, value in bench.PAPER4_RAW_CPU.items():
         assert cfg[key] == value, key
+    assert cfg["data.source"].endswith("paper4-raw")
     assert json.dumps(bench.PROFILES["quick"].settings)  # plain values only
+
+
+def test_no_profile_reads_a_task_label_to_answer():
+    from fedrouter.config import Config
+
+    for profile in bench.PROFILES.values():
+        assert not any(
+            "overrides" in key and value for key, value in profile.settings.items() if key.startswith("eval")
+        )
+    with pytest.raises(ConfigError, match="eval.max_new_tokens_overrides' was removed: it gave each test sample"):
+        Config({"eval.max_new_tokens_overrides": "qqp=4"})
+
+
+def test_retired_profile_and_results_of_another_commit_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="profile paper4-cpu is retired"):
+        bench.run_bench("paper4-cpu", out=tmp_path, data_root=SHARED_DATA, runs_dir=tmp_path / "runs")
+    path = tmp_path / "paper4-raw-cpu.jsonl"
+    with pytest.raises(ConfigError, match=r"come from commit abc1234, this checkout is def5678.*worktree"):
+        bench.check_one_commit(path, [{"commit": "abc1234"}], "def5678", standard=True)
+    with pytest.raises(ConfigError, match="runs from a clean checkout"):
+        bench.check_one_commit(path, [], "def5678+changes", standard=True)
+    bench.check_one_commit(path, [{"commit": "def5678"}], "def5678", standard=True)
+    bench.check_one_commit(path, [], "def5678+changes", standard=False)  # a variant or smoke run may be dirty
 
 
 def test_cost_table_leaves_noted_runs_out_of_the_time_column():

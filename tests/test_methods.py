@@ -1,5 +1,8 @@
 """The methods: what each shares and keeps personal (client logic on the tiny model), and each run end to end."""
 
+import dataclasses
+import zlib
+
 import numpy as np
 import pytest
 from conftest import tiny_settings
@@ -7,7 +10,7 @@ from conftest import tiny_settings
 from fedrouter.algorithm.aggregation import aggregate_clusters
 from fedrouter.config import SETTINGS, Config
 from fedrouter.data import all_clients
-from fedrouter.federated.client import train_jobs
+from fedrouter.federated.client import _seed, train_jobs
 from fedrouter.methods import METHODS, ClientClusters, make_method, part_of
 from fedrouter.model import compute, lora
 from fedrouter.simulation import run_experiment
@@ -85,11 +88,46 @@ def test_feddpa_uploads_the_global_adapter_and_keeps_the_local_one(tiny_base, tm
     assert _differ(personal[0]["local"], shared["global"], "lora_B")
 
 
+def test_feddpa_trains_as_the_authors_code_does(tiny_base, tmp_path):
+    """FedDPA-T: round 1 the global adapter only; then the local adapter with the received global one mixed in
+    (frozen, 0.5 / 0.5), then the received global adapter alone (its update ignores the local adapter)."""
+    cfg = Config(tiny_settings(tmp_path, **{"run.method": "feddpa"}))
+    method = make_method(cfg)
+    client = ClientClusters(0, 0, np.zeros((1, 0)), np.array([16]), [], np.zeros((1, 0)), {}, np.zeros(1, int))
+    assert [(j.name, j.partner) for j in method.jobs(0, client)] == [("global", None)]
+    jobs = method.jobs(1, client)
+    assert [(j.name, j.shared, j.personal, j.partner) for j in jobs] == [
+        ("local", None, "local", "global"),
+        ("global", "global", None, None),
+    ]
+    data = all_clients(cfg)[0]
+    examples = compute.encode_training(tiny_base, [(s.instruction, s.response) for s in data.train], 64)
+    labels = np.zeros(len(examples), int)
+    start = lora.fresh_adapter(tiny_base, 5)
+    received = {"global": start | {k: np.full_like(v, 0.05) for k, v in start.items() if "lora_B" in k}}
+    personal: dict = {}
+    uploads, _ = train_jobs(tiny_base, cfg, 0, examples, labels, jobs, received, personal, 1, 1e-2)
+    alone, _ = train_jobs(tiny_base, cfg, 0, examples, labels, jobs[1:], received, {}, 1, 1e-2)
+    assert not _differ(uploads["global"], alone["global"], "lora_")  # the global adapter trains alone
+    # The local adapter trained with the *received* global adapter as its frozen partner at half weight each.
+    lora.set_adapter(tiny_base, lora.fresh_adapter(tiny_base, cfg["run.seed"]))
+    lora.set_adapter(tiny_base, received["global"], slot=lora.PARTNER)
+    seed = _seed(_seed(cfg["run.seed"], 1, 0, -1), zlib.crc32(b"local"))
+    with lora.mixed(tiny_base, 0.5, 0.5):
+        compute.train_adapter(tiny_base, examples, steps=cfg["train.local_steps"], batch_size=4, lr=1e-2, seed=seed)
+    assert not _differ(personal["local"], lora.get_adapter(tiny_base), "lora_")
+    mine: dict = {}
+    local_only = [dataclasses.replace(jobs[0], partner=None)]
+    nothing, _ = train_jobs(tiny_base, cfg, 0, examples, labels, local_only, received, mine, 1, 1e-2)
+    assert nothing == {}  # a personal job uploads nothing
+    assert _differ(personal["local"], mine["local"], "lora_")  # the frozen partner shaped the local training
+
+
 @pytest.fixture(scope="module")
 def method_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("methods")
     runs = {}
-    for name in ("oracle", "local", "fedit", "feddpa", "fedsa"):
+    for name in ("oracle", "local", "fedit", "feddpa", "fedsa", "zeroshot"):
         cfg = Config(tiny_settings(tmp, **{"run.method": name, "run.rounds": 1, "eval.sets": "personalized"}))
         runs[name] = run_experiment(cfg, tmp / name)[1]
     return runs
@@ -104,7 +142,10 @@ def test_each_method_runs_on_flower_and_reports(method_runs):
 
 
 def test_bytes_show_what_each_method_shares(method_runs):
-    up = {name: m["rounds"][0]["bytes_up"] for name, m in method_runs.items()}
+    zeroshot = method_runs["zeroshot"]
+    assert zeroshot["rounds"] == [] and zeroshot["bytes"]["down_total"] == 0  # no adapter ever travels
+    assert zeroshot["bytes"]["up_total"] == zeroshot["clustering_bytes_up"]  # sample counts only
+    up = {name: m["rounds"][0]["bytes_up"] for name, m in method_runs.items() if name != "zeroshot"}
     adapter = method_runs["fedit"]["bytes"]["adapter_bytes"]
     assert up["local"] == 0 and method_runs["local"]["rounds"][0]["bytes_down"] == 0
     assert up["fedit"] == up["feddpa"]  # one full adapter per client (plus each array's small header)
@@ -120,5 +161,5 @@ def test_oracle_clusters_and_routes_by_task(method_runs):
     # Clients holding tasks (0, 1), (1, 2), (2, 3): the round-robin starting points give three global clusters an
     # update in the round (starting at the client id, clients 1 and 2 would both have trained task 2).
     assert len(metrics["rounds"][0]["updated_adapters"]) == 3
-    for name in ("local", "fedit", "feddpa", "fedsa"):
+    for name in ("local", "fedit", "feddpa", "fedsa", "zeroshot"):
         assert method_runs[name]["clustering"]["cluster_acc_global"] is None

@@ -47,7 +47,6 @@ def test_real_model_end_to_end_on_a_few_samples(tmp_path):
                 "data.test_per_task": 2,
                 "run.rounds": 1,
                 "cluster.global_k": "auto",
-                "eval.max_new_tokens_overrides": "",
             },
         )
     )

@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 
 BASELINES = ("local", "fedit", "feddpa", "fedsa")
+PERSONALIZED = ("local", "feddpa", "fedsa")  # the client-personalized baselines
 ROWS = (
+    ("zeroshot", None, "Zero-shot (base model, no adapter)"),
     ("local", None, "Local"),
     ("fedit", None, "FedIT"),
     ("feddpa", None, "FedDPA"),
@@ -66,14 +68,14 @@ def _mean(records: list[dict], key: str = "rouge1") -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def gain(records: list[dict], scenario: str, eval_mode: str) -> dict | None:
-    """FedRouter (its predeclared routing mode) against the best baseline: absolute and relative ROUGE-1 gain.
+def gain(records: list[dict], scenario: str, eval_mode: str, among: tuple[str, ...] = BASELINES) -> dict | None:
+    """FedRouter (its predeclared routing mode) against the best of ``among``: absolute and relative ROUGE-1 gain.
 
     Compared on the seeds FedRouter and every baseline that has run share: a mean over seeds 0 and 1 against
     another over seed 0 alone would mix seed noise into the gain. Baselines without a run are named as missing.
     """
     ours = _select(records, "fedrouter", FEDROUTER_MODE[eval_mode], scenario, eval_mode)
-    baselines = {m: _select(records, m, None, scenario, eval_mode) for m in BASELINES}
+    baselines = {m: _select(records, m, None, scenario, eval_mode) for m in among}
     baselines = {m: chosen for m, chosen in baselines.items() if chosen}
     if not ours or not baselines:
         return None
@@ -84,7 +86,7 @@ def gain(records: list[dict], scenario: str, eval_mode: str) -> dict | None:
     means = {m: _mean([r for r in chosen if r["seed"] in seeds]) for m, chosen in baselines.items()}
     best = max(means, key=means.get)
     return {
-        "missing": [m for m in BASELINES if m not in baselines],
+        "missing": [m for m in among if m not in baselines],
         "seeds": sorted(seeds),
         "partial": seeds != _scenario_seeds(records, scenario),
         "fedrouter": ours_mean,
@@ -107,6 +109,12 @@ def _gain_line(g: dict | None) -> str:
     return line + (f", {', '.join(g['missing'])} not run yet" if g["missing"] else "")
 
 
+GAINS = (
+    (BASELINES, "vs best baseline"),
+    (PERSONALIZED, "vs best client-personalized baseline (Local, FedDPA, FedSA)"),
+)
+
+
 def table1(records: list[dict]) -> str:
     scenarios = [s for s in ("dual", "all", "flan16-dual") if any(r["scenario"] == s for r in records)]
     if not scenarios:
@@ -121,8 +129,9 @@ def table1(records: list[dict]) -> str:
             chosen = _select(records, method, routing, scenario, "personalized")
             cells.append(_rouge1_cell(chosen, _scenario_seeds(records, scenario)))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    gains = [_gain_line(gain(records, s, "personalized")) for s in scenarios]
-    lines.append("| FedRouter (local routing) vs best baseline | " + " | ".join(gains) + " |")
+    for among, label in GAINS:
+        gains = [_gain_line(gain(records, s, "personalized", among)) for s in scenarios]
+        lines.append(f"| FedRouter (local routing) {label} | " + " | ".join(gains) + " |")
     return "\n".join(lines)
 
 
@@ -150,11 +159,12 @@ def table1_by_task(records: list[dict]) -> str:
 
 def table3(records: list[dict]) -> str:
     tasks, lines = _per_task(records, "single", "generalization")
-    lines.append(
-        "| FedRouter (global routing) vs best baseline | "
-        + " | ".join("" for _ in tasks)
-        + f" | {_gain_line(gain(records, 'single', 'generalization'))} |"
-    )
+    for among, label in GAINS:
+        lines.append(
+            f"| FedRouter (global routing) {label} | "
+            + " | ".join("" for _ in tasks)
+            + f" | {_gain_line(gain(records, 'single', 'generalization', among))} |"
+        )
     return "\n".join(lines)
 
 
@@ -198,7 +208,7 @@ def cost_table(records: list[dict], notes: list[dict] | None = None) -> str:
     extra = ["setting"] * by_setting + ["machine"] * by_machine
     header = ["method", *extra, "wall s (mean)", "runs timed", "MB up per round", "peak memory GiB"]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-    for method in ("fedrouter", "oracle", *BASELINES):
+    for method in ("zeroshot", "fedrouter", "oracle", *BASELINES):
         for setting in settings:
             for where in machines:
                 chosen = {
@@ -210,7 +220,8 @@ def cost_table(records: list[dict], notes: list[dict] | None = None) -> str:
                     continue
                 timed = [r["wall_s"] for (scenario, seed), r in chosen.items() if (scenario, seed, method) not in noted]
                 wall = f"{np.mean(timed):.0f}" if timed else "n/a"
-                up = np.mean([np.mean(r["bytes_up_per_round"]) for r in chosen.values()]) / 1e6
+                # no rounds (zero-shot): nothing sent per round
+                up = np.mean([np.mean(r["bytes_up_per_round"] or [0]) for r in chosen.values()]) / 1e6
                 peak = max(r["peak_rss_mb"] for r in chosen.values()) / 1024
                 where_cells = [setting] * by_setting + [where] * by_machine
                 cells = [method, *where_cells, wall, str(len(timed)), f"{up:.2f}", f"{peak:.1f}"]
@@ -221,20 +232,29 @@ def cost_table(records: list[dict], notes: list[dict] | None = None) -> str:
     return "\n".join(lines)
 
 
-def markdown(records: list[dict], command: str, notes: list[dict] | None = None) -> str:
+RETIRED_NOTE = (
+    "**v1, retired.** These results stay as they were made. Their protocol let the decoding budget read each test "
+    "sample's true task (qqp: 4 tokens), its prompts named the task, and the records mix commits, CPUs and "
+    "precisions. The standard benchmark is now `paper4-raw-cpu` (v2): the authors' bare inputs, one budget for "
+    "every sample, fp32, one commit."
+)
+
+
+def markdown(records: list[dict], command: str, notes: list[dict] | None = None, name: str = "paper4-raw-cpu") -> str:
     seeds = sorted({r["seed"] for r in records})
     profiles = sorted({r["profile"] for r in records})
     machines = sorted({r["machine"] for r in records})
     commits = sorted({r["commit"] for r in records})
     variants = sorted({json.dumps(r["overrides"], sort_keys=True) for r in records if r.get("overrides")})
     parts = [
-        "# paper4-cpu results",
+        f"# {name} results",
         "",
+        *([RETIRED_NOTE, ""] if "full" in profiles else []),
         f"Regenerate: `{command}`. Profile {', '.join(profiles)}; seeds {seeds}; ROUGE-1 mean ± half the range over "
         f"seeds. Machine: {'; '.join(machines)}. Commits: {', '.join(commits)}.",
         "",
         *(
-            [f"**A variant of the protocol**: settings changed from `paper4-cpu`: {'; '.join(variants)}.", ""]
+            [f"**A variant of the protocol**: settings changed from `{name}`: {'; '.join(variants)}.", ""]
             if variants
             else []
         ),
@@ -372,15 +392,16 @@ def write_report(
     """Markdown tables and PNG plots next to the results; returns the written paths."""
     out.mkdir(parents=True, exist_ok=True)
     written = [out / f"{stem}.md"]
-    written[0].write_text(markdown(records, command, notes))
+    written[0].write_text(markdown(records, command, notes, stem))
     plots = out / f"{stem}-plots"
     plots.mkdir(exist_ok=True)
     if any(r["method"] == "fedrouter" for r in records):
         plot_silhouette(records, plots / "silhouette.png")
         plot_clustering_accuracy(records, plots / "clustering_accuracy.png")
         written += [plots / "silhouette.png", plots / "clustering_accuracy.png"]
-    plot_rouge_per_round(records, plots / "rouge1_per_round.png")
-    written.append(plots / "rouge1_per_round.png")
+    if any(None not in r["rouge1_per_round"] for r in records if r["rouge1_per_round"]):  # a per-round check ran
+        plot_rouge_per_round(records, plots / "rouge1_per_round.png")
+        written.append(plots / "rouge1_per_round.png")
     if tsne:
         plot_tsne(tsne, plots / "tsne.png")
         written.append(plots / "tsne.png")

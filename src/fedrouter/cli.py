@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 from fedrouter.bench import METHODS as BENCH_METHODS
+from fedrouter.bench import PROFILES as BENCH_PROFILES
+from fedrouter.bench import STANDARD as BENCH_STANDARD
 from fedrouter.config import SETTINGS, Config, load_config, parse_overrides
 from fedrouter.errors import ConfigError, FedRouterError
 
@@ -76,12 +78,21 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--config", type=Path)
     show.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
 
-    bench = commands.add_parser("bench", help="run the standard benchmark paper4-cpu; write results, tables, plots")
-    bench.add_argument("--quick", action="store_true", help="the ~20-minute profile (4 clients, 2 rounds, seed 0)")
+    bench = commands.add_parser("bench", help="run the standard benchmark paper4-raw-cpu; write results, tables, plots")
+    bench.add_argument(
+        "--profile",
+        choices=sorted(BENCH_PROFILES),
+        default=BENCH_STANDARD,
+        help=f"{BENCH_STANDARD} (the standard, v2), quick (~20 minutes: 4 clients, 2 rounds, seed 0), paper4-cpu "
+        "(v1, retired: --report-only)",
+    )
+    bench.add_argument("--quick", action="store_true", help="the same as --profile quick")
     bench.add_argument("--methods", default=",".join(BENCH_METHODS), help="comma-separated methods")
-    bench.add_argument("--scenarios", help="comma-separated: single,dual,all,flan16-dual (default: all of them)")
+    bench.add_argument("--scenarios", help="comma-separated: single,dual,all,flan16-dual (default: single,dual,all)")
     bench.add_argument("--seeds", help="comma-separated seeds (default: the profile's)")
-    bench.add_argument("--data", type=Path, default=Path("../shared/data"), help="folder with paper4/ and flan16/")
+    bench.add_argument(
+        "--data", type=Path, default=Path("../shared/data"), help="folder with paper4-raw/ (paper4/) and flan16/"
+    )
     bench.add_argument("--out", type=Path, default=DEFAULT_BENCH_OUT, help="results, tables and plots")
     bench.add_argument("--runs", type=Path, default=Path("benchmarks/runs"), help="run folders of each run")
     bench.add_argument(
@@ -216,16 +227,12 @@ def _bench(args: argparse.Namespace) -> int:
     from fedrouter import bench
     from fedrouter.bench_report import write_report
 
-    profile = "quick" if args.quick else "full"
+    profile = "quick" if args.quick else args.profile
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in BENCH_METHODS]
     if unknown:
         raise ConfigError(f"--methods: unknown {unknown} (expected some of {', '.join(BENCH_METHODS)})")
-    scenarios = (
-        [s.strip() for s in args.scenarios.split(",") if s.strip()]
-        if args.scenarios
-        else [*bench.SCENARIOS, *([bench.MANY_TASK] if profile == "full" else [])]
-    )
+    scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()] if args.scenarios else list(bench.SCENARIOS)
     try:
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     except ValueError:
@@ -239,7 +246,7 @@ def _bench(args: argparse.Namespace) -> int:
                 f"--out than {DEFAULT_BENCH_OUT}, so they never mix with the standard results"
             )
     if not args.report_only:
-        for needed in {"flan16" if s == bench.MANY_TASK else "paper4" for s in scenarios}:
+        for needed in {"flan16" if s == bench.MANY_TASK else bench.PROFILES[profile].data for s in scenarios}:
             if not (args.data / needed / "train.jsonl").is_file():
                 raise ConfigError(f"--data: {args.data / needed} has no train.jsonl (the benchmark data)")
         bench.run_bench(
@@ -258,11 +265,12 @@ def _bench(args: argparse.Namespace) -> int:
         raise ConfigError(f"{path}: no results yet (run without --report-only first)")
     tsne_path = path.with_name(path.stem + "-tsne.json")
     has_all = any(r["scenario"] == "all" for r in records)  # the t-SNE plot shows the 'all' scenario's embeddings
-    if has_all and not tsne_path.exists() and (args.data / "paper4" / "train.jsonl").is_file():  # once, after the runs
+    data = args.data / bench.PROFILES[profile].data
+    if has_all and not tsne_path.exists() and not args.report_only and (data / "train.jsonl").is_file():  # once
         print("t-SNE of the 'all' scenario's embeddings ...")
         tsne_path.write_text(json.dumps(bench.tsne_points(profile, args.data)))
     tsne = json.loads(tsne_path.read_text()) if tsne_path.exists() else None
-    command = "fedrouter bench" + (" --quick" if args.quick else "")
+    command = "fedrouter bench" + (f" --profile {profile}" if profile != bench.STANDARD else "")
     if overrides:
         command += f" --out {args.out} " + " ".join(f"{key}={value}" for key, value in overrides.items())
     notes_path = path.with_name(path.stem + "-timing-notes.json")  # runs whose wall time is not comparable

@@ -54,8 +54,9 @@ SETTINGS: dict[str, Setting] = {
     "run.method": Setting(
         str,
         "fedrouter",
-        "method: fedrouter, oracle (routes by true task label), local, fedit, feddpa, fedsa",
-        _one_of("fedrouter", "oracle", "local", "fedit", "feddpa", "fedsa"),
+        "method: fedrouter, oracle (routes by true task label), local, fedit, feddpa, fedsa, zeroshot (the base "
+        "model, no adapter)",
+        _one_of("fedrouter", "oracle", "local", "fedit", "feddpa", "fedsa", "zeroshot"),
     ),
     "run.seed": Setting(int, 0, "seed for data split, clustering, initialisation and training"),
     "run.rounds": Setting(int, 3, "federated training rounds (0: cluster only)", _at_least(0)),
@@ -209,9 +210,8 @@ SETTINGS: dict[str, Setting] = {
         _non_empty,
     ),
     "eval.routing": Setting(str, "both", "router mode(s) to evaluate", _one_of("local", "global", "both")),
-    "eval.max_new_tokens": Setting(int, 48, "longest generated answer, in tokens", _at_least(1)),
-    "eval.max_new_tokens_overrides": Setting(
-        str, "", "per-task answer lengths, e.g. 'qqp=4,sentiment=4' (empty: synthetic defaults)"
+    "eval.max_new_tokens": Setting(
+        int, 48, "longest generated answer, in tokens, the same for every test sample", _at_least(1)
     ),
     "eval.batch_size": Setting(int, 16, "prompts per generation batch", _at_least(1)),
     "eval.round_samples": Setting(
@@ -227,6 +227,12 @@ SETTINGS: dict[str, Setting] = {
         "clients also send how their training samples' task labels fall into their local clusters (counts only), "
         "for clustering and routing accuracy; false: centroids and counts only",
     ),
+}
+
+# Settings that no longer exist, and why: a config that still sets one gets this reason, not "unknown setting".
+RETIRED = {
+    "eval.max_new_tokens_overrides": "it gave each test sample a decoding budget read from its true task label, "
+    "which tells a method how to answer; 'eval.max_new_tokens' now bounds every answer alike",
 }
 
 SECTIONS = sorted({key.split(".")[0] for key in SETTINGS})
@@ -275,6 +281,8 @@ class Config(Mapping[str, Any]):
     def __init__(self, values: Mapping[str, Any] | None = None, *, where: str = "config") -> None:
         merged = {key: s.default for key, s in SETTINGS.items()}
         for key, value in (values or {}).items():
+            if key in RETIRED:
+                raise ConfigError(f"{where}: setting '{key}' was removed: {RETIRED[key]}")
             if key not in SETTINGS:
                 raise ConfigError(f"{where}: unknown setting '{key}'{suggest(key, list(SETTINGS))}")
             merged[key] = _coerce(key, value, SETTINGS[key], where)
@@ -291,8 +299,7 @@ class Config(Mapping[str, Any]):
                     f"{where}: setting 'eval.sets' lists unknown test set {name!r}"
                     f"{suggest(name, ['personalized', 'generalization'])}; expected personalized, generalization"
                 )
-        for key in ("data.test_per_task_overrides", "eval.max_new_tokens_overrides"):
-            self.task_overrides(key, where=where)
+        self.task_overrides("data.test_per_task_overrides", where=where)
         if self["privacy.centroid_noise"] > 0 and self["privacy.centroid_clip"] <= 0:
             raise ConfigError(
                 f"{where}: setting 'privacy.centroid_noise' needs 'privacy.centroid_clip' > 0 (the noise is scaled "

@@ -11,7 +11,7 @@ from fedrouter.data import synthetic
 from fedrouter.data.partition import ClientData, by_task, split_clients
 from fedrouter.data.samples import DataError, Sample, load_file
 
-__all__ = ["ClientData", "DataError", "Sample", "client_data", "load_source", "max_new_tokens_for", "node_data"]
+__all__ = ["ClientData", "DataError", "Sample", "client_data", "load_source", "node_data"]
 
 
 def _find_split(folder: Path, split: str) -> Path:
@@ -117,10 +117,3 @@ def node_data(cfg: Config, client_id: int, path: str) -> ClientData:
             chosen += pool[: overrides.get(task, cfg["data.test_per_task"])]
         client.tests[name] = chosen
     return client
-
-
-def max_new_tokens_for(cfg: Config, task: str) -> int:
-    """Answer-length bound for a task: overrides, then the synthetic tasks' own bounds, then the default."""
-    bounds = dict(synthetic.MAX_NEW_TOKENS) if cfg["data.source"] == "synthetic" else {}
-    bounds.update(cfg.task_overrides("eval.max_new_tokens_overrides"))
-    return bounds.get(task, cfg["eval.max_new_tokens"])

@@ -15,8 +15,6 @@ import random
 from fedrouter.data.samples import Sample
 
 TASKS = ("sentiment", "extraction", "sorting", "data2text")
-# Generous answer-length bounds (tokens) for evaluation.
-MAX_NEW_TOKENS = {"sentiment": 4, "extraction": 16, "sorting": 32, "data2text": 40}
 
 _ITEMS = ["phone", "laptop", "blender", "jacket", "headset", "camera", "chair", "kettle", "backpack", "lamp"]
 _GOOD = ["excellent", "reliable", "wonderful", "comfortable", "sturdy", "great", "fantastic", "superb"]

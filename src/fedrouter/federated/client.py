@@ -20,7 +20,7 @@ from fedrouter import discovery
 from fedrouter.algorithm.metrics import exact_match, rouge
 from fedrouter.algorithm.routing import route
 from fedrouter.config import Config
-from fedrouter.data import ClientData, client_data, max_new_tokens_for, node_data
+from fedrouter.data import ClientData, Sample, client_data, node_data
 from fedrouter.federated import records
 from fedrouter.federated.records import (
     Arrays,
@@ -237,7 +237,11 @@ def train_jobs(
         if weights is None:
             weights = lora.fresh_adapter(base, cfg["run.seed"])  # the same start the server's adapters have
         weights = weights | received.get(job.name, {})
-        partner = (trained.get(job.partner) or personal.get(job.partner)) if job.partner else None
+        partner = None
+        if job.partner:  # trained earlier this round, else personal, else as the server sent it
+            partner = trained.get(job.partner) or personal.get(job.partner)
+            if partner is None and job.partner in received:
+                partner = lora.fresh_adapter(base, cfg["run.seed"]) | received[job.partner]
         chosen = np.arange(len(examples)) if job.local_cluster is None else np.flatnonzero(labels == job.local_cluster)
         own = [examples[i] for i in chosen]
         seed = _seed(cfg["run.seed"], round_index, client, -1 if job.local_cluster is None else job.local_cluster)
@@ -305,14 +309,17 @@ def train(message: Message, context: Context) -> Message:
 def _serve_keys(
     serving: str,
     mode: str,
-    samples: list,
+    samples: list[Sample],
     emb: np.ndarray | None,
     routing: dict[str, np.ndarray],
     state: Arrays,
     tasks: list[str],
     weights: np.ndarray | None,
 ) -> list[tuple]:
-    """Which adapter answers each sample: ("shared", key), ("personal",), ("overlay",) or ("mix", weight)."""
+    """Which adapter answers each sample: ("shared", key), ("personal",), ("overlay",), ("mix", weight), ("base",).
+
+    Only the oracle reads a sample's task label (it is the oracle's definition); every other rule sees the input.
+    """
     if serving == "route":
         routed = route(
             emb,
@@ -335,20 +342,34 @@ def _serve_keys(
     return [(serving,)] * len(samples)
 
 
-def _dpa_reference(base: BaseModel, cfg: Config, data: ClientData) -> np.ndarray:
-    """Embeddings of FedDPA's reference instances: a few random local training inputs."""
-    rng = np.random.default_rng(_seed(cfg["run.seed"], data.client_id))
-    chosen = rng.choice(len(data.train), size=min(INSTANCES, len(data.train)), replace=False)
-    return discovery.embed(base, cfg, [data.train[i].instruction for i in chosen])
+def _dpa_weights(
+    base: BaseModel, cfg: Config, personal: Arrays, samples: list[Sample], train_inputs: list[str], client: int
+) -> np.ndarray:
+    """FedDPA's instance weight of the global adapter for each sample (see ``fedrouter.methods.feddpa``).
 
-
-def _dpa_weights(emb: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """FedDPA's instance-wise weight of the local adapter: capped mean cosine similarity to the references."""
-
-    def unit(x: np.ndarray) -> np.ndarray:
-        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-    similarity = (unit(emb) @ unit(reference).T).mean(1)
+    0.5 x the mean cosine similarity of the sample's instance embedding to those of 5 training inputs drawn for
+    it (a generator seeded by run seed and client: a sample's draw depends on its position, never on its task).
+    """
+    rng = np.random.default_rng(_seed(cfg["run.seed"], client))
+    size = min(INSTANCES, len(train_inputs))
+    picks = [rng.choice(len(train_inputs), size=size, replace=False) for _ in samples]
+    needed = sorted({int(i) for pick in picks for i in pick})
+    lora.set_adapter(base, personal)  # the authors embed with the local adapter loaded
+    states = compute.last_token_states(
+        base,
+        [s.instruction for s in samples] + [train_inputs[i] for i in needed],
+        batch_size=cfg["eval.batch_size"],
+        max_len=cfg["model.max_seq_len"],
+    )
+    states /= np.maximum(np.linalg.norm(states, axis=1, keepdims=True), 1e-12)
+    tests, references = states[: len(samples)], states[len(samples) :]
+    row = {i: k for k, i in enumerate(needed)}
+    similarity = np.array(
+        [
+            float((references[[row[int(i)] for i in pick]] @ test).mean())
+            for test, pick in zip(tests, picks, strict=True)
+        ]
+    )
     return np.round(MAX_WEIGHT * similarity / WEIGHT_STEP) * WEIGHT_STEP
 
 
@@ -367,6 +388,86 @@ def _test_subset(tests: dict[str, list], sets: object, limit: object, who: str) 
             if seen[sample.task] <= limit:
                 subset[name].append(sample)
     return subset
+
+
+def answer_tests(
+    base: BaseModel,
+    cfg: Config,
+    *,
+    serving: str,
+    modes: list[str],
+    tests: dict[str, list[Sample]],
+    shared: dict[str, Arrays],
+    personal: Arrays | None,
+    routing: dict[str, np.ndarray],
+    state: Arrays,
+    tasks: list[str],
+    train_inputs: list[str],
+    client: int,
+) -> tuple[dict[tuple[str, str], list[tuple[tuple, str]]], int]:
+    """Answer every test sample under a serving rule: (test set, mode) -> [(adapter key, answer)] per sample.
+
+    Every sample gets the same decoding (greedy, ``eval.max_new_tokens``, stop at end of sequence) and the same
+    prompt; which adapter answers it follows the serving rule from its input alone (the oracle excepted). Each
+    (adapter, sample) answer is generated once, however many sets and modes need it. Returns the answers and
+    the number of generated tokens.
+    """
+    samples = {s.id: s for test in tests.values() for s in test}
+    index_of = {sample_id: i for i, sample_id in enumerate(samples)}
+    ordered = list(samples.values())
+    # The sets overlap (a client's own tasks are in both): each sample is embedded and weighted once.
+    embedded = weights = None
+    if serving in ("route", "task"):
+        embedded = discovery.embed(base, cfg, [s.instruction for s in ordered])
+    if serving == "mix":
+        weights = _dpa_weights(base, cfg, personal, ordered, train_inputs, client)
+    choices: dict[tuple[str, str], list[tuple]] = {}
+    wanted: dict[tuple, set[int]] = defaultdict(set)
+    for set_name, test in tests.items():
+        rows = [index_of[s.id] for s in test]
+        emb = embedded[rows] if embedded is not None else None
+        for mode in modes:
+            chosen = _serve_keys(
+                serving, mode, test, emb, routing, state, tasks, weights[rows] if weights is not None else None
+            )
+            choices[(set_name, mode)] = chosen
+            for row, key in zip(rows, chosen, strict=True):
+                wanted[key].add(row)
+    max_new = cfg["eval.max_new_tokens"]
+    generate_args = dict(
+        max_new_tokens=max_new, batch_size=cfg["eval.batch_size"], max_len=cfg["model.max_seq_len"] + max_new
+    )
+    answers: dict[tuple[tuple, int], str] = {}
+    generated_tokens = 0
+    for key in sorted(wanted):
+        group = sorted(wanted[key])
+        prompts = [ordered[i].instruction for i in group]
+        if key[0] == "base":
+            with base.model.disable_adapter():
+                texts = compute.generate(base, prompts, **generate_args)
+        elif key[0] == "mix":  # alpha * global + (1 - alpha) * local, as the authors weight them
+            lora.set_adapter(base, shared["global"])
+            lora.set_adapter(base, personal, slot=lora.PARTNER)
+            with lora.mixed(base, key[1], 1.0 - key[1]):
+                texts = compute.generate(base, prompts, **generate_args)
+        else:
+            if key[0] == "shared":
+                lora.set_adapter(base, shared[key[1]])
+            elif key[0] == "overlay":
+                lora.set_adapter(base, personal | shared["global"])
+            else:
+                lora.set_adapter(base, personal)
+            texts = compute.generate(base, prompts, **generate_args)
+        for i, text in zip(group, texts, strict=True):
+            answers[(key, i)] = text
+            generated_tokens += len(base.tokenizer(text, add_special_tokens=False)["input_ids"])
+    out = {
+        (set_name, mode): [
+            (key, answers[(key, index_of[s.id])]) for s, key in zip(tests[set_name], chosen, strict=True)
+        ]
+        for (set_name, mode), chosen in choices.items()
+    }
+    return out, generated_tokens
 
 
 @app.evaluate()
@@ -414,59 +515,25 @@ def evaluate(message: Message, context: Context) -> Message:
         else [cfg["run.method"]]
     )
     started = time.perf_counter()
-    metrics: dict[str, float] = {}
-    # Which (adapter, sample) answers are needed over all sets and modes; each is generated once.
-    choices: dict[tuple[str, str], list[tuple]] = {}
-    wanted: dict[tuple, set[int]] = defaultdict(set)
     tests = _test_subset(data.tests, extra.get("sets"), extra.get("limit", 0), who)
-    samples = {s.id: s for test in tests.values() for s in test}
-    index_of = {sample_id: i for i, sample_id in enumerate(samples)}
-    ordered = list(samples.values())
-    reference = _dpa_reference(base, cfg, data) if serving == "mix" else None
-    # The sets overlap (a client's own tasks are in both): each sample is embedded once.
-    embedded = None
-    if serving in ("route", "task", "mix"):
-        embedded = discovery.embed(base, cfg, [s.instruction for s in ordered])
-    for set_name, test in tests.items():
-        weights = None
-        emb = embedded[[index_of[s.id] for s in test]] if embedded is not None else None
-        if serving == "mix":
-            weights = _dpa_weights(emb, reference)
-        for mode in modes:
-            chosen = _serve_keys(serving, mode, test, emb, routing, state, tasks, weights)
-            choices[(set_name, mode)] = chosen
-            for sample, key in zip(test, chosen, strict=True):
-                wanted[key].add(index_of[sample.id])
-    answers: dict[tuple[tuple, int], str] = {}
-    generated_tokens = 0
-    for key in sorted(wanted):
-        if key[0] == "shared":
-            lora.set_adapter(base, shared[key[1]])
-        elif key[0] == "overlay":
-            lora.set_adapter(base, personal | shared["global"])
-        else:
-            lora.set_adapter(base, personal if key[0] == "personal" else shared["global"])
-        by_length: dict[int, list[int]] = defaultdict(list)
-        for i in sorted(wanted[key]):
-            by_length[max_new_tokens_for(cfg, ordered[i].task)].append(i)
-        for max_new, group in by_length.items():
-            prompts = [ordered[i].instruction for i in group]
-            generate_args = dict(
-                max_new_tokens=max_new, batch_size=cfg["eval.batch_size"], max_len=cfg["model.max_seq_len"] + max_new
-            )
-            if key[0] == "mix":
-                lora.set_adapter(base, personal, slot=lora.PARTNER)
-                with lora.mixed(base, 1.0 - key[1], key[1]):
-                    texts = compute.generate(base, prompts, **generate_args)
-            else:
-                texts = compute.generate(base, prompts, **generate_args)
-            for i, text in zip(group, texts, strict=True):
-                answers[(key, i)] = text
-                generated_tokens += len(base.tokenizer(text, add_special_tokens=False)["input_ids"])
-    for (set_name, mode), chosen in choices.items():
-        for sample, key in zip(tests[set_name], chosen, strict=True):
-            prediction = answers[(key, index_of[sample.id])]
-            prefix = f"{set_name}.{mode}.{sample.task}"
+    answered, generated_tokens = answer_tests(
+        base,
+        cfg,
+        serving=serving,
+        modes=modes,
+        tests=tests,
+        shared=shared,
+        personal=personal,
+        routing=routing,
+        state=state,
+        tasks=tasks,
+        train_inputs=[s.instruction for s in data.train],
+        client=data.client_id,
+    )
+    metrics: dict[str, float] = {}
+    for (set_name, mode), rows in answered.items():
+        for sample, (key, prediction) in zip(tests[set_name], rows, strict=True):
+            prefix = f"{set_name}.{mode}.{sample.task}"  # labels score answers: only here
             for name, value in rouge(prediction, sample.golds).items():
                 metrics[f"{prefix}.{name}"] = metrics.get(f"{prefix}.{name}", 0.0) + value
             metrics[f"{prefix}.exact_match"] = metrics.get(f"{prefix}.exact_match", 0.0) + exact_match(

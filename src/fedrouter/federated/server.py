@@ -557,7 +557,8 @@ def _run(grid: Grid, cfg: Config, run: RunFolder, resume: bool) -> dict:
         save_checkpoint(run.path, state, cfg["run.seed"])
 
     save()
-    for r in range(state.rounds_done, cfg["run.rounds"]):
+    rounds = cfg["run.rounds"] if method.trains else 0  # zero-shot: clustering, then evaluation
+    for r in range(state.rounds_done, rounds):
         _admit_late_clients(grid, cfg, run, method, state)
         record = _train_round(grid, cfg, run, method, state, r)
         if cfg["eval.round_samples"] and "personalized" in cfg.eval_sets:

@@ -10,8 +10,9 @@ from fedrouter.methods.fedrouter import FedRouter
 from fedrouter.methods.fedsa import FedSA
 from fedrouter.methods.local import Local
 from fedrouter.methods.oracle import Oracle
+from fedrouter.methods.zeroshot import ZeroShot
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (FedRouter, Oracle, Local, FedIT, FedDPA, FedSA)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (FedRouter, Oracle, Local, FedIT, FedDPA, FedSA, ZeroShot)}
 
 
 def make_method(cfg: Config) -> Method:

@@ -17,7 +17,7 @@ from fedrouter.config import Config
 Arrays = dict[str, np.ndarray]
 
 PARTS = ("all", "lora_A", "none")
-SERVINGS = ("route", "task", "shared", "personal", "overlay", "mix")
+SERVINGS = ("route", "task", "shared", "personal", "overlay", "mix", "base")
 
 
 @dataclass(frozen=True)
@@ -28,8 +28,8 @@ class Job:
     ``local_cluster``: train on this local cluster's samples (None: all of the client's samples).
     ``personal``: the client keeps the trained adapter under this name and starts from it next round.
     ``part``: which weights travel both ways: ``all``, ``lora_A`` (FedSA) or ``none``.
-    ``partner``: another adapter of this client (personal, or trained earlier in the same round) mixed in,
-    frozen, at half weight while this one trains (FedDPA).
+    ``partner``: another adapter mixed in, frozen, at half weight while this one trains (FedDPA): the one of
+    that name trained earlier in the same round, else the client's personal one, else the one the server sent.
     """
 
     name: str
@@ -75,6 +75,7 @@ class Method:
     ``clustering``: how clients form local clusters (``kmeans``, ``task`` labels, or ``none``).
     ``serving``: how a client picks the adapter for a test sample (see ``SERVINGS``; the client implements them).
     ``personal_state``: clients keep adapters of their own between rounds (never sent to the server).
+    ``trains``: the method has training rounds (False: the run goes from clustering straight to evaluation).
     """
 
     name: ClassVar[str]
@@ -82,6 +83,7 @@ class Method:
     serving: ClassVar[str]
     paper: ClassVar[str] = ""
     personal_state: ClassVar[bool] = False
+    trains: ClassVar[bool] = True
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg

@@ -128,6 +128,30 @@ def _pooled(base: BaseModel, encoded: list[list[int]], batch_size: int, layer: i
     return out
 
 
+@torch.inference_mode()
+def last_token_states(
+    base: BaseModel, instructions: Sequence[str], *, batch_size: int = 16, max_len: int = 256
+) -> np.ndarray:
+    """The last layer's hidden state (after the final norm) at the last token of each formatted prompt (float32).
+
+    Unlike ``embed``, the adapter in the slot is active: this is FedDPA's instance embedding, which its authors
+    compute with the client's local adapter loaded.
+    """
+    encoded = [prompt_ids(base.tokenizer, text, max_len) for text in instructions]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    out = np.zeros((len(encoded), base.hidden_size), dtype=np.float32)
+    backbone = base.model.get_base_model().base_model
+    with base.autocast():
+        for start in range(0, len(order), batch_size):
+            index = order[start : start + batch_size]
+            ids = _pad([encoded[i] for i in index], base.tokenizer.pad_token_id).to(base.device)
+            mask = _pad([[1] * len(encoded[i]) for i in index], 0).to(base.device)
+            hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+            last = mask.sum(1) - 1  # right padding: the causal mask keeps pads from reaching real tokens
+            out[index] = hidden[torch.arange(len(index)), last].float().cpu().numpy()
+    return out
+
+
 def encode_training(
     base: BaseModel, pairs: Sequence[tuple[str, str]], max_len: int
 ) -> list[tuple[list[int], list[int]]]:

@@ -1,0 +1,129 @@
+"""How a client answers its test samples: labels only score (every method), FedDPA's instance weighting."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from conftest import tiny_settings
+
+from fedrouter.config import Config
+from fedrouter.data import all_clients
+from fedrouter.federated.client import _dpa_weights, answer_tests
+from fedrouter.methods import METHODS
+from fedrouter.model import compute, lora
+
+
+def _random_adapter(base, seed: int, scale: float = 0.5) -> dict:
+    rng = np.random.default_rng(seed)
+    return {k: (rng.normal(size=s) * scale).astype(np.float32) for k, s in lora.adapter_shapes(base).items()}
+
+
+def _inputs(tiny_base, tmp_path, method: str):
+    """A client's test sets and everything a serving rule reads, with distinct random adapters."""
+    cfg = Config(tiny_settings(tmp_path, **{"run.method": method, "eval.sets": "personalized,generalization"}))
+    client = all_clients(cfg)[0]
+    rng = np.random.default_rng(1)
+    hidden = tiny_base.hidden_size
+    shared = {"0": _random_adapter(tiny_base, 10), "1": _random_adapter(tiny_base, 11)}
+    if METHODS[method].serving not in ("route", "task"):
+        shared = {"global": _random_adapter(tiny_base, 12)}
+    return (
+        cfg,
+        client,
+        {
+            "serving": METHODS[method].serving,
+            "modes": ["local", "global"] if method == "fedrouter" else [method],
+            "shared": shared,
+            "personal": _random_adapter(tiny_base, 13),
+            "routing": {
+                "global_centroids": rng.normal(size=(2, hidden)).astype(np.float32),
+                "local_to_global": np.array([1, 0]),
+            },
+            "state": {"centroids": rng.normal(size=(2, hidden)).astype(np.float32)},
+            "tasks": sorted({s.task for s in client.train})[:2],
+            "train_inputs": [s.instruction for s in client.train],
+            "client": client.client_id,
+        },
+    )
+
+
+def _relabelled(tests: dict) -> dict:
+    """Every test sample given another task's label (a rotation of the label set): inputs unchanged."""
+    labels = sorted({s.task for test in tests.values() for s in test})
+    other = dict(zip(labels, labels[1:] + labels[:1], strict=True))
+    return {name: [dataclasses.replace(s, task=other[s.task]) for s in test] for name, test in tests.items()}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_relabelling_the_test_samples_changes_no_answer(tiny_base, tmp_path, method):
+    """Labels only score: the decoding budget, prompt, stop rule and adapter of a sample never read its task.
+
+    The oracle is the exception by definition (it picks the adapter of the true task): relabelled, its adapter
+    choice may change, but a sample that keeps its adapter keeps its answer (the budget does not move).
+    """
+    cfg, client, inputs = _inputs(tiny_base, tmp_path, method)
+    answers, _ = answer_tests(tiny_base, cfg, tests=client.tests, **inputs)
+    relabelled, _ = answer_tests(tiny_base, cfg, tests=_relabelled(client.tests), **inputs)
+    assert answers.keys() == relabelled.keys()
+    assert sum(len(rows) for rows in answers.values()) == sum(len(t) for t in client.tests.values()) * len(
+        inputs["modes"]
+    )
+    if method == "oracle":
+        kept = [(a, b) for key in answers for a, b in zip(answers[key], relabelled[key], strict=True) if a[0] == b[0]]
+        assert kept and all(a == b for a, b in kept)
+        assert any(a[0] != b[0] for key in answers for a, b in zip(answers[key], relabelled[key], strict=True))
+    else:
+        assert answers == relabelled
+
+
+def test_every_sample_gets_the_same_decoding_budget(tiny_base, tmp_path):
+    """One budget for all: the short-answer task (sentiment) is no longer cut to a budget of its own."""
+    cfg, client, inputs = _inputs(tiny_base, tmp_path, "fedit")
+    answers, _ = answer_tests(tiny_base, cfg, tests=client.tests, **inputs)
+    lengths: dict[str, list[int]] = {}
+    for (set_name, _), rows in answers.items():
+        for sample, (_, text) in zip(client.tests[set_name], rows, strict=True):
+            tokens = tiny_base.tokenizer(text, add_special_tokens=False)["input_ids"]
+            lengths.setdefault(sample.task, []).append(len(tokens))
+    budget = cfg["eval.max_new_tokens"]
+    assert all(n <= budget + 1 for ns in lengths.values() for n in ns)  # re-tokenizing may split a token
+    # The random tiny model rarely ends early: every task, sentiment too, reaches about the one budget.
+    assert all(max(ns) >= budget - 1 for ns in lengths.values()), lengths
+
+
+def test_feddpa_weights_the_global_adapter_by_instance_similarity(tiny_base, tmp_path):
+    """alpha * global + (1 - alpha) * local, alpha = 0.5 x mean cosine similarity (the authors' direction)."""
+    cfg, client, inputs = _inputs(tiny_base, tmp_path, "feddpa")
+    samples = client.tests["generalization"]
+    weights = _dpa_weights(tiny_base, cfg, inputs["personal"], samples, inputs["train_inputs"], client.client_id)
+    assert weights.shape == (len(samples),) and ((weights >= -0.5) & (weights <= 0.5)).all()
+    assert np.allclose(weights / 0.05, np.round(weights / 0.05))
+    again = _dpa_weights(tiny_base, cfg, inputs["personal"], samples, inputs["train_inputs"], client.client_id)
+    assert np.array_equal(weights, again)  # reproducible draws of the reference instances
+    # The answer of one sample equals generating with the global adapter at alpha and the local one at 1 - alpha.
+    tests = {"generalization": samples}
+    answers, _ = answer_tests(tiny_base, cfg, tests=tests, **inputs)
+    rows = next(iter(answers.values()))
+    i = int(np.argmax(np.abs(weights - 0.5)))
+    alpha = rows[i][0][1]
+    assert alpha == pytest.approx(weights[i]) and abs(alpha - 0.5) >= 0.1
+    args = dict(max_new_tokens=cfg["eval.max_new_tokens"], max_len=cfg["model.max_seq_len"] + 4)
+    lora.set_adapter(tiny_base, inputs["shared"]["global"])
+    lora.set_adapter(tiny_base, inputs["personal"], slot=lora.PARTNER)
+    with lora.mixed(tiny_base, alpha, 1.0 - alpha):
+        ours = compute.generate(tiny_base, [samples[i].instruction], **args)[0]
+    with lora.mixed(tiny_base, 1.0 - alpha, alpha):
+        swapped = compute.generate(tiny_base, [samples[i].instruction], **args)[0]
+    assert rows[i][1] == ours
+    assert ours != swapped  # the weight's direction shows in the answer
+
+
+def test_feddpa_instance_embedding_uses_the_local_adapter(tiny_base):
+    """The instance embedding is the last token's final hidden state with the adapter in the slot active."""
+    texts = ["a short input", "a somewhat longer input to pad the batch against"]
+    lora.set_adapter(tiny_base, _random_adapter(tiny_base, 3))
+    batched = compute.last_token_states(tiny_base, texts, batch_size=2)
+    one = np.stack([compute.last_token_states(tiny_base, [t], batch_size=1)[0] for t in texts])
+    np.testing.assert_allclose(batched, one, rtol=1e-4, atol=1e-4)  # padding never reaches the last real token
+    lora.set_adapter(tiny_base, _random_adapter(tiny_base, 4))
+    assert not np.allclose(compute.last_token_states(tiny_base, texts), batched)
