@@ -55,6 +55,14 @@ PAPER4_RAW_CPU = {
     "eval.max_new_tokens": 48,
     "eval.round_samples": 0,  # no per-round check: the protocol costs ~20 CPU hours without it
 }
+# The many-task run (both profiles): 16 clients holding 2 of the 16 FLAN tasks each, one 32-token budget for all.
+FLAN16_DUAL = {
+    "data.num_clients": 16,
+    "data.scenario": "dual",
+    "data.train_per_client": 48,
+    "eval.sets": "personalized",
+    "eval.max_new_tokens": 32,
+}
 # Each run evaluates only what its table needs: Table 3 (generalization) from single, Table 1 from dual and all.
 TABLE_SETS = {"single": "generalization", "dual": "personalized", "all": "personalized"}
 
@@ -84,15 +92,8 @@ PROFILES = {
         data="paper4-raw",
         results="paper4-raw-cpu",
         eval_sets=TABLE_SETS,
-        # Not in the protocol's table; run on request (--scenarios flan16-dual): 16 clients holding 2 of the 16
-        # FLAN tasks each, one budget of 32 tokens for every sample.
-        many_task={
-            "data.num_clients": 16,
-            "data.scenario": "dual",
-            "data.train_per_client": 48,
-            "eval.sets": "personalized",
-            "eval.max_new_tokens": 32,
-        },
+        # Not in the protocol's table; run on request (--scenarios flan16-dual).
+        many_task=FLAN16_DUAL,
     ),
     # A smoke-sized profile that fits in about 20 minutes on the 2-core CPU: 4 clients, a third of the data, 2
     # rounds of 1 step, 2 test samples per (client, task), answers up to 16 tokens, one seed. Its numbers are
@@ -132,15 +133,7 @@ PROFILES = {
         (0, 1),
         data="paper4",
         results="paper4-cpu",
-        many_task={
-            "data.num_clients": 16,
-            "data.scenario": "dual",
-            "data.train_per_client": 48,
-            "data.test_per_task": 8,
-            "data.test_per_task_overrides": "",
-            "eval.sets": "personalized",
-            "eval.max_new_tokens": 32,
-        },
+        many_task=FLAN16_DUAL | {"data.test_per_task": 8, "data.test_per_task_overrides": ""},
         retired="its decoding budget read each test sample's task label (qqp: 4 tokens) and its prompts named the "
         "task; run the v2 profile paper4-raw-cpu",
     ),
