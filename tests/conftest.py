@@ -47,3 +47,47 @@ def in_a_flower_task(monkeypatch):
 
     for name in ("_run_id", "_node_id", "_task_id"):
         monkeypatch.setattr(TaskIdentity, name, 1, raising=False)
+
+
+# Three prompts of clearly different kinds: the tiny router's global centroids are their embeddings.
+ANCHORS = (
+    "Sort these words in alphabetical order: pear, fig, apple, kiwi",
+    "What is 12 plus 30? Answer with a number.",
+    "Review: The lamp is awful and broke in a day. Is this review positive or negative?",
+)
+
+
+def write_tiny_router(run_dir: Path, base) -> Path:
+    """A router artifact for the tiny random model: three clusters centred on ANCHORS, two clients, and random
+    adapters large enough that each cluster answers differently. No training: seconds to build."""
+    import numpy as np
+
+    from fedrouter import discovery
+    from fedrouter.artifact import RouterArtifact
+    from fedrouter.model import lora
+
+    space = discovery.embedding_space(base, 0.2, "reference")
+    centroids = space.embed(base, list(ANCHORS))
+    rng = np.random.default_rng(0)
+    adapters = {
+        g: {k: rng.normal(0, 0.5, s).astype(np.float32) for k, s in lora.adapter_shapes(base).items()} for g in range(3)
+    }
+    config = base.lora
+    RouterArtifact(
+        base_model=base.name,
+        model_name="tiny-random",
+        lora={
+            "r": config.r,
+            "lora_alpha": config.lora_alpha,
+            "lora_dropout": config.lora_dropout,
+            "target_modules": sorted(config.target_modules),
+        },
+        global_centroids=centroids,
+        local_centroids={0: centroids[[0, 1]], 1: centroids[[2]]},
+        cluster_map={0: [0, 1], 1: [2]},
+        adapters=adapters,
+        precision="fp32",
+        embed_depth=0.2,
+        embed_scale="reference",
+    ).save(run_dir)
+    return run_dir

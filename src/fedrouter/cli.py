@@ -71,8 +71,28 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--mode", choices=("global", "local"), default="global")
     gen.add_argument("--client", type=int, help="client whose local clusters route (mode local)")
     gen.add_argument("--max-new-tokens", type=int, default=48)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sample")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, help="makes sampling reproducible")
+    gen.add_argument("--stop", action="append", default=[], help="end the answer before this text (repeatable)")
     gen.add_argument("--model", help="base model to load instead of the recorded one")
     gen.add_argument("--json", action="store_true", help="print one JSON object per answer")
+
+    serve = commands.add_parser(
+        "serve", help="serve a trained run over an OpenAI-compatible HTTP API that routes every request"
+    )
+    serve.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run folder (holds router/)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--api-key",
+        default=os.environ.get("FEDROUTER_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1/ (default: $FEDROUTER_API_KEY; none: open)",
+    )
+    serve.add_argument("--max-batch", type=int, default=16, help="most requests decoded in one batch")
+    serve.add_argument("--max-queue", type=int, default=64, help="most requests waiting or answered; then 429")
+    serve.add_argument("--model", help="base model to load instead of the recorded one")
+    serve.add_argument("--precision", choices=("auto", "bf16", "fp32"), help="instead of the recorded one")
 
     show = commands.add_parser("config", help="print every setting with its resolved value and meaning")
     show.add_argument("--config", type=Path)
@@ -207,12 +227,45 @@ def _generate(args: argparse.Namespace) -> int:
     if not prompts:
         raise ConfigError("generate needs --prompt TEXT or --prompts-file FILE")
     router = Router.load(args.run, model=args.model)
-    answers = router.generate(prompts, mode=args.mode, client=args.client, max_new_tokens=args.max_new_tokens)
+    try:
+        answers = router.generate(
+            prompts,
+            mode=args.mode,
+            client=args.client,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            stop=args.stop,
+        )
+    except ValueError as err:  # a sampling setting out of range, a prompt too long for the model
+        raise ConfigError(f"generate: {err}") from None
     for answer in answers:
         if args.json:
-            print(json.dumps({"prompt": answer.prompt, "adapter": answer.adapter, "text": answer.text}))
+            fields = ("prompt", "adapter", "distance", "text", "finish_reason")
+            print(json.dumps({name: getattr(answer, name) for name in fields}))
         else:
             print(f"[adapter {answer.adapter}] {answer.prompt!r}\n  -> {answer.text}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from fedrouter.router import Router
+    from fedrouter.serving.api import create_app
+
+    if args.max_batch < 1 or args.max_queue < 1:
+        raise ConfigError(f"--max-batch and --max-queue must be at least 1, got {args.max_batch}, {args.max_queue}")
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port {args.port}: expected 1 to 65535")
+    router = Router.load(args.run_dir, model=args.model, precision=args.precision)
+    app = create_app(router, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue)
+    print(
+        f"fedrouter: serving {args.run_dir} ({router.num_adapters} adapters) on http://{args.host}:{args.port}/",
+        flush=True,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 
@@ -318,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         "run": _run,
         "deploy-local": _deploy_local,
         "generate": _generate,
+        "serve": _serve,
         "config": _show_config,
         "bench": _bench,
         "prepare-model": _prepare_model,

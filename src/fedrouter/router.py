@@ -1,32 +1,86 @@
-"""Serving a trained FedRouter: embed each prompt, route it to a cluster's adapter, generate batched per adapter.
+"""Serving a trained FedRouter: embed each prompt, route it to a cluster's adapter, generate.
 
 from fedrouter import Router
 router = Router.load("runs/my-run")
 for answer in router.generate(["Sort these words: pear, fig"], mode="global"):
     print(answer.adapter, answer.text)
+
+A prompt is an instruction (one user turn) or a chat: a list of ``{"role": ..., "content": ...}`` messages
+(system, user and assistant turns). What is embedded to route a chat is its last user turn (``routing_text``):
+clients embedded their raw training inputs, one instruction each, and a system prompt or earlier turns move the
+embedding away from the task of the question being asked (measured in ``benchmarks/serving_routing.py``).
+
+All adapters are loaded once, each into its own slot, and one batch mixes them (``fedrouter.model.decoding``):
+``fedrouter serve`` answers through these same methods, so the Python API and the server give the same answers.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Union
 
 import numpy as np
 
 from fedrouter import discovery
-from fedrouter.algorithm.routing import route
+from fedrouter.algorithm.clustering import squared_distances
 from fedrouter.artifact import ArtifactError, RouterArtifact
-from fedrouter.model import compute, lora
+from fedrouter.model import decoding
 from fedrouter.model.loading import BaseModel, load_base_model, lora_config
+from fedrouter.model.prompts import chat_ids
+
+Message = Mapping[str, str]
+Prompt = Union[str, Sequence[Message]]  # noqa: UP007 (a runtime alias: `|` on a string and a generic fails)
+
+MODES = ("global", "local", "cluster", "base")
+
+
+class PromptTooLong(ValueError):
+    def __init__(self, tokens: int, max_new_tokens: int, context: int) -> None:
+        super().__init__(
+            f"the prompt is {tokens} tokens and max_tokens is {max_new_tokens}: together {tokens + max_new_tokens}, "
+            f"more than the model's context of {context} tokens"
+        )
+        self.tokens, self.context = tokens, context
+
+
+@dataclass(frozen=True)
+class Route:
+    """How a prompt's adapter is chosen: ``global`` (nearest global centroid), ``local`` (nearest of one
+    client's local centroids, then its global cluster), ``cluster`` (this adapter), ``base`` (no adapter)."""
+
+    mode: str = "global"
+    client: int | None = None
+    cluster: int | None = None
+
+
+@dataclass(frozen=True)
+class Choice:
+    adapter: int | None  # the global cluster whose adapter serves the prompt; None: the base model
+    distance: float | None  # Euclidean distance to the centroid that chose it (None when nothing was embedded)
+    distances: tuple[float, ...] = ()  # to every global centroid, in cluster order (empty when not embedded)
 
 
 @dataclass(frozen=True)
 class Answer:
-    prompt: str
+    prompt: Prompt
     text: str
-    adapter: int  # the global cluster whose adapter served this prompt
+    adapter: int | None  # the global cluster whose adapter served this prompt; None: the base model
+    distance: float | None = None
+    finish_reason: str = "stop"  # "stop" (end token or a stop string) or "length" (max_new_tokens reached)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def routing_text(prompt: Prompt) -> str:
+    """The text embedded to route a prompt: the instruction itself, or a chat's last user turn."""
+    if isinstance(prompt, str):
+        return prompt
+    for message in reversed(prompt):
+        if message.get("role") == "user":
+            return str(message.get("content", ""))
+    raise ValueError("a chat needs at least one user message to route")
 
 
 class Router:
@@ -40,6 +94,7 @@ class Router:
             )
         self.artifact = artifact
         self.base = base
+        self._slots: list[str] | None = None
 
     @classmethod
     def load(cls, run_dir: str | Path, *, model: str | None = None, precision: str | None = None) -> Router:
@@ -59,54 +114,111 @@ class Router:
     def num_adapters(self) -> int:
         return self.artifact.num_global
 
-    def embed(self, prompts: Sequence[str]) -> np.ndarray:
-        space = discovery.embedding_space(self.base, self.artifact.embed_depth, self.artifact.embed_scale)
-        return space.embed(self.base, list(prompts), max_len=self.artifact.max_seq_len)
+    @property
+    def clients(self) -> list[int]:
+        return sorted(self.artifact.local_centroids)
 
-    def route(self, prompts: Sequence[str], *, mode: str = "global", client: int | None = None) -> np.ndarray:
+    @property
+    def context(self) -> int:
+        """The most tokens (prompt and answer) the base model takes."""
+        return int(self.base.model.get_base_model().config.max_position_embeddings)
+
+    def embed(self, prompts: Sequence[Prompt]) -> np.ndarray:
+        space = discovery.embedding_space(self.base, self.artifact.embed_depth, self.artifact.embed_scale)
+        texts = [routing_text(p) for p in prompts]
+        return space.embed(self.base, texts, max_len=self.artifact.max_seq_len)
+
+    def check_route(self, route: Route) -> None:
+        if route.mode not in MODES:
+            raise ValueError(f"unknown routing mode {route.mode!r} (expected one of {MODES})")
+        if route.mode == "local" and route.client not in self.artifact.local_centroids:
+            raise ValueError(f"local routing needs client= one of {self.clients}, got {route.client!r}")
+        if route.mode == "cluster" and route.cluster not in range(self.num_adapters):
+            raise ValueError(f"cluster routing needs cluster= one of 0..{self.num_adapters - 1}, got {route.cluster!r}")
+
+    def choose(self, prompts: Sequence[Prompt], routes: Sequence[Route]) -> list[Choice]:
+        """The adapter of each prompt under its own route; the prompts that need it are embedded in one batch."""
+        for r in routes:
+            self.check_route(r)
+        embedded = [i for i, r in enumerate(routes) if r.mode in ("global", "local")]
+        choices: list[Choice] = [Choice(r.cluster if r.mode == "cluster" else None, None) for r in routes]
+        if not embedded:
+            return choices
+        points = self.embed([prompts[i] for i in embedded])
+        to_global = np.sqrt(squared_distances(points, self.artifact.global_centroids))
+        for row, i in enumerate(embedded):
+            route, distances = routes[i], tuple(float(d) for d in to_global[row])
+            if route.mode == "global":
+                g = int(to_global[row].argmin())
+                choices[i] = Choice(g, distances[g], distances)
+            else:
+                local = np.sqrt(squared_distances(points[row : row + 1], self.artifact.local_centroids[route.client]))
+                c = int(local[0].argmin())
+                choices[i] = Choice(int(self.artifact.cluster_map[route.client][c]), float(local[0, c]), distances)
+        return choices
+
+    def route(self, prompts: Sequence[Prompt], *, mode: str = "global", client: int | None = None) -> np.ndarray:
         """Global cluster index for each prompt. ``mode="local"`` needs the ``client`` whose clusters to use."""
-        local_centroids = local_map = None
-        if mode == "local":
-            if client is None or client not in self.artifact.local_centroids:
-                known = sorted(self.artifact.local_centroids)
-                raise ValueError(f"local routing needs client= one of {known}, got {client!r}")
-            local_centroids = self.artifact.local_centroids[client]
-            local_map = self.artifact.cluster_map[client]
-        return route(
-            self.embed(prompts),
-            mode=mode,
-            global_centroids=self.artifact.global_centroids,
-            local_centroids=local_centroids,
-            local_to_global=local_map,
-        )
+        if mode not in ("global", "local"):
+            raise ValueError(f"route: mode {mode!r} embeds nothing (expected 'global' or 'local')")
+        choices = self.choose(list(prompts), [Route(mode, client)] * len(prompts))
+        return np.asarray([c.adapter for c in choices], dtype=np.int64)
+
+    def encode(self, prompt: Prompt, max_new_tokens: int) -> list[int]:
+        """The prompt's token ids under the model's chat template; too long for the context: ``PromptTooLong``."""
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        ids = chat_ids(self.base.tokenizer, messages)
+        if len(ids) + max_new_tokens > self.context:
+            raise PromptTooLong(len(ids), max_new_tokens, self.context)
+        return ids
+
+    def decode(self, rows: Sequence[decoding.Row]) -> list[decoding.Completion]:
+        """One batched generation over rows that may each use another adapter (slot names from ``slot``)."""
+        if self._slots is None:
+            self._slots = decoding.load_adapters(self.base, self.artifact.adapters)
+        return decoding.decode(self.base, rows)
+
+    @staticmethod
+    def slot(adapter: int | None) -> str:
+        return decoding.BASE if adapter is None else decoding.adapter_slot(adapter)
 
     def generate(
         self,
-        prompts: Sequence[str],
+        prompts: Sequence[Prompt],
         *,
         mode: str = "global",
         client: int | None = None,
+        cluster: int | None = None,
         max_new_tokens: int = 48,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
         batch_size: int = 16,
     ) -> list[Answer]:
-        """Route every prompt, then generate greedily, batched per adapter; answers keep the prompts' order."""
+        """Route every prompt, then generate in batches that mix adapters; answers keep the prompts' order.
+
+        ``temperature`` 0 decodes greedily; above 0 it samples (with ``top_p``), reproducibly when ``seed`` is
+        given. Each answer ends at the end token, at the first of the ``stop`` strings (not included) or after
+        ``max_new_tokens`` tokens.
+        """
         prompts = list(prompts)
         if not prompts:
             return []
-        clusters = self.route(prompts, mode=mode, client=client)
-        groups: dict[int, list[int]] = defaultdict(list)
-        for i, g in enumerate(clusters):
-            groups[int(g)].append(i)
-        texts = [""] * len(prompts)
-        for g, indices in sorted(groups.items()):
-            lora.set_adapter(self.base, self.artifact.adapters[g])
-            outputs = compute.generate(
-                self.base,
-                [prompts[i] for i in indices],
-                max_new_tokens=max_new_tokens,
-                batch_size=batch_size,
-                max_len=self.artifact.max_seq_len + max_new_tokens,
-            )
-            for i, text in zip(indices, outputs, strict=True):
-                texts[i] = text
-        return [Answer(p, t, int(g)) for p, t, g in zip(prompts, texts, clusters, strict=True)]
+        sampling = decoding.Sampling(max_new_tokens, temperature, top_p, tuple(stop), seed)
+        choices = self.choose(prompts, [Route(mode, client, cluster)] * len(prompts))
+        rows = [
+            decoding.Row(self.encode(p, max_new_tokens), self.slot(c.adapter), sampling)
+            for p, c in zip(prompts, choices, strict=True)
+        ]
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids))
+        completions: list[decoding.Completion | None] = [None] * len(rows)
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            for i, done in zip(batch, self.decode([rows[i] for i in batch]), strict=True):
+                completions[i] = done
+        return [
+            Answer(p, done.text, c.adapter, c.distance, done.finish_reason, done.prompt_tokens, done.completion_tokens)
+            for p, c, done in zip(prompts, choices, completions, strict=True)
+            if done is not None
+        ]

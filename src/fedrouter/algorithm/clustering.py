@@ -98,12 +98,16 @@ def cluster_means(points: np.ndarray, labels: np.ndarray, weights: np.ndarray | 
     return np.stack([np.average(points[labels == g], axis=0, weights=weights[labels == g]) for g in groups])
 
 
-def nearest(points: np.ndarray, centers: np.ndarray) -> np.ndarray:
-    """Index of the nearest center (Euclidean) for every point."""
+def squared_distances(points: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """(points, centers) squared Euclidean distances, in float64."""
     points = np.asarray(points, dtype=np.float64)
     centers = np.asarray(centers, dtype=np.float64)
-    distances = ((points[:, None, :] - centers[None, :, :]) ** 2).sum(-1)
-    return distances.argmin(1)
+    return ((points[:, None, :] - centers[None, :, :]) ** 2).sum(-1)
+
+
+def nearest(points: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """Index of the nearest center (Euclidean) for every point."""
+    return squared_distances(points, centers).argmin(1)
 
 
 def local_clusters(

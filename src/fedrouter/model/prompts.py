@@ -2,17 +2,35 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 from transformers import PreTrainedTokenizerBase
 
-_FALLBACK = "### Instruction:\n{instruction}\n\n### Response:\n"
+_FALLBACK_HEADINGS = {"system": "### System:", "user": "### Instruction:", "assistant": "### Response:"}
+ROLES = tuple(_FALLBACK_HEADINGS)
+
+
+def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, str]]) -> str:
+    """A chat (system, user and assistant turns) as the text the model continues with its answer.
+
+    The tokenizer's chat template where it has one; otherwise "### Instruction:" / "### Response:" headings.
+    """
+    for i, message in enumerate(messages):
+        if message.get("role") not in ROLES or not isinstance(message.get("content"), str):
+            raise ValueError(f"message {i}: expected a role in {ROLES} and a text content, got {dict(message)!r}")
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    turns = [f"{_FALLBACK_HEADINGS[m['role']]}\n{m['content']}\n\n" for m in messages]
+    return "".join(turns) + _FALLBACK_HEADINGS["assistant"] + "\n"
 
 
 def _render(tokenizer: PreTrainedTokenizerBase, instruction: str) -> str:
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": instruction}], tokenize=False, add_generation_prompt=True
-        )
-    return _FALLBACK.format(instruction=instruction)
+    return render_chat(tokenizer, [{"role": "user", "content": instruction}])
+
+
+def chat_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, str]]) -> list[int]:
+    """Token ids of a whole chat ready for the answer, not shortened."""
+    return _ids(tokenizer, render_chat(tokenizer, messages))
 
 
 def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:

@@ -1,0 +1,215 @@
+"""Load test of `fedrouter serve` on loopback: throughput, latency and routing at 1, 4 and 16 concurrent clients.
+
+    .venv/bin/python benchmarks/serving_load.py RUN_DIR [--data ../shared/data/paper4-raw] [--max-tokens 32]
+
+RUN_DIR is a trained FedRouter run on that data. The script, side by side in one run:
+1. loads the run in this process and answers the prompts one `Router.generate` call at a time, greedily (the
+   sequential baseline; it also gives each prompt's adapter);
+2. starts `fedrouter serve RUN_DIR` on a free loopback port and sends the same kind of prompts from 1, 4 and 16
+   client threads (the official `openai` client), each level bounded in requests and in time;
+3. stops the server (its whole process group) and writes benchmarks/results/serving.json: requests and tokens per
+   second, p50/p99 latency, routing accuracy against the prompts' true tasks, requests lost, requests answered by
+   another adapter than `Router.generate` gives the same prompt, and the throughput ratio of 16 clients to the
+   sequential baseline.
+
+The baseline and the server never run at the same time. Other work on the machine slows both alike only if it
+is steady: the record says what else was running when it was measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import openai
+
+from fedrouter.bench import commit, machine
+from fedrouter.deploy import free_port
+from fedrouter.router import Router
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "results" / "serving.json"
+LEVELS = {1: 8, 4: 32, 16: 64}  # concurrent clients: requests sent
+LEVEL_LIMIT_S = 600
+
+
+def prompts(path: Path, count: int) -> list[dict]:
+    """``count`` test samples, the tasks taken in turn."""
+    by_task: dict[str, list[dict]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        sample = json.loads(line)
+        by_task.setdefault(sample["task"], []).append(sample)
+    tasks = sorted(by_task)
+    return [by_task[tasks[i % len(tasks)]][i // len(tasks)] for i in range(count)]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def start_server(run_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    command = [sys.executable, "-m", "fedrouter.cli", "serve", str(run_dir), "--port", str(port), "--max-batch", "16"]
+    process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    stop_server(process)
+    raise RuntimeError(f"the server did not start: {log.read_text()[-2000:]}")
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def load_level(url: str, samples: list[dict], clients: int, max_tokens: int) -> tuple[list[dict], float]:
+    """Send every sample from ``clients`` threads; one result per sample (None fields when lost)."""
+    results: list[dict | None] = [None] * len(samples)
+    next_index = iter(range(len(samples)))
+    lock = threading.Lock()
+    deadline = time.monotonic() + LEVEL_LIMIT_S
+
+    def worker() -> None:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=LEVEL_LIMIT_S)
+        while time.monotonic() < deadline:
+            with lock:
+                i = next(next_index, None)
+            if i is None:
+                return
+            started = time.perf_counter()
+            try:
+                response = client.chat.completions.create(
+                    model="fedrouter",
+                    messages=[{"role": "user", "content": samples[i]["instruction"]}],
+                    max_tokens=max_tokens,
+                )
+            except openai.OpenAIError as err:
+                results[i] = {"error": str(err)}
+                continue
+            results[i] = {
+                "latency_s": time.perf_counter() - started,
+                "adapter": response.model_extra["fedrouter"]["adapter"],
+                "tokens": response.usage.completion_tokens,
+                "text": response.choices[0].message.content,
+            }
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [r or {"error": "not sent in time"} for r in results], time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "paper4-raw")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--note", default="", help="what else ran on the machine meanwhile")
+    args = parser.parse_args()
+
+    metrics = json.loads((args.run_dir / "metrics.json").read_text())
+    majority = {
+        f"cluster_{g}": Counter(tasks).most_common(1)[0][0]
+        for g, tasks in metrics["clustering"]["global_cluster_tasks"].items()
+    }
+    samples = prompts(args.data / "test.jsonl", max(LEVELS.values()))
+
+    # 1. The sequential baseline, in this process: one Router.generate call per prompt.
+    router = Router.load(args.run_dir)
+    router.generate([samples[0]["instruction"]], max_new_tokens=2)  # warm-up: adapters loaded, first call paid
+    baseline, started = [], time.perf_counter()
+    for sample in samples:
+        answer = router.generate([sample["instruction"]], max_new_tokens=args.max_tokens)[0]
+        baseline.append(answer)
+    baseline_s = time.perf_counter() - started
+    expected = [f"cluster_{a.adapter}" for a in baseline]
+    del router
+
+    # 2. The server, after the baseline: 1, 4 and 16 clients.
+    levels = {}
+    process, url = start_server(args.run_dir, OUT.with_suffix(".server.log"))
+    try:
+        load_level(url, samples[:2], 1, 2)  # warm-up
+        for clients, count in LEVELS.items():
+            results, wall = load_level(url, samples[:count], clients, args.max_tokens)
+            done = [(i, r) for i, r in enumerate(results) if "error" not in r]
+            latencies = [r["latency_s"] for _, r in done]
+            levels[str(clients)] = {
+                "requests": count,
+                "answered": len(done),
+                "lost": count - len(done),
+                "errors": sorted({r["error"] for r in results if "error" in r})[:3],
+                "wall_s": round(wall, 2),
+                "requests_per_s": round(len(done) / wall, 3),
+                "tokens_per_s": round(sum(r["tokens"] for _, r in done) / wall, 2),
+                "latency_p50_s": round(percentile(latencies, 0.5), 3) if latencies else None,
+                "latency_p99_s": round(percentile(latencies, 0.99), 3) if latencies else None,
+                "routing_accuracy": round(
+                    sum(majority.get(r["adapter"]) == samples[i]["task"] for i, r in done) / count, 4
+                ),
+                "other_adapter_than_router_generate": sum(r["adapter"] != expected[i] for i, r in done),
+                "same_text_as_router_generate": round(
+                    sum(r["text"] == baseline[i].text for i, r in done) / max(len(done), 1), 4
+                ),
+            }
+            print(f"{clients:2d} clients: {json.dumps(levels[str(clients)])}", flush=True)
+        health = httpx.get(f"{url}/health", timeout=5).json()
+    finally:
+        stop_server(process)
+
+    sequential = {
+        "requests": len(samples),
+        "wall_s": round(baseline_s, 2),
+        "requests_per_s": round(len(samples) / baseline_s, 3),
+        "tokens_per_s": round(sum(a.completion_tokens for a in baseline) / baseline_s, 2),
+        "routing_accuracy": round(
+            sum(majority.get(e) == s["task"] for e, s in zip(expected, samples, strict=True)) / len(samples), 4
+        ),
+    }
+    record = {
+        "command": f"python benchmarks/serving_load.py {args.run_dir} --data {args.data} --max-tokens {args.max_tokens}",
+        "commit": commit(),
+        "machine": machine(),
+        "note": args.note,
+        "run": str(args.run_dir),
+        "max_tokens": args.max_tokens,
+        "sequential_router_generate": sequential,
+        "server": levels,
+        "server_batches": health["batches"],
+        "throughput_ratio_16_clients_vs_sequential": round(
+            levels["16"]["requests_per_s"] / sequential["requests_per_s"], 2
+        ),
+    }
+    OUT.write_text(json.dumps(record, indent=2) + "\n")
+    print(
+        json.dumps({k: record[k] for k in ("sequential_router_generate", "throughput_ratio_16_clients_vs_sequential")})
+    )
+    print(f"wrote {OUT}")
+
+
+if __name__ == "__main__":
+    main()

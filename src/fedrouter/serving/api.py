@@ -1,0 +1,428 @@
+"""The OpenAI-compatible HTTP API of ``fedrouter serve`` (FastAPI), and the playground page.
+
+Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (``stream`` with server-sent events),
+``GET /v1/models``, ``GET /health``, ``GET /`` (the playground). The ``model`` field chooses the routing
+(``model_routes``). Every answer carries a ``fedrouter`` object (the adapter that served it, the routing distance
+and the distances to every global centroid) and the headers ``X-FedRouter-Adapter`` / ``X-FedRouter-Distance``.
+
+Errors use OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 for a malformed body, an
+unknown or unsupported field or a prompt longer than the context, 401 for a missing or wrong key, 404 for an
+unknown model (the message lists the valid ones), 413 for a body over 1 MiB, 429 with ``Retry-After`` when the
+queue is full. A request's text never reaches the file system: it is tokenized, embedded and answered in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Annotated, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from fedrouter.model.decoding import Completion, Sampling
+from fedrouter.router import Choice, Prompt, PromptTooLong, Route, Router
+from fedrouter.serving.engine import Engine, QueueFull
+from fedrouter.serving.engine import Request as EngineRequest
+
+MAX_BODY = 1 << 20
+DEFAULT_MAX_TOKENS = 128
+PLAYGROUND = resources.files("fedrouter.serving") / "playground"
+
+
+class ClientGone(Exception):
+    """The caller closed its connection before its answer was ready."""
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+# -- request bodies: unknown fields are errors, so a setting the server would ignore is never silently lost ----
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Generation(_Strict):
+    model: str = "fedrouter"
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] = 0.0  # greedy unless asked: the benchmark's decoding
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    stop: str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)] | None = None
+    seed: int | None = None
+    n: Literal[1] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # accepted and ignored, as a caller's label for its own end user
+
+    @field_validator("stop")
+    @classmethod
+    def _nonempty_stop(cls, value):
+        if value == "":
+            raise ValueError("a stop string must not be empty")
+        return value
+
+    def sampling(self) -> Sampling:
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return Sampling(self.budget(), self.temperature, self.top_p, stop, self.seed)
+
+    def budget(self) -> int:
+        return self.max_tokens or DEFAULT_MAX_TOKENS
+
+
+class ChatRequest(_Generation):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+
+    def budget(self) -> int:
+        return self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS
+
+    def prompt(self) -> Prompt:
+        if not any(m.role == "user" for m in self.messages):
+            raise ApiError(400, "messages: at least one message must have the role 'user'", param="messages")
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+
+class CompletionRequest(_Generation):
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+
+    def text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+# -- the application ---------------------------------------------------------------------------------------
+
+
+def model_routes(router: Router) -> dict[str, Route]:
+    """The ``model`` names a caller may use, and how each routes."""
+    routes = {"fedrouter": Route("global")}
+    routes |= {f"fedrouter-local:{c}": Route("local", client=c) for c in router.clients}
+    routes |= {f"cluster_{g}": Route("cluster", cluster=g) for g in range(router.num_adapters)}
+    routes["base"] = Route("base")
+    return routes
+
+
+def _adapter_name(choice: Choice) -> str:
+    return "base" if choice.adapter is None else f"cluster_{choice.adapter}"
+
+
+def _routing_info(route: Route, choice: Choice) -> dict:
+    return {
+        "adapter": _adapter_name(choice),
+        "routing": route.mode,
+        "distance": choice.distance,
+        "distances": list(choice.distances),
+    }
+
+
+def _headers(choice: Choice) -> dict[str, str]:
+    headers = {"X-FedRouter-Adapter": _adapter_name(choice)}
+    if choice.distance is not None:
+        headers["X-FedRouter-Distance"] = f"{choice.distance:.6g}"
+    return headers
+
+
+def _field(loc: tuple) -> str:
+    parts = [str(p) for p in loc if p != "body"]
+    return ".".join(parts) or "body"
+
+
+def create_app(router: Router, *, api_key: str | None = None, max_batch: int = 16, max_queue: int = 64) -> FastAPI:
+    engine = Engine(router, max_batch=max_batch, max_queue=max_queue)
+    routes = model_routes(router)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start(asyncio.get_running_loop())
+        yield
+        engine.stop()
+
+    app = FastAPI(title="FedRouter", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine = engine
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, err: ApiError) -> JSONResponse:
+        return err.response()
+
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, err: ClientGone) -> Response:
+        return Response(status_code=499)  # nobody reads it: the status of nginx's "client closed request"
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0]
+        where = _field(tuple(first.get("loc", ())))
+        if first.get("type") == "json_invalid":
+            message = f"the body is not valid JSON: {first.get('msg')} ({first.get('ctx', {}).get('error', '')})"
+            return ApiError(400, message, param=None, code="invalid_json").response()
+        if first.get("type") == "extra_forbidden":
+            return ApiError(400, f"{where}: unknown or unsupported field", param=where, code="unknown_field").response()
+        return ApiError(400, f"{where}: {first.get('msg')}", param=where, code="invalid_value").response()
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+            return ApiError(413, f"the body is over {MAX_BODY} bytes", code="body_too_large").response()
+        if request.method == "POST" and length is None:
+            return ApiError(411, "a request body needs a Content-Length header", code="length_required").response()
+        if api_key is not None and request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "")
+            expected = f"Bearer {api_key}"
+            if not hmac.compare_digest(given.encode(), expected.encode()):
+                return ApiError(
+                    401,
+                    "missing or wrong API key (send 'Authorization: Bearer KEY')",
+                    kind="authentication_error",
+                    code="invalid_api_key",
+                ).response()
+        return await call_next(request)
+
+    def resolve(name: str) -> Route:
+        if name not in routes:
+            raise ApiError(
+                404,
+                f"model {name!r} does not exist; the models are: {', '.join(routes)}",
+                param="model",
+                code="model_not_found",
+            )
+        return routes[name]
+
+    def admit(prompt: Prompt, body: _Generation, param: str) -> EngineRequest:
+        route = resolve(body.model)
+        try:
+            sampling = body.sampling()
+            ids = router.encode(prompt, sampling.max_new_tokens)
+        except PromptTooLong as err:
+            raise ApiError(400, str(err), param=param, code="context_length_exceeded") from None
+        except ValueError as err:
+            raise ApiError(400, str(err), param=param) from None
+        request = EngineRequest(prompt, ids, route, sampling)
+        try:
+            engine.submit(request)
+        except QueueFull as err:
+            raise ApiError(
+                429,
+                f"too many requests: {err}",
+                kind="rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": "1"},
+            ) from None
+        return request
+
+    async def next_event(http: Request, request: EngineRequest) -> tuple[str, object]:
+        """The engine's next event for this request; a client gone meanwhile cancels the request."""
+        while True:
+            try:
+                return await asyncio.wait_for(request.events.get(), timeout=0.5)
+            except TimeoutError:
+                if await http.is_disconnected():
+                    engine.cancel(request)
+                    raise ClientGone from None
+
+    async def finish(http: Request, request: EngineRequest) -> tuple[Choice, Completion]:
+        choice, pieces = None, []
+        while True:
+            kind, value = await next_event(http, request)
+            if kind == "route":
+                choice = value
+            elif kind == "text":
+                pieces.append(value)
+            elif kind == "error":
+                raise ApiError(500, str(value), kind="server_error")
+            else:
+                assert choice is not None
+                return choice, value
+
+    async def first_route(http: Request, request: EngineRequest) -> Choice:
+        kind, value = await next_event(http, request)
+        if kind == "error":
+            raise ApiError(500, str(value), kind="server_error")
+        assert kind == "route"
+        return value
+
+    def usage(done: Completion) -> dict:
+        return {
+            "prompt_tokens": done.prompt_tokens,
+            "completion_tokens": done.completion_tokens,
+            "total_tokens": done.prompt_tokens + done.completion_tokens,
+        }
+
+    async def stream(
+        http: Request, request: EngineRequest, body: _Generation, choice: Choice, chunk
+    ) -> AsyncIterator[str]:
+        """Server-sent events: the chunks, a usage chunk when asked for, then ``[DONE]``."""
+        try:
+            yield f"data: {json.dumps(chunk(None, None, first=True))}\n\n"
+            while True:
+                kind, value = await next_event(http, request)
+                if kind == "text":
+                    yield f"data: {json.dumps(chunk(value, None))}\n\n"
+                elif kind == "error":
+                    yield f"data: {json.dumps({'error': {'message': value, 'type': 'server_error'}})}\n\n"
+                    return
+                elif kind == "done":
+                    final = chunk(None, value.finish_reason)
+                    final["fedrouter"] = _routing_info(request.route, choice)
+                    yield f"data: {json.dumps(final)}\n\n"
+                    if body.stream_options and body.stream_options.include_usage:
+                        yield f"data: {json.dumps({**chunk(None, None), 'choices': [], 'usage': usage(value)})}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+        finally:
+            engine.cancel(request)  # no-op once done; frees the row when the client left mid-stream
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, http: Request) -> Response:
+        request = admit(body.prompt(), body, "messages")
+        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            choice = await first_route(http, request)
+
+            def chunk(text: str | None, finish: str | None, first: bool = False) -> dict:
+                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+                return {
+                    "id": ident,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": body.model,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+                }
+
+            return StreamingResponse(
+                stream(http, request, body, choice, chunk), media_type="text/event-stream", headers=_headers(choice)
+            )
+        choice, done = await finish(http, request)
+        answer = {
+            "id": ident,
+            "object": "chat.completion",
+            "created": created,
+            "model": body.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": done.text},
+                    "finish_reason": _finish(done),
+                    "logprobs": None,
+                }
+            ],
+            "usage": usage(done),
+            "fedrouter": _routing_info(request.route, choice),
+        }
+        return JSONResponse(answer, headers=_headers(choice))
+
+    @app.post("/v1/completions")
+    async def complete(body: CompletionRequest, http: Request) -> Response:
+        request = admit(body.text(), body, "prompt")
+        ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            choice = await first_route(http, request)
+
+            def chunk(text: str | None, finish: str | None, first: bool = False) -> dict:
+                return {
+                    "id": ident,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": body.model,
+                    "choices": [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}],
+                }
+
+            return StreamingResponse(
+                stream(http, request, body, choice, chunk), media_type="text/event-stream", headers=_headers(choice)
+            )
+        choice, done = await finish(http, request)
+        answer = {
+            "id": ident,
+            "object": "text_completion",
+            "created": created,
+            "model": body.model,
+            "choices": [{"index": 0, "text": done.text, "finish_reason": _finish(done), "logprobs": None}],
+            "usage": usage(done),
+            "fedrouter": _routing_info(request.route, choice),
+        }
+        return JSONResponse(answer, headers=_headers(choice))
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        created = int(time.time())
+        return {
+            "object": "list",
+            "data": [
+                {"id": name, "object": "model", "created": created, "owned_by": "fedrouter", "routing": route.mode}
+                for name, route in routes.items()
+            ],
+        }
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {
+            "status": "ok",
+            "adapters": router.num_adapters,
+            "clients": router.clients,
+            "queue": engine.load,
+            "max_queue": engine.max_queue,
+            "batches": engine.batches,
+            "served": engine.served,
+            "cancelled": engine.cancelled,
+        }
+
+    @app.get("/")
+    async def playground() -> FileResponse:
+        return FileResponse(str(PLAYGROUND / "index.html"), media_type="text/html")
+
+    @app.get("/playground/{name}")
+    async def playground_file(name: str) -> FileResponse:
+        files = {"app.js": "text/javascript", "style.css": "text/css"}
+        if name not in files:  # a fixed list: no path a request sends reaches the file system
+            raise ApiError(404, f"no playground file {name!r}", code="not_found")
+        return FileResponse(str(PLAYGROUND / name), media_type=files[name])
+
+    return app
+
+
+def _finish(done: Completion) -> str:
+    return "length" if done.finish_reason == "length" else "stop"

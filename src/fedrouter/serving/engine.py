@@ -1,0 +1,150 @@
+"""The serving engine: one worker thread that owns the model and answers requests in batches.
+
+Requests arrive from the web server's event loop (``submit``) and wait in a bounded queue. Whenever the worker is
+free it takes everything waiting (up to ``max_batch``), embeds and routes those prompts together, and decodes them
+in one batch that mixes adapters (``Router.decode``). Each request gets its route as soon as it is known, then its
+text piece by piece (for streaming) and its completion, all through thread-safe callbacks into the event loop.
+
+A request that is cancelled (its client went away) leaves the queue at once, or finishes its row at the next
+token when it is already being decoded; either way its place in the queue is free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from fedrouter.model import decoding
+from fedrouter.router import Choice, Prompt, Route, Router
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """The engine holds ``max_queue`` requests already: try again later."""
+
+
+@dataclass
+class Request:
+    prompt: Prompt
+    ids: list[int]  # the encoded prompt (``Router.encode``)
+    route: Route
+    sampling: decoding.Sampling
+    # Filled in by the engine, read on the event loop through ``events``:
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+
+
+# What a request's ``events`` queue receives, in order: ("route", Choice), then ("text", str) pieces,
+# then ("done", Completion) or ("error", message).
+
+
+class Engine:
+    def __init__(self, router: Router, *, max_batch: int = 16, max_queue: int = 64) -> None:
+        if max_batch < 1 or max_queue < 1:
+            raise ValueError(f"max_batch and max_queue must be at least 1, got {max_batch} and {max_queue}")
+        self.router = router
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self._waiting: deque[Request] = deque()
+        self._active = 0  # requests taken by the worker and not yet done
+        self._lock = threading.Condition()
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self.batches = 0  # decoded batches (for /health and the load test)
+        self.served = 0
+        self.cancelled = 0  # rows finished early because their client went away
+
+    # -- the event loop's side --------------------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="fedrouter-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    @property
+    def load(self) -> int:
+        """Requests waiting or being answered."""
+        with self._lock:
+            return len(self._waiting) + self._active
+
+    def submit(self, request: Request) -> None:
+        with self._lock:
+            if self._stopping:
+                raise QueueFull("the server is shutting down")
+            if len(self._waiting) + self._active >= self.max_queue:
+                raise QueueFull(f"{self.max_queue} requests are already waiting or being answered")
+            self._waiting.append(request)
+            self._lock.notify()
+
+    def cancel(self, request: Request) -> None:
+        request.cancelled.set()
+        # Waiting: it leaves the queue. Already being decoded: its row finishes at the next token.
+        with self._lock, contextlib.suppress(ValueError):
+            self._waiting.remove(request)
+
+    # -- the worker's side ------------------------------------------------------------------------------------
+
+    def _emit(self, request: Request, kind: str, value) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(request.events.put_nowait, (kind, value))
+
+    def _take(self) -> list[Request] | None:
+        with self._lock:
+            while not self._waiting and not self._stopping:
+                self._lock.wait()
+            if self._stopping:
+                return None
+            batch = [self._waiting.popleft() for _ in range(min(self.max_batch, len(self._waiting)))]
+            self._active += len(batch)
+            return batch
+
+    def _run(self) -> None:
+        while (batch := self._take()) is not None:
+            try:
+                self._answer(batch)
+            except Exception as err:  # one bad batch must not stop the server
+                log.exception("a batch of %d requests failed", len(batch))
+                for request in batch:
+                    self._emit(request, "error", f"generation failed: {type(err).__name__}: {err}")
+            finally:
+                with self._lock:
+                    self._active -= len(batch)
+
+    def _answer(self, batch: list[Request]) -> None:
+        live = [r for r in batch if not r.cancelled.is_set()]
+        if not live:
+            return
+        choices: list[Choice] = self.router.choose([r.prompt for r in live], [r.route for r in live])
+        rows = []
+        for request, choice in zip(live, choices, strict=True):
+            self._emit(request, "route", choice)
+            rows.append(
+                decoding.Row(
+                    request.ids,
+                    self.router.slot(choice.adapter),
+                    request.sampling,
+                    on_text=lambda piece, r=request: self._emit(r, "text", piece),
+                    cancelled=request.cancelled.is_set,
+                )
+            )
+        completions = self.router.decode(rows)
+        self.batches += 1
+        self.served += len(live)
+        for request, done in zip(live, completions, strict=True):
+            self.cancelled += done.finish_reason == "cancelled"
+            self._emit(request, "done", done)
