@@ -92,6 +92,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch", type=int, default=16, help="most requests decoded in one batch")
     serve.add_argument("--max-queue", type=int, default=64, help="most requests waiting or answered; then 429")
     serve.add_argument("--model", help="base model to load instead of the recorded one")
+    serve.add_argument(
+        "--backend",
+        choices=("local", "vllm"),
+        default="local",
+        help="who generates: this process (default) or a vLLM server (FedRouter then only embeds and routes)",
+    )
+    serve.add_argument("--vllm-url", help="the vLLM server's base URL, e.g. http://127.0.0.1:8001 (backend vllm)")
+    serve.add_argument("--vllm-model", help="the base model's name on the vLLM server (default: the recorded one)")
     serve.add_argument("--precision", choices=("auto", "bf16", "fp32"), help="instead of the recorded one")
 
     show = commands.add_parser("config", help="print every setting with its resolved value and meaning")
@@ -259,8 +267,15 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-batch and --max-queue must be at least 1, got {args.max_batch}, {args.max_queue}")
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port {args.port}: expected 1 to 65535")
+    if (args.backend == "vllm") != bool(args.vllm_url):
+        raise ConfigError("--vllm-url goes with --backend vllm, and --backend vllm needs --vllm-url")
     router = Router.load(args.run_dir, model=args.model, precision=args.precision)
-    app = create_app(router, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue)
+    gateway = None
+    if args.backend == "vllm":
+        from fedrouter.serving.gateway import VllmGateway
+
+        gateway = VllmGateway(router, args.vllm_url, args.vllm_model or router.artifact.base_model)
+    app = create_app(router, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue, gateway=gateway)
     print(
         f"fedrouter: serving {args.run_dir} ({router.num_adapters} adapters) on http://{args.host}:{args.port}/",
         flush=True,

@@ -32,6 +32,7 @@ from fedrouter.model.decoding import Completion, Sampling
 from fedrouter.router import Choice, Prompt, PromptTooLong, Route, Router
 from fedrouter.serving.engine import Engine, QueueFull
 from fedrouter.serving.engine import Request as EngineRequest
+from fedrouter.serving.gateway import VllmGateway
 
 MAX_BODY = 1 << 20
 DEFAULT_MAX_TOKENS = 128
@@ -171,7 +172,15 @@ def _field(loc: tuple) -> str:
     return ".".join(parts) or "body"
 
 
-def create_app(router: Router, *, api_key: str | None = None, max_batch: int = 16, max_queue: int = 64) -> FastAPI:
+def create_app(
+    router: Router,
+    *,
+    api_key: str | None = None,
+    max_batch: int = 16,
+    max_queue: int = 64,
+    gateway: VllmGateway | None = None,
+) -> FastAPI:
+    """The app; with ``gateway`` the answers come from a vLLM server and this process only embeds and routes."""
     engine = Engine(router, max_batch=max_batch, max_queue=max_queue)
     routes = model_routes(router)
 
@@ -180,6 +189,8 @@ def create_app(router: Router, *, api_key: str | None = None, max_batch: int = 1
         engine.start(asyncio.get_running_loop())
         yield
         engine.stop()
+        if gateway is not None:
+            await gateway.close()
 
     app = FastAPI(title="FedRouter", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
@@ -232,15 +243,27 @@ def create_app(router: Router, *, api_key: str | None = None, max_batch: int = 1
             )
         return routes[name]
 
-    def admit(prompt: Prompt, body: _Generation, param: str) -> EngineRequest:
+    def checked(prompt: Prompt, body: _Generation, param: str) -> tuple[Route, Sampling, list[int]]:
         route = resolve(body.model)
         try:
             sampling = body.sampling()
-            ids = router.encode(prompt, sampling.max_new_tokens)
+            return route, sampling, router.encode(prompt, sampling.max_new_tokens)
         except PromptTooLong as err:
             raise ApiError(400, str(err), param=param, code="context_length_exceeded") from None
         except ValueError as err:
             raise ApiError(400, str(err), param=param) from None
+
+    async def through_gateway(path: str, prompt: Prompt, body: _Generation, param: str) -> Response:
+        assert gateway is not None
+        route, _, _ = checked(prompt, body, param)
+        choice = await gateway.choose(prompt, route)
+        forwarded = body.model_dump(exclude_none=True, exclude={"user"})
+        return await gateway.forward(
+            path, forwarded, body.model, choice, _routing_info(route, choice), _headers(choice)
+        )
+
+    def admit(prompt: Prompt, body: _Generation, param: str) -> EngineRequest:
+        route, sampling, ids = checked(prompt, body, param)
         request = EngineRequest(prompt, ids, route, sampling)
         try:
             engine.submit(request)
@@ -318,6 +341,8 @@ def create_app(router: Router, *, api_key: str | None = None, max_batch: int = 1
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, http: Request) -> Response:
+        if gateway is not None:
+            return await through_gateway("/v1/chat/completions", body.prompt(), body, "messages")
         request = admit(body.prompt(), body, "messages")
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
@@ -357,6 +382,8 @@ def create_app(router: Router, *, api_key: str | None = None, max_batch: int = 1
 
     @app.post("/v1/completions")
     async def complete(body: CompletionRequest, http: Request) -> Response:
+        if gateway is not None:
+            return await through_gateway("/v1/completions", body.text(), body, "prompt")
         request = admit(body.text(), body, "prompt")
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
