@@ -164,10 +164,14 @@ class Router:
         choices = self.choose(list(prompts), [Route(mode, client)] * len(prompts))
         return np.asarray([c.adapter for c in choices], dtype=np.int64)
 
-    def encode(self, prompt: Prompt, max_new_tokens: int) -> list[int]:
-        """The prompt's token ids under the model's chat template; too long for the context: ``PromptTooLong``."""
+    def encode(self, prompt: Prompt, max_new_tokens: int, tokenizer=None) -> list[int]:
+        """The prompt's token ids under the model's chat template; too long for the context: ``PromptTooLong``.
+
+        ``tokenizer``: a copy of the model's, for a thread other than the one generating (a Rust tokenizer is
+        not safe to share between threads that tokenize at once).
+        """
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        ids = chat_ids(self.base.tokenizer, messages)
+        ids = chat_ids(tokenizer or self.base.tokenizer, messages)
         if len(ids) + max_new_tokens > self.context:
             raise PromptTooLong(len(ids), max_new_tokens, self.context)
         return ids

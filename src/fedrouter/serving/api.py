@@ -14,6 +14,7 @@ queue is full. A request's text never reaches the file system: it is tokenized, 
 from __future__ import annotations
 
 import asyncio
+import copy
 import hmac
 import json
 import time
@@ -183,6 +184,7 @@ def create_app(
     """The app; with ``gateway`` the answers come from a vLLM server and this process only embeds and routes."""
     engine = Engine(router, max_batch=max_batch, max_queue=max_queue)
     routes = model_routes(router)
+    tokenizer = copy.deepcopy(router.base.tokenizer)  # the event loop's own: the engine thread uses the model's
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -247,7 +249,7 @@ def create_app(
         route = resolve(body.model)
         try:
             sampling = body.sampling()
-            return route, sampling, router.encode(prompt, sampling.max_new_tokens)
+            return route, sampling, router.encode(prompt, sampling.max_new_tokens, tokenizer)
         except PromptTooLong as err:
             raise ApiError(400, str(err), param=param, code="context_length_exceeded") from None
         except ValueError as err:
