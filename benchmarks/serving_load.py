@@ -24,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -151,7 +152,7 @@ def main() -> None:
 
     # 2. The server, after the baseline: 1, 4 and 16 clients.
     levels = {}
-    process, url = start_server(args.run_dir, OUT.with_suffix(".server.log"))
+    process, url = start_server(args.run_dir, Path(tempfile.mkdtemp(prefix="fedrouter-load-")) / "server.log")
     try:
         load_level(url, samples[:2], 1, 2)  # warm-up
         for clients, count in LEVELS.items():

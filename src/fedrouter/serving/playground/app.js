@@ -56,20 +56,17 @@ function showRoute(turn, info) {
     bars.className = "bars";
     const far = Math.max(...info.distances) || 1;
     info.distances.forEach((d, g) => {
-      const chosen = info.adapter === "cluster_" + g ? " chosen" : "";
       const name = document.createElement("span");
-      name.className = chosen;
       name.textContent = "cluster_" + g;
       const bar = document.createElement("div");
-      bar.className = "bar" + chosen;
+      bar.className = "bar";
       const fill = document.createElement("span");
       fill.style.width = (100 * d / far).toFixed(1) + "%";
       bar.append(fill);
       const value = document.createElement("span");
-      value.className = chosen;
       value.textContent = d.toFixed(3);
       const row = [name, bar, value];
-      if (chosen) row.forEach((el) => el.classList.add("chosen"));
+      if (info.adapter === "cluster_" + g) row.forEach((el) => el.classList.add("chosen"));
       bars.append(...row);
     });
     box.append(bars);
