@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 
@@ -210,3 +212,15 @@ def test_a_client_leaving_mid_stream_frees_its_slot(server):
         time.sleep(0.2)
     after = server.health()
     assert after["queue"] == 0 and after["cancelled"] == before["cancelled"] + 1
+
+
+def test_serve_refuses_bad_arguments_before_loading_anything(tmp_path, run_dir):
+    def serve(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "fedrouter.cli", "serve", *args], capture_output=True, text=True)
+
+    missing = serve(str(tmp_path / "nope"))
+    assert missing.returncode == 2 and "no router artifact" in missing.stderr
+    gateway = serve(str(run_dir), "--backend", "vllm")
+    assert gateway.returncode == 2 and "--backend vllm needs --vllm-url" in gateway.stderr
+    queue = serve(str(run_dir), "--max-queue", "0")
+    assert queue.returncode == 2 and "--max-queue must be at least 1" in queue.stderr

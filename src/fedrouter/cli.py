@@ -269,6 +269,11 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--port {args.port}: expected 1 to 65535")
     if (args.backend == "vllm") != bool(args.vllm_url):
         raise ConfigError("--vllm-url goes with --backend vllm, and --backend vllm needs --vllm-url")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(
+            f"fedrouter: warning: serving on {args.host} without --api-key: anyone who reaches it can use it",
+            file=sys.stderr,
+        )
     router = Router.load(args.run_dir, model=args.model, precision=args.precision)
     gateway = None
     if args.backend == "vllm":
