@@ -227,16 +227,32 @@ def load_base_model(
                 f"setting 'model.name' = {name!r}: not a loadable model folder or reachable hub id ({err})"
             ) from err
     LOAD_COUNT += 1
+    base = wrap_base_model(
+        name, model, tokenizer, dtype, lora or lora_config(8, 16, 0.05, ["q_proj", "v_proj"], name), target
+    )
+    log.info("loaded base model %s (%s) in %.1fs", name, dtype, time.perf_counter() - started)
+    return base
+
+
+def wrap_base_model(
+    name: str,
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    dtype: torch.dtype,
+    lora: LoraConfig,
+    device: torch.device,
+) -> BaseModel:
+    """Freeze a causal LM in ``dtype`` on ``device`` and add the LoRA adapter slot (``load_base_model``'s
+    second half, for a model built some other way, such as from a config in ``benchmarks/gpu_check.py``)."""
     if tokenizer.pad_token is None:
         # Reuse an existing token: adding one would resize the vocabulary and drag the embedding matrices
         # into every adapter (the authors' 228 MB uploads).
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
-    model.to(target)
+    model.to(device)  # built in ``dtype`` already (from_pretrained or from_config with dtype=)
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    lora = lora or lora_config(8, 16, 0.05, ["q_proj", "v_proj"], name)
     wrapped = get_peft_model(model, lora)
     wrapped.eval()  # PEFT creates the LoRA dropout modules in training mode
     for parameter in wrapped.parameters():
@@ -251,7 +267,6 @@ def load_base_model(
             if isinstance(module, BaseTunerLayer):
                 module.cast_input_dtype_enabled = False
     wrapped.get_base_model().get_output_embeddings().register_forward_pre_hook(_contiguous_input)
-    log.info("loaded base model %s (%s) in %.1fs", name, dtype, time.perf_counter() - started)
     return BaseModel(name, wrapped, tokenizer, dtype, lora)
 
 
