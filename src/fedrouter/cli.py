@@ -91,6 +91,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--max-batch", type=int, default=16, help="most requests decoded in one batch")
     serve.add_argument("--max-queue", type=int, default=64, help="most requests waiting or answered; then 429")
+    serve.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=8192,
+        help="most padded positions (rows x longest prompt + answer) in one batch; a longer request runs alone",
+    )
     serve.add_argument("--model", help="base model to load instead of the recorded one")
     serve.add_argument(
         "--backend",
@@ -263,8 +269,11 @@ def _serve(args: argparse.Namespace) -> int:
     from fedrouter.router import Router
     from fedrouter.serving.api import create_app
 
-    if args.max_batch < 1 or args.max_queue < 1:
-        raise ConfigError(f"--max-batch and --max-queue must be at least 1, got {args.max_batch}, {args.max_queue}")
+    if min(args.max_batch, args.max_queue, args.max_batch_tokens) < 1:
+        raise ConfigError(
+            f"--max-batch, --max-queue and --max-batch-tokens must be at least 1, got {args.max_batch}, "
+            f"{args.max_queue}, {args.max_batch_tokens}"
+        )
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port {args.port}: expected 1 to 65535")
     if (args.backend == "vllm") != bool(args.vllm_url):

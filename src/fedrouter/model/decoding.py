@@ -48,6 +48,8 @@ class Sampling:
             raise ValueError(f"top_p: expected a number above 0 and at most 1, got {self.top_p}")
         if any(not s for s in self.stop):
             raise ValueError("stop: stop strings must not be empty")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed: expected a whole number from 0 to 2**63 - 1, got {self.seed}")
 
 
 @dataclass

@@ -95,7 +95,7 @@ class _Generation(_Strict):
     temperature: Annotated[float, Field(ge=0, le=2)] = 0.0  # greedy unless asked: the benchmark's decoding
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     stop: str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
     n: Literal[1] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -179,10 +179,11 @@ def create_app(
     api_key: str | None = None,
     max_batch: int = 16,
     max_queue: int = 64,
+    max_batch_tokens: int = 8192,
     gateway: VllmGateway | None = None,
 ) -> FastAPI:
     """The app; with ``gateway`` the answers come from a vLLM server and this process only embeds and routes."""
-    engine = Engine(router, max_batch=max_batch, max_queue=max_queue)
+    engine = Engine(router, max_batch=max_batch, max_queue=max_queue, max_batch_tokens=max_batch_tokens)
     routes = model_routes(router)
     tokenizer = copy.deepcopy(router.base.tokenizer)  # the event loop's own: the engine thread uses the model's
 

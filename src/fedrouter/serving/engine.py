@@ -46,12 +46,20 @@ class Request:
 
 
 class Engine:
-    def __init__(self, router: Router, *, max_batch: int = 16, max_queue: int = 64) -> None:
-        if max_batch < 1 or max_queue < 1:
-            raise ValueError(f"max_batch and max_queue must be at least 1, got {max_batch} and {max_queue}")
+    def __init__(
+        self, router: Router, *, max_batch: int = 16, max_queue: int = 64, max_batch_tokens: int = 8192
+    ) -> None:
+        if max_batch < 1 or max_queue < 1 or max_batch_tokens < 1:
+            raise ValueError(
+                f"max_batch, max_queue and max_batch_tokens must be at least 1, got {max_batch}, {max_queue}, "
+                f"{max_batch_tokens}"
+            )
         self.router = router
         self.max_batch = max_batch
         self.max_queue = max_queue
+        # A batch is padded to its longest prompt: rows x that length (prompt and answer) stays under this bound, so
+        # a few long prompts cannot make one batch's attention too large for memory. A request alone always runs.
+        self.max_batch_tokens = max_batch_tokens
         self._waiting: deque[Request] = deque()
         self._active = 0  # requests taken by the worker and not yet done
         self._lock = threading.Condition()
@@ -109,9 +117,20 @@ class Engine:
                 self._lock.wait()
             if self._stopping:
                 return None
-            batch = [self._waiting.popleft() for _ in range(min(self.max_batch, len(self._waiting)))]
+            batch = [self._waiting.popleft()]
+            width = self._width(batch[0])
+            while self._waiting and len(batch) < self.max_batch:
+                wider = max(width, self._width(self._waiting[0]))
+                if wider * (len(batch) + 1) > self.max_batch_tokens:
+                    break
+                batch.append(self._waiting.popleft())
+                width = wider
             self._active += len(batch)
             return batch
+
+    @staticmethod
+    def _width(request: Request) -> int:
+        return len(request.ids) + request.sampling.max_new_tokens
 
     def _run(self) -> None:
         while (batch := self._take()) is not None:
