@@ -25,6 +25,7 @@ import numpy as np
 
 from fedrouter import discovery
 from fedrouter.algorithm.clustering import squared_distances
+from fedrouter.algorithm.routing import route
 from fedrouter.artifact import ArtifactError, RouterArtifact
 from fedrouter.model import decoding
 from fedrouter.model.loading import BaseModel, load_base_model, lora_config
@@ -147,14 +148,24 @@ class Router:
         points = self.embed([prompts[i] for i in embedded])
         to_global = np.sqrt(squared_distances(points, self.artifact.global_centroids))
         for row, i in enumerate(embedded):
-            route, distances = routes[i], tuple(float(d) for d in to_global[row])
-            if route.mode == "global":
-                g = int(to_global[row].argmin())
-                choices[i] = Choice(g, distances[g], distances)
-            else:
-                local = np.sqrt(squared_distances(points[row : row + 1], self.artifact.local_centroids[route.client]))
-                c = int(local[0].argmin())
-                choices[i] = Choice(int(self.artifact.cluster_map[route.client][c]), float(local[0, c]), distances)
+            r = routes[i]
+            local = self.artifact.local_centroids.get(r.client) if r.mode == "local" else None
+            g = int(
+                route(
+                    points[row : row + 1],
+                    mode=r.mode,
+                    global_centroids=self.artifact.global_centroids,
+                    local_centroids=local,
+                    local_to_global=self.artifact.cluster_map.get(r.client) if local is not None else None,
+                )[0]
+            )
+            # The distance to the centroid that chose: the global one, or the client's nearest local one.
+            chosen = (
+                float(to_global[row, g])
+                if local is None
+                else float(np.sqrt(squared_distances(points[row : row + 1], local).min()))
+            )
+            choices[i] = Choice(g, chosen, tuple(float(d) for d in to_global[row]))
         return choices
 
     def route(self, prompts: Sequence[Prompt], *, mode: str = "global", client: int | None = None) -> np.ndarray:

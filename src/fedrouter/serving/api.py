@@ -291,13 +291,11 @@ def create_app(
                     raise ClientGone from None
 
     async def finish(http: Request, request: EngineRequest) -> tuple[Choice, Completion]:
-        choice, pieces = None, []
+        choice = None
         while True:
             kind, value = await next_event(http, request)
             if kind == "route":
                 choice = value
-            elif kind == "text":
-                pieces.append(value)
             elif kind == "error":
                 raise ApiError(500, str(value), kind="server_error")
             else:
