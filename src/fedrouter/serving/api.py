@@ -298,7 +298,7 @@ def create_app(
                 choice = value
             elif kind == "error":
                 raise ApiError(500, str(value), kind="server_error")
-            else:
+            elif kind == "done":  # "text" pieces are for streams: the completion holds the whole text
                 assert choice is not None
                 return choice, value
 
