@@ -200,7 +200,7 @@ def main() -> None:
         "max_tokens": args.max_tokens,
         "sequential_router_generate": sequential,
         "server": levels,
-        "server_batches": health["batches"],
+        "server_steps": health["steps"],
         "throughput_ratio_16_clients_vs_sequential": round(
             levels["16"]["requests_per_s"] / sequential["requests_per_s"], 2
         ),

@@ -44,6 +44,48 @@ def test_a_mixed_batch_answers_as_each_adapter_alone(router):
     )
 
 
+def test_rows_join_and_leave_between_tokens_and_get_the_answers_they_get_alone(router):
+    """Continuous batching: a much longer prompt joins two tokens in, a third row one token later; each row leaves
+    when its budget is spent, the cache loses the columns only the long row needed, and every answer is the one
+    its row gets decoded alone."""
+    prompts, budgets = [ANCHORS[0], " ".join([ANCHORS[1]] * 6), ANCHORS[2]], [5, 4, 12]
+
+    def rows() -> list[decoding.Row]:
+        return [
+            decoding.Row(router.encode(p, n), router.slot(g), decoding.Sampling(n))
+            for g, (p, n) in enumerate(zip(prompts, budgets, strict=True))
+        ]
+
+    alone = [router.decode([row])[0] for row in rows()]
+    batch, joined, done, widths = router.batch(), rows(), {}, []
+
+    def collect(finished) -> None:
+        done.update({joined.index(row): completion for row, completion in finished})
+        widths.append(batch.width)
+
+    collect(batch.add([joined[0]]))
+    for _ in range(2):
+        collect(batch.step())
+    collect(batch.add([joined[1]]))
+    collect(batch.step())
+    collect(batch.add([joined[2]]))
+    assert len(batch) == 3 and batch.width >= len(joined[1].ids)
+    while len(batch):
+        collect(batch.step())
+    assert [done[i] for i in range(3)] == alone
+    assert [c.completion_tokens for c in alone] == budgets and {c.finish_reason for c in alone} == {"length"}
+    long_gone = widths.index(max(widths)) + [w < max(widths) for w in widths[widths.index(max(widths)) :]].index(True)
+    assert widths[long_gone] < len(joined[1].ids)  # the long row left and its padding columns with it
+    assert batch.width == 0 and batch.add([]) == [] and batch.step() == []
+
+
+def test_a_one_token_budget_finishes_in_the_prefill(router):
+    batch = router.batch()
+    row = decoding.Row(router.encode(ANCHORS[0], 1), router.slot(0), decoding.Sampling(1))
+    [(finished, completion)] = batch.add([row])
+    assert finished is row and completion.completion_tokens == 1 and len(batch) == 0
+
+
 def test_a_chat_routes_by_its_last_user_turn_and_is_answered_whole(router):
     chat = [
         {"role": "system", "content": "Answer briefly."},
@@ -133,3 +175,10 @@ def test_distances_are_to_every_global_centroid(router):
     expected = np.linalg.norm(router.embed([ANCHORS[1]])[0] - router.artifact.global_centroids, axis=1)
     np.testing.assert_allclose(choice.distances, expected, rtol=1e-5, atol=1e-4)
     assert choice.adapter == 1 and choice.distance == min(choice.distances)
+
+
+def test_prompts_are_prefilled_in_groups_of_similar_length():
+    rows = [decoding.Row([0] * n, decoding.BASE) for n in (300, 10, 50, 12, 11, 40)]
+    groups = decoding._prefill_groups(rows)
+    # Padding to a group's longest prompt stays within 25% of its rows' own tokens.
+    assert [[len(r.ids) for r in g] for g in groups] == [[10, 11, 12], [40, 50], [300]]

@@ -226,21 +226,27 @@ def test_serve_refuses_bad_arguments_before_loading_anything(tmp_path, run_dir):
     assert queue.returncode == 2 and "--max-batch-tokens must be at least 1, got 16, 0, 8192" in queue.stderr
 
 
-def test_a_batch_takes_requests_in_order_while_its_padded_size_fits():
+def test_requests_join_the_batch_in_order_while_its_padded_size_fits():
     from fedrouter.model.decoding import Sampling
     from fedrouter.router import Route
     from fedrouter.serving.engine import Engine, Request
 
-    engine = Engine(None, max_batch=3, max_batch_tokens=1000)  # batching needs no model
+    engine = Engine(None, max_batch=3, max_batch_tokens=1000)  # admission needs no model
     lengths = [90, 90, 700, 90, 90, 90, 90]  # + 10 answer tokens each
     requests = [Request("x", [0] * n, Route(), Sampling(max_new_tokens=10)) for n in lengths]
     for request in requests:
         engine.submit(request)
-    batches = []
-    while engine.load - engine._active:
-        batches.append([lengths[requests.index(r)] for r in engine._take()])
-    # 2 x 100 fits, 3 x 710 does not; the long one goes alone; then 3 short ones (max_batch), then the last.
-    assert batches == [[90, 90], [700], [90, 90, 90], [90]]
+
+    def take(*running: int) -> list[int]:
+        return [lengths[requests.index(r)] for r in engine._take([requests[i] for i in running], block=False)]
+
+    assert take() == [90, 90]  # 2 x 100 fits, 3 x 710 does not
+    assert take(0, 1) == []  # the long one waits while the two short ones are decoded
+    assert take() == [700]  # then goes alone
+    assert take(2) == []  # and nothing joins it
+    assert take() == [90, 90, 90]  # max_batch rows
+    assert take(3, 4) == [90]  # a finished row's place goes to the next request
+    assert take() == []
 
 
 def test_a_seed_out_of_range_is_refused_before_it_reaches_the_model(client):

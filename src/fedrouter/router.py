@@ -187,11 +187,20 @@ class Router:
             raise PromptTooLong(len(ids), max_new_tokens, self.context)
         return ids
 
-    def decode(self, rows: Sequence[decoding.Row]) -> list[decoding.Completion]:
-        """One batched generation over rows that may each use another adapter (slot names from ``slot``)."""
+    def decode(self, rows: Sequence[decoding.Row], *, max_rows: int = 16) -> list[decoding.Completion]:
+        """Decode rows that may each use another adapter (slot names from ``slot``), at most ``max_rows`` at once:
+        a finished row's place goes to the next one (``decoding.Batch``)."""
+        self._load_slots()
+        return decoding.decode(self.base, rows, max_rows=max_rows)
+
+    def batch(self) -> decoding.Batch:
+        """An empty ``decoding.Batch`` on this router's model, every adapter loaded (for a serving loop)."""
+        self._load_slots()
+        return decoding.Batch(self.base)
+
+    def _load_slots(self) -> None:
         if self._slots is None:
             self._slots = decoding.load_adapters(self.base, self.artifact.adapters)
-        return decoding.decode(self.base, rows)
 
     @staticmethod
     def slot(adapter: int | None) -> str:
@@ -211,7 +220,8 @@ class Router:
         seed: int | None = None,
         batch_size: int = 16,
     ) -> list[Answer]:
-        """Route every prompt, then generate in batches that mix adapters; answers keep the prompts' order.
+        """Route every prompt, then generate up to ``batch_size`` at once, adapters mixed in one batch; answers keep
+        the prompts' order.
 
         ``temperature`` 0 decodes greedily; above 0 it samples (with ``top_p``), reproducibly when ``seed`` is
         given. Each answer ends at the end token, at the first of the ``stop`` strings (not included) or after
@@ -226,14 +236,8 @@ class Router:
             decoding.Row(self.encode(p, max_new_tokens), self.slot(c.adapter), sampling)
             for p, c in zip(prompts, choices, strict=True)
         ]
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids))
-        completions: list[decoding.Completion | None] = [None] * len(rows)
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            for i, done in zip(batch, self.decode([rows[i] for i in batch]), strict=True):
-                completions[i] = done
+        completions = self.decode(rows, max_rows=batch_size)
         return [
             Answer(p, done.text, c.adapter, c.distance, done.finish_reason, done.prompt_tokens, done.completion_tokens)
             for p, c, done in zip(prompts, choices, completions, strict=True)
-            if done is not None
         ]

@@ -1,28 +1,35 @@
-"""Decoding for serving: one batched ``generate`` call whose rows differ in adapter, sampling, budget and stop rule.
+"""Decoding for serving: continuous batching over rows that differ in adapter, sampling, budget and stop rule.
 
 ``compute.generate`` answers a benchmark's test samples (greedy, one budget, one adapter per call). Serving needs
 more, per row of one batch:
 
 - its own adapter: every adapter is loaded once into its own PEFT slot and the batch runs with PEFT's
   mixed-adapter inference (``adapter_names=``, one name per row; ``BASE`` for no adapter);
-- its own sampling: greedy, or temperature / top-p with its own seed. The row's next token is drawn by
-  ``_RowSampler`` from a generator seeded for that row alone, so a seeded request gets the same answer whatever
-  else shares its batch (up to the last bits of the logits that padding can change);
-- its own token budget and stop strings, and cancellation (a client that went away): ``_RowStopper`` finishes
-  those rows while the others go on;
-- streaming: the stopper sees every new token and reports each row's new text as it grows.
+- its own sampling: greedy, or temperature / top-p (transformers' own warpers) with the next token drawn from a
+  generator seeded for that row alone, so a seeded request gets the same answer whatever else shares its batch
+  (up to the last bits of the logits that padding can change);
+- its own token budget and stop strings, and cancellation (a client that went away);
+- streaming: each row's new text is reported as it grows.
+
+``Batch`` is the loop that ``model.generate`` would hide: rows join between steps (their prompts prefilled in
+groups of similar length, so a short prompt is not padded to a long one) and leave as soon as they finish, so a
+finished row costs nothing and a waiting one need not wait for the whole batch. Each row's keys and values stay
+right-aligned in one cache (left padding masked out) that grows into spare room instead of being copied whole at
+every token, as the default cache does (``_Layer``).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
+from fedrouter.errors import ModelError
 from fedrouter.model import lora
 from fedrouter.model.loading import BaseModel
 
@@ -52,7 +59,7 @@ class Sampling:
             raise ValueError(f"seed: expected a whole number from 0 to 2**63 - 1, got {self.seed}")
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: a batch hands each row back with its completion
 class Row:
     """One answer to decode: its prompt token ids, adapter slot name and sampling."""
 
@@ -131,88 +138,297 @@ class _RowState:
             self.row.on_text(safe[len(self.sent) :])
             self.sent = safe
 
-
-class _RowStopper(StoppingCriteria):
-    """Reads each new token of every row: its text, its stop strings, its budget, its cancellation."""
-
-    def __init__(self, states: list[_RowState], eos: set[int]) -> None:
-        self.states = states
-        self.eos = eos
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        done = torch.zeros(len(self.states), dtype=torch.bool, device=input_ids.device)
-        last = input_ids[:, -1].tolist()
-        for i, state in enumerate(self.states):
-            if state.finish is None:
-                state.add(last[i], self.eos)
-                state.flush()
-            done[i] = state.finish is not None
-        return done
+    def completion(self) -> Completion:
+        return Completion(self.text.rstrip(), self.finish or "length", len(self.row.ids), len(self.tokens))
 
 
-class _RowSampler(LogitsProcessor):
-    """Draw the next token of each sampled row with its own generator; greedy rows are left alone.
+class _Sampler:
+    """Draws one row's next tokens at its temperature and top-p, from a generator seeded for that row alone."""
 
-    ``generate`` itself decodes greedily: a sampled row's scores come back with only the drawn token finite,
-    so the arg-max picks it. Temperature and top-p are transformers' own warpers, applied row by row.
+    def __init__(self, sampling: Sampling) -> None:
+        self.generator = torch.Generator()
+        seed = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, ()).item())
+        self.generator.manual_seed(seed)
+        self.warpers = [TemperatureLogitsWarper(sampling.temperature)]
+        if sampling.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(sampling.top_p))
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        scores = logits[None].float().cpu()
+        for warper in self.warpers:
+            scores = warper(None, scores)  # neither warper reads the input ids
+        return int(torch.multinomial(torch.softmax(scores[0], dim=-1), 1, generator=self.generator))
+
+
+class _Layer(DynamicLayer):
+    """One decoder layer's keys and values for every row of a ``Batch``, in buffers that rows move through.
+
+    Buffers are ``[row capacity, heads, column capacity, head_dim]``; the batch's rows are the first ``rows``,
+    its columns ``start:length``, each row's tokens right-aligned (the columns before a row's first token are
+    padding, kept finite and masked out). Memory is allocated only when the batch outgrows its buffers: a new
+    token is written into spare columns (``DynamicLayer`` concatenates, which copies the whole cache at every
+    token of every layer), a finished row's slot is taken by the last row (one row copied), and padding columns
+    no row needs any more are dropped by moving ``start``.
     """
 
-    def __init__(self, rows: Sequence[Row]) -> None:
-        self.rows = []
-        for i, row in enumerate(rows):
-            s = row.sampling
-            if s.temperature > 0:
-                generator = torch.Generator()
-                generator.manual_seed(s.seed if s.seed is not None else int(torch.randint(0, 2**62, ()).item()))
-                warpers = [TemperatureLogitsWarper(s.temperature)]
-                if s.top_p < 1.0:
-                    warpers.append(TopPLogitsWarper(s.top_p))
-                self.rows.append((i, generator, warpers))
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows = self.start = self.length = 0
+        self._keys = self._values = torch.empty(0)
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if not self.rows:
-            return scores
-        scores = scores.clone()
-        for i, generator, warpers in self.rows:
-            row = scores[i : i + 1].float()
-            for warper in warpers:
-                row = warper(input_ids[i : i + 1], row)
-            probs = torch.softmax(row, dim=-1).cpu()
-            token = int(torch.multinomial(probs[0], 1, generator=generator))
-            scores[i] = float("-inf")
-            scores[i, token] = 0.0
-        return scores
+    @property
+    def width(self) -> int:
+        return self.length - self.start
+
+    def get_seq_length(self) -> int:
+        return self.width
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        added = key_states.shape[-2]
+        if self.length + added > self._keys.shape[2]:
+            self._move(self._keys.shape[0], 0, self.width + added)
+        end = self.length + added
+        self._keys[: self.rows, :, self.length : end] = key_states
+        self._values[: self.rows, :, self.length : end] = value_states
+        self.length = end
+        self.keys = self._keys[: self.rows, :, self.start : end]
+        self.values = self._values[: self.rows, :, self.start : end]
+        return self.keys, self.values
+
+    def join(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Add rows (``[rows, heads, columns, head_dim]``, right-aligned): the batch widens to them if needed."""
+        count, columns = keys.shape[0], keys.shape[2]
+        if not self.is_initialized:
+            self.lazy_initialization(keys, values)
+            self._keys, self._values = keys[:0], values[:0]
+        if self.rows + count > self._keys.shape[0] or columns > self.length:
+            # Not enough rows, or not enough columns left of the batch's last one: new buffers.
+            self._move(max(self.rows + count, 2 * self._keys.shape[0], 8), max(0, columns - self.width), columns)
+        elif columns > self.width:  # the columns left of ``start`` become padding for the rows already there
+            for buffer in (self._keys, self._values):
+                buffer[: self.rows, :, self.length - columns : self.start] = 0
+            self.start = self.length - columns
+        rows = slice(self.rows, self.rows + count)
+        for buffer, new in ((self._keys, keys), (self._values, values)):
+            buffer[rows, :, self.start : self.length - columns] = 0
+            buffer[rows, :, self.length - columns : self.length] = new
+        self.rows += count
+
+    def drop(self, row: int) -> None:
+        """Remove one row: the last row takes its slot."""
+        last = self.rows - 1
+        if row != last:
+            for buffer in (self._keys, self._values):
+                buffer[row, :, self.start : self.length] = buffer[last, :, self.start : self.length]
+        self.rows = last
+
+    def trim(self, width: int) -> None:
+        """Only the last ``width`` columns are still needed by any row."""
+        self.start = max(self.start, self.length - width)
+
+    def _move(self, row_capacity: int, left: int, columns: int) -> None:
+        """New buffers for ``row_capacity`` rows and at least ``columns`` columns (plus spare ones); the batch's
+        columns are copied after ``left`` columns of zeros (padding for its rows)."""
+        capacity = max(columns, left + self.width) + max(_SPARE, columns // 4)
+        for name in ("_keys", "_values"):
+            old = getattr(self, name)
+            new = old.new_empty(row_capacity, old.shape[1], capacity, old.shape[-1])
+            new[: self.rows, :, :left] = 0
+            new[: self.rows, :, left : left + self.width] = old[: self.rows, :, self.start : self.length]
+            setattr(self, name, new)
+        self.start, self.length = 0, left + self.width
 
 
-@torch.inference_mode()
-def decode(base: BaseModel, rows: Sequence[Row]) -> list[Completion]:
-    """Decode every row in one batched ``generate`` call (left-padded, KV cache)."""
-    if not rows:
-        return []
-    tokenizer = base.tokenizer
-    eos = {tokenizer.eos_token_id}
+_SPARE = 32  # columns of spare capacity a cache layer keeps for the next tokens
+_PADDING = 1.25  # a prefill group is padded to at most this times its rows' total length
+_PREFILL_TOKENS = 4096  # and holds at most this many positions (rows x longest prompt), unless one prompt is longer
+
+
+@dataclass
+class _Live:
+    """A row being decoded: its state, its sampler, its next token and that token's position (the number of the
+    row's tokens already in the cache)."""
+
+    row: Row
+    state: _RowState
+    sampler: _Sampler | None
+    token: int = 0
+    position: int = 0
+
+
+def eos_ids(base: BaseModel) -> set[int]:
+    """The token ids that end an answer: the tokenizer's end token and the model's generation end tokens."""
+    eos = {base.tokenizer.eos_token_id}
     generation_eos = base.model.get_base_model().generation_config.eos_token_id
-    eos |= set(generation_eos if isinstance(generation_eos, list) else [generation_eos]) - {None}
-    width = max(len(r.ids) for r in rows)
-    pad = tokenizer.pad_token_id
-    ids = torch.tensor([[pad] * (width - len(r.ids)) + r.ids for r in rows], dtype=torch.long, device=base.device)
-    mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in rows], device=base.device)
-    states = [_RowState(r, lambda tokens: tokenizer.decode(tokens, skip_special_tokens=True)) for r in rows]
-    with base.autocast():
-        base.model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            adapter_names=[r.adapter for r in rows],
-            max_new_tokens=max(r.sampling.max_new_tokens for r in rows),
-            do_sample=False,
-            logits_processor=LogitsProcessorList([_RowSampler(rows)]),
-            stopping_criteria=StoppingCriteriaList([_RowStopper(states, eos)]),
-            pad_token_id=pad,
-            eos_token_id=sorted(eos),
-            use_cache=True,
+    eos |= set(generation_eos if isinstance(generation_eos, list) else [generation_eos])
+    return eos - {None}
+
+
+def _check_full_attention(base: BaseModel) -> None:
+    config = base.model.get_base_model().config.get_text_config()
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"}:
+        raise ModelError(
+            f"model {base.name!r} has {sorted(kinds)} attention layers: fedrouter's batched decoding supports "
+            "models whose every layer is full attention (Llama, SmolLM, Qwen2 without sliding window, ...)"
         )
-    for state in states:
-        if state.finish is None:  # generate ended on its overall budget before the stopper saw the last token
-            state.finish = "length"
-        state.flush()
-    return [Completion(s.text.rstrip(), s.finish or "length", len(s.row.ids), len(s.tokens)) for s in states]
+
+
+class Batch:
+    """The rows being decoded together. ``add`` prefills new rows, ``step`` gives every row one more token.
+
+    Both return the rows that finished, with their completions; a finished row leaves the batch at once.
+    """
+
+    def __init__(self, base: BaseModel) -> None:
+        _check_full_attention(base)
+        self.base = base
+        self.eos = eos_ids(base)
+        self.live: list[_Live] = []
+        self._layers = int(base.model.get_base_model().config.get_text_config().num_hidden_layers)
+        self.cache = Cache(layers=[_Layer() for _ in range(self._layers)])
+        # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name warns, and goes in 5.40).
+        forward = inspect.signature(type(base.model.get_base_model()).forward).parameters
+        self._cache_arg = "cache" if "cache" in forward else "past_key_values"
+
+    def __len__(self) -> int:
+        return len(self.live)
+
+    @property
+    def width(self) -> int:
+        """Columns of the cache: the longest row's prompt and answer so far."""
+        return self.cache.layers[0].width if self.live else 0
+
+    @torch.inference_mode()
+    def add(self, rows: Sequence[Row]) -> list[tuple[Row, Completion]]:
+        """Prefill the rows (in groups of similar length) and let them join; some may finish on their first token."""
+        finished: list[tuple[Row, Completion]] = []
+        for group in _prefill_groups(rows):
+            finished += self._prefill(group)
+        return finished
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Row, Completion]]:
+        """One more token for every row."""
+        if not self.live:
+            return []
+        device = self.base.device
+        positions = torch.tensor([live.position for live in self.live], device=device)
+        columns = self.width + 1  # with the token fed now
+        mask = (torch.arange(columns, device=device)[None, :] >= columns - 1 - positions[:, None]).long()
+        tokens = torch.tensor([[live.token] for live in self.live], device=device)
+        logits = self._forward(tokens, mask, positions[:, None], self.cache, [live.row.adapter for live in self.live])
+        for live in self.live:
+            live.position += 1  # the token just fed is in the cache now
+        finished, kept = self._advance(self.live, logits)
+        if finished:
+            gone = sorted(set(range(len(self.live))) - set(kept), reverse=True)
+            for row in gone:  # the last row takes the slot of each finished one, in the cache and here
+                for layer in self.cache.layers:
+                    layer.drop(row)
+                self.live[row] = self.live[-1]
+                self.live.pop()
+            if self.live:
+                for layer in self.cache.layers:
+                    layer.trim(max(live.position for live in self.live))
+            else:
+                self.fail()
+        return finished
+
+    def fail(self) -> list[Row]:
+        """Drop every row (after an error, or when the last one finished); returns the rows dropped."""
+        rows = [live.row for live in self.live]
+        self.live = []
+        self.cache = Cache(layers=[_Layer() for _ in range(self._layers)])
+        return rows
+
+    def _forward(self, ids, mask, positions, cache, adapters) -> torch.Tensor:
+        with self.base.autocast():
+            out = self.base.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                adapter_names=adapters,
+                logits_to_keep=1,
+                **{self._cache_arg: cache},
+            )
+        return out.logits[:, -1]
+
+    def _prefill(self, rows: Sequence[Row]) -> list[tuple[Row, Completion]]:
+        device = self.base.device
+        width = max(len(r.ids) for r in rows)
+        pad = self.base.tokenizer.pad_token_id or 0
+        ids = torch.tensor([[pad] * (width - len(r.ids)) + list(r.ids) for r in rows], device=device)
+        mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in rows], device=device)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        cache = DynamicCache()  # written once per layer: the rows' keys and values, handed to the batch below
+        logits = self._forward(ids, mask, positions, cache, [r.adapter for r in rows])
+        joining = [
+            _Live(
+                r, _RowState(r, self._text), _Sampler(r.sampling) if r.sampling.temperature > 0 else None, 0, len(r.ids)
+            )
+            for r in rows
+        ]
+        finished, kept = self._advance(joining, logits)
+        if kept:
+            index = torch.tensor(kept, device=device)
+            start = width - max(joining[i].position for i in kept)
+            for layer, prefilled in zip(self.cache.layers, cache.layers, strict=True):
+                layer.join(prefilled.keys[index, :, start:], prefilled.values[index, :, start:])
+            self.live += [joining[i] for i in kept]
+        return finished
+
+    def _text(self, tokens: list[int]) -> str:
+        return self.base.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def _advance(self, lives: list[_Live], logits: torch.Tensor) -> tuple[list[tuple[Row, Completion]], list[int]]:
+        """Take each row's next token: the rows that finished (with their completions) and the indices of the rest."""
+        greedy = logits.argmax(dim=-1).tolist()
+        finished, kept = [], []
+        for i, live in enumerate(lives):
+            token = live.sampler(logits[i]) if live.sampler is not None else greedy[i]
+            live.state.add(token, self.eos)
+            live.state.flush()
+            if live.state.finish is None:
+                live.token = token
+                kept.append(i)
+            else:
+                finished.append((live.row, live.state.completion()))
+        return finished, kept
+
+
+def _prefill_groups(rows: Sequence[Row]) -> list[list[Row]]:
+    """Rows in groups of similar prompt length: each group is padded to its longest prompt, so a group grows only
+    while that padding stays within ``_PADDING`` of its rows' own length and ``_PREFILL_TOKENS`` positions."""
+    groups: list[list[Row]] = []
+    for row in sorted(rows, key=lambda r: len(r.ids)):
+        group = groups[-1] if groups else None
+        if group is not None:
+            longest, total = len(row.ids), sum(len(r.ids) for r in group) + len(row.ids)
+            size = longest * (len(group) + 1)
+            if size <= _PADDING * total and size <= _PREFILL_TOKENS:
+                group.append(row)
+                continue
+        groups.append([row])
+    return groups
+
+
+def decode(base: BaseModel, rows: Sequence[Row], *, max_rows: int = 16) -> list[Completion]:
+    """Decode every row, at most ``max_rows`` at a time (a finished row's place goes to the next one)."""
+    if max_rows < 1:
+        raise ValueError(f"max_rows: expected at least 1, got {max_rows}")
+    index = {row: i for i, row in enumerate(rows)}
+    done: list[Completion | None] = [None] * len(rows)
+    waiting = list(rows)
+    batch = Batch(base)
+    while waiting or len(batch):
+        finished = []
+        if waiting and len(batch) < max_rows:
+            joining, waiting = waiting[: max_rows - len(batch)], waiting[max_rows - len(batch) :]
+            finished += batch.add(joining)
+        finished += batch.step()
+        for row, completion in finished:
+            done[index[row]] = completion
+    assert all(c is not None for c in done), "a row left the batch without a completion"
+    return done  # type: ignore[return-value]

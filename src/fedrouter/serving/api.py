@@ -433,7 +433,7 @@ def create_app(
             "clients": router.clients,
             "queue": engine.load,
             "max_queue": engine.max_queue,
-            "batches": engine.batches,
+            "steps": engine.steps,
             "served": engine.served,
             "cancelled": engine.cancelled,
         }

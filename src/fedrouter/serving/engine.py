@@ -1,12 +1,14 @@
 """The serving engine: one worker thread that owns the model and answers requests in batches.
 
-Requests arrive from the web server's event loop (``submit``) and wait in a bounded queue. Whenever the worker is
-free it takes everything waiting (up to ``max_batch``), embeds and routes those prompts together, and decodes them
-in one batch that mixes adapters (``Router.decode``). Each request gets its route as soon as it is known, then its
-text piece by piece (for streaming) and its completion, all through thread-safe callbacks into the event loop.
+Requests arrive from the web server's event loop (``submit``) and wait in a bounded queue. The worker decodes
+continuously (``decoding.Batch``): between two tokens it takes what is waiting, as far as the batch has room
+(``max_batch`` rows, ``max_batch_tokens`` positions), embeds and routes those prompts together and lets them join
+the rows already being decoded, whatever their adapters; a row that finishes leaves at once and its place goes
+to the next request. Each request gets its route as soon as it is known, then its text piece by piece (for
+streaming) and its completion, all through thread-safe callbacks into the event loop.
 
 A request that is cancelled (its client went away) leaves the queue at once, or finishes its row at the next
-token when it is already being decoded; either way its place in the queue is free.
+token when it is already being decoded; either way its place is free.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ class QueueFull(RuntimeError):
     """The engine holds ``max_queue`` requests already: try again later."""
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity
 class Request:
     prompt: Prompt
     ids: list[int]  # the encoded prompt (``Router.encode``)
@@ -57,16 +59,16 @@ class Engine:
         self.router = router
         self.max_batch = max_batch
         self.max_queue = max_queue
-        # A batch is padded to its longest prompt: rows x that length (prompt and answer) stays under this bound, so
-        # a few long prompts cannot make one batch's attention too large for memory. A request alone always runs.
+        # The batch's cache is as wide as its longest row: rows x the longest (prompt + answer) stays under this
+        # bound, so a few long prompts cannot make it too large for memory. A request alone always runs.
         self.max_batch_tokens = max_batch_tokens
         self._waiting: deque[Request] = deque()
-        self._active = 0  # requests taken by the worker and not yet done
+        self._running: dict[decoding.Row, Request] = {}  # the rows being decoded and their requests
         self._lock = threading.Condition()
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self.batches = 0  # decoded batches (for /health and the load test)
+        self.steps = 0  # decoding steps (for /health and the load test)
         self.served = 0
         self.cancelled = 0  # rows finished early because their client went away
 
@@ -88,13 +90,13 @@ class Engine:
     def load(self) -> int:
         """Requests waiting or being answered."""
         with self._lock:
-            return len(self._waiting) + self._active
+            return len(self._waiting) + len(self._running)
 
     def submit(self, request: Request) -> None:
         with self._lock:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
-            if len(self._waiting) + self._active >= self.max_queue:
+            if len(self._waiting) + len(self._running) >= self.max_queue:
                 raise QueueFull(f"{self.max_queue} requests are already waiting or being answered")
             self._waiting.append(request)
             self._lock.notify()
@@ -111,59 +113,70 @@ class Engine:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(request.events.put_nowait, (kind, value))
 
-    def _take(self) -> list[Request] | None:
+    def _take(self, running: list[Request], block: bool) -> list[Request] | None:
+        """The waiting requests that join the ``running`` ones now, in arrival order while the batch has room;
+        waits for one when ``block`` (nothing is being decoded). None: the engine is stopping."""
         with self._lock:
-            while not self._waiting and not self._stopping:
+            while block and not self._waiting and not self._stopping:
                 self._lock.wait()
             if self._stopping:
                 return None
-            batch = [self._waiting.popleft()]
-            width = self._width(batch[0])
-            while self._waiting and len(batch) < self.max_batch:
+            taken: list[Request] = []
+            width = max((self._width(r) for r in running), default=0)
+            while self._waiting and len(running) + len(taken) < self.max_batch:
                 wider = max(width, self._width(self._waiting[0]))
-                if wider * (len(batch) + 1) > self.max_batch_tokens:
+                rows = len(running) + len(taken) + 1
+                if rows > 1 and wider * rows > self.max_batch_tokens:
                     break
-                batch.append(self._waiting.popleft())
+                taken.append(self._waiting.popleft())
                 width = wider
-            self._active += len(batch)
-            return batch
+            return taken
 
     @staticmethod
     def _width(request: Request) -> int:
         return len(request.ids) + request.sampling.max_new_tokens
 
     def _run(self) -> None:
-        while (batch := self._take()) is not None:
+        batch = self.router.batch()
+        while (taken := self._take(list(self._running.values()), block=not len(batch))) is not None:
             try:
-                self._answer(batch)
-            except Exception as err:  # one bad batch must not stop the server
-                log.exception("a batch of %d requests failed", len(batch))
-                for request in batch:
-                    self._emit(request, "error", f"generation failed: {type(err).__name__}: {err}")
-            finally:
+                finished = self._admit(batch, taken) + batch.step()
+            except Exception as err:  # one failed step must not stop the server: its requests get the error
+                log.exception("decoding failed")
+                batch.fail()
                 with self._lock:
-                    self._active -= len(batch)
+                    failed = {id(r): r for r in [*taken, *self._running.values()]}.values()
+                    self._running.clear()
+                for request in failed:
+                    self._emit(request, "error", f"generation failed: {type(err).__name__}: {err}")
+                continue
+            self.steps += 1
+            self._finish(finished)
 
-    def _answer(self, batch: list[Request]) -> None:
-        live = [r for r in batch if not r.cancelled.is_set()]
+    def _admit(self, batch: decoding.Batch, taken: list[Request]) -> list:
+        live = [r for r in taken if not r.cancelled.is_set()]
         if not live:
-            return
+            return []
         choices: list[Choice] = self.router.choose([r.prompt for r in live], [r.route for r in live])
         rows = []
         for request, choice in zip(live, choices, strict=True):
             self._emit(request, "route", choice)
-            rows.append(
-                decoding.Row(
-                    request.ids,
-                    self.router.slot(choice.adapter),
-                    request.sampling,
-                    on_text=lambda piece, r=request: self._emit(r, "text", piece),
-                    cancelled=request.cancelled.is_set,
-                )
+            row = decoding.Row(
+                request.ids,
+                self.router.slot(choice.adapter),
+                request.sampling,
+                on_text=lambda piece, r=request: self._emit(r, "text", piece),
+                cancelled=request.cancelled.is_set,
             )
-        completions = self.router.decode(rows)
-        self.batches += 1
-        self.served += len(live)
-        for request, done in zip(live, completions, strict=True):
+            with self._lock:
+                self._running[row] = request
+            rows.append(row)
+        return batch.add(rows)
+
+    def _finish(self, finished: list) -> None:
+        for row, done in finished:
+            with self._lock:
+                request = self._running.pop(row)
+            self.served += 1
             self.cancelled += done.finish_reason == "cancelled"
             self._emit(request, "done", done)
