@@ -79,6 +79,29 @@ def test_rows_join_and_leave_between_tokens_and_get_the_answers_they_get_alone(r
     assert batch.width == 0 and batch.add([]) == [] and batch.step() == []
 
 
+def test_the_chat_template_head_is_prefilled_once_per_adapter_and_changes_no_answer(router):
+    """Prompts that start with the template's head reuse its cached keys and values, also when two of them of
+    different lengths share a prefill (padding then sits between the head and their own tokens); a chat with
+    its own system message does not start with the head and is prefilled whole. Same answers as without it."""
+    system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": ANCHORS[1]}]
+    prompts = [ANCHORS[0], ANCHORS[0] + " Quickly, please.", system]
+
+    def rows() -> list[decoding.Row]:
+        return [decoding.Row(router.encode(p, 6), router.slot(g), decoding.Sampling(6)) for g, p in enumerate(prompts)]
+
+    router._load_slots()
+    plain = decoding.decode(router.base, rows())  # no prefix
+    batch, shared = router.batch(), rows()
+    head = len(batch.prefix)
+    assert head > 10 and [tuple(r.ids[:head]) == batch.prefix for r in shared] == [True, True, False]
+    assert len(decoding._prefill_groups(shared[:2], head)) == 1  # one prefill, padded inside
+    finished = batch.add(shared)
+    while len(batch):
+        finished += batch.step()
+    assert [dict(finished)[r] for r in shared] == plain
+    assert sorted(batch._prefixes) == [router.slot(0), router.slot(1)]
+
+
 def test_a_one_token_budget_finishes_in_the_prefill(router):
     batch = router.batch()
     row = decoding.Row(router.encode(ANCHORS[0], 1), router.slot(0), decoding.Sampling(1))

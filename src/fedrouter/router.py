@@ -29,7 +29,7 @@ from fedrouter.algorithm.routing import route
 from fedrouter.artifact import ArtifactError, RouterArtifact
 from fedrouter.model import decoding
 from fedrouter.model.loading import BaseModel, load_base_model, lora_config
-from fedrouter.model.prompts import chat_ids
+from fedrouter.model.prompts import chat_head, chat_ids
 
 Message = Mapping[str, str]
 Prompt = Union[str, Sequence[Message]]  # noqa: UP007 (a runtime alias: `|` on a string and a generic fails)
@@ -96,6 +96,7 @@ class Router:
         self.artifact = artifact
         self.base = base
         self._slots: list[str] | None = None
+        self._head = chat_head(base.tokenizer)  # the chat template's head: its keys and values are computed once
 
     @classmethod
     def load(cls, run_dir: str | Path, *, model: str | None = None, precision: str | None = None) -> Router:
@@ -191,12 +192,12 @@ class Router:
         """Decode rows that may each use another adapter (slot names from ``slot``), at most ``max_rows`` at once:
         a finished row's place goes to the next one (``decoding.Batch``)."""
         self._load_slots()
-        return decoding.decode(self.base, rows, max_rows=max_rows)
+        return decoding.decode(self.base, rows, max_rows=max_rows, prefix=self._head)
 
     def batch(self) -> decoding.Batch:
         """An empty ``decoding.Batch`` on this router's model, every adapter loaded (for a serving loop)."""
         self._load_slots()
-        return decoding.Batch(self.base)
+        return decoding.Batch(self.base, self._head)
 
     def _load_slots(self) -> None:
         if self._slots is None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
@@ -280,13 +281,18 @@ class Batch:
     Both return the rows that finished, with their completions; a finished row leaves the batch at once.
     """
 
-    def __init__(self, base: BaseModel) -> None:
+    def __init__(self, base: BaseModel, prefix: Sequence[int] = ()) -> None:
         _check_full_attention(base)
         self.base = base
         self.eos = eos_ids(base)
         self.live: list[_Live] = []
         self._layers = int(base.model.get_base_model().config.get_text_config().num_hidden_layers)
         self.cache = Cache(layers=[_Layer() for _ in range(self._layers)])
+        self.mask = torch.zeros(0, 0, dtype=torch.long, device=base.device)  # [rows, columns]: 1 at a row's tokens
+        # Prompts that start with ``prefix`` (the chat template's head) reuse its keys and values, computed once
+        # per adapter: causal attention makes them the same whatever follows.
+        self.prefix = tuple(prefix)
+        self._prefixes: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name warns, and goes in 5.40).
         forward = inspect.signature(type(base.model.get_base_model()).forward).parameters
         self._cache_arg = "cache" if "cache" in forward else "past_key_values"
@@ -296,15 +302,19 @@ class Batch:
 
     @property
     def width(self) -> int:
-        """Columns of the cache: the longest row's prompt and answer so far."""
-        return self.cache.layers[0].width if self.live else 0
+        """Columns of the cache: the longest row's prompt and answer so far (with its padding)."""
+        return int(self.mask.shape[1])
 
     @torch.inference_mode()
     def add(self, rows: Sequence[Row]) -> list[tuple[Row, Completion]]:
         """Prefill the rows (in groups of similar length) and let them join; some may finish on their first token."""
+        skip = len(self.prefix)
+        shared = [r for r in rows if skip and len(r.ids) > skip and tuple(r.ids[:skip]) == self.prefix]
         finished: list[tuple[Row, Completion]] = []
-        for group in _prefill_groups(rows):
-            finished += self._prefill(group)
+        for group in _prefill_groups([r for r in rows if r not in shared]):
+            finished += self._prefill(group, 0)
+        for group in _prefill_groups(shared, skip):
+            finished += self._prefill(group, skip)
         return finished
 
     @torch.inference_mode()
@@ -313,26 +323,29 @@ class Batch:
         if not self.live:
             return []
         device = self.base.device
-        positions = torch.tensor([live.position for live in self.live], device=device)
-        columns = self.width + 1  # with the token fed now
-        mask = (torch.arange(columns, device=device)[None, :] >= columns - 1 - positions[:, None]).long()
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.live), 1)], dim=1)
+        positions = torch.tensor([[live.position] for live in self.live], device=device)
         tokens = torch.tensor([[live.token] for live in self.live], device=device)
-        logits = self._forward(tokens, mask, positions[:, None], self.cache, [live.row.adapter for live in self.live])
+        logits = self._forward(tokens, self.mask, positions, self.cache, [live.row.adapter for live in self.live])
         for live in self.live:
-            live.position += 1  # the token just fed is in the cache now
+            live.position += 1
         finished, kept = self._advance(self.live, logits)
         if finished:
-            gone = sorted(set(range(len(self.live))) - set(kept), reverse=True)
-            for row in gone:  # the last row takes the slot of each finished one, in the cache and here
+            order = list(range(len(self.live)))
+            for row in sorted(set(order) - set(kept), reverse=True):  # the last row takes each finished one's slot
                 for layer in self.cache.layers:
                     layer.drop(row)
-                self.live[row] = self.live[-1]
-                self.live.pop()
-            if self.live:
-                for layer in self.cache.layers:
-                    layer.trim(max(live.position for live in self.live))
-            else:
+                order[row] = order[-1]
+                order.pop()
+            self.live = [self.live[i] for i in order]
+            if not self.live:
                 self.fail()
+                return finished
+            self.mask = self.mask[torch.tensor(order, device=device)]
+            start = int(self.mask.any(dim=0).nonzero()[0])  # the columns before it are padding for every row
+            self.mask = self.mask[:, start:]
+            for layer in self.cache.layers:
+                layer.trim(self.width)
         return finished
 
     def fail(self) -> list[Row]:
@@ -340,6 +353,7 @@ class Batch:
         rows = [live.row for live in self.live]
         self.live = []
         self.cache = Cache(layers=[_Layer() for _ in range(self._layers)])
+        self.mask = self.mask.new_zeros(0, 0)
         return rows
 
     def _forward(self, ids, mask, positions, cache, adapters) -> torch.Tensor:
@@ -355,14 +369,21 @@ class Batch:
             )
         return out.logits[:, -1]
 
-    def _prefill(self, rows: Sequence[Row]) -> list[tuple[Row, Completion]]:
+    def _prefill(self, rows: Sequence[Row], skip: int) -> list[tuple[Row, Completion]]:
+        """Prefill rows whose first ``skip`` tokens are the cached prefix (0: none), left-padded to their longest."""
         device = self.base.device
-        width = max(len(r.ids) for r in rows)
+        tails = [r.ids[skip:] for r in rows]
+        width = max(len(t) for t in tails)
         pad = self.base.tokenizer.pad_token_id or 0
-        ids = torch.tensor([[pad] * (width - len(r.ids)) + list(r.ids) for r in rows], device=device)
-        mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in rows], device=device)
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        ids = torch.tensor([[pad] * (width - len(t)) + list(t) for t in tails], device=device)
+        mask = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in tails], device=device)
+        positions = skip + (mask.cumsum(dim=1) - 1).clamp(min=0)
         cache = DynamicCache()  # written once per layer: the rows' keys and values, handed to the batch below
+        if skip:  # the prefix's keys and values first; the padding then sits between it and each row's own tokens
+            stored = [self._prefix(r.adapter) for r in rows]
+            for index in range(self._layers):
+                cache.update(torch.cat([s[index][0] for s in stored]), torch.cat([s[index][1] for s in stored]), index)
+            mask = torch.cat([mask.new_ones(len(rows), skip), mask], dim=1)
         logits = self._forward(ids, mask, positions, cache, [r.adapter for r in rows])
         joining = [
             _Live(
@@ -373,11 +394,32 @@ class Batch:
         finished, kept = self._advance(joining, logits)
         if kept:
             index = torch.tensor(kept, device=device)
-            start = width - max(joining[i].position for i in kept)
+            mask = mask[index]
+            start = int(mask.any(dim=0).nonzero()[0])
             for layer, prefilled in zip(self.cache.layers, cache.layers, strict=True):
                 layer.join(prefilled.keys[index, :, start:], prefilled.values[index, :, start:])
+            mask = mask[:, start:]
+            columns = max(self.width, mask.shape[1])
+            self.mask = torch.cat(
+                [
+                    nn.functional.pad(self.mask, (columns - self.width, 0)),
+                    nn.functional.pad(mask, (columns - mask.shape[1], 0)),
+                ]
+            )
             self.live += [joining[i] for i in kept]
         return finished
+
+    def _prefix(self, adapter: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The prefix's keys and values under one adapter, per layer (computed on first use)."""
+        if adapter not in self._prefixes:
+            device = self.base.device
+            ids = torch.tensor([self.prefix], device=device)
+            cache = DynamicCache()
+            self._forward(
+                ids, torch.ones_like(ids), torch.arange(len(self.prefix), device=device)[None], cache, [adapter]
+            )
+            self._prefixes[adapter] = [(layer.keys, layer.values) for layer in cache.layers]
+        return self._prefixes[adapter]
 
     def _text(self, tokens: list[int]) -> str:
         return self.base.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -398,14 +440,15 @@ class Batch:
         return finished, kept
 
 
-def _prefill_groups(rows: Sequence[Row]) -> list[list[Row]]:
-    """Rows in groups of similar prompt length: each group is padded to its longest prompt, so a group grows only
-    while that padding stays within ``_PADDING`` of its rows' own length and ``_PREFILL_TOKENS`` positions."""
+def _prefill_groups(rows: Sequence[Row], skip: int = 0) -> list[list[Row]]:
+    """Rows in groups of similar prompt length (after their first ``skip`` tokens): each group is padded to its
+    longest prompt, so a group grows only while that padding stays within ``_PADDING`` of its rows' own length
+    and ``_PREFILL_TOKENS`` positions."""
     groups: list[list[Row]] = []
     for row in sorted(rows, key=lambda r: len(r.ids)):
         group = groups[-1] if groups else None
         if group is not None:
-            longest, total = len(row.ids), sum(len(r.ids) for r in group) + len(row.ids)
+            longest, total = len(row.ids) - skip, sum(len(r.ids) - skip for r in group) + len(row.ids) - skip
             size = longest * (len(group) + 1)
             if size <= _PADDING * total and size <= _PREFILL_TOKENS:
                 group.append(row)
@@ -414,14 +457,15 @@ def _prefill_groups(rows: Sequence[Row]) -> list[list[Row]]:
     return groups
 
 
-def decode(base: BaseModel, rows: Sequence[Row], *, max_rows: int = 16) -> list[Completion]:
-    """Decode every row, at most ``max_rows`` at a time (a finished row's place goes to the next one)."""
+def decode(base: BaseModel, rows: Sequence[Row], *, max_rows: int = 16, prefix: Sequence[int] = ()) -> list[Completion]:
+    """Decode every row, at most ``max_rows`` at a time (a finished row's place goes to the next one); prompts
+    that start with ``prefix`` share its keys and values (``Batch``)."""
     if max_rows < 1:
         raise ValueError(f"max_rows: expected at least 1, got {max_rows}")
     index = {row: i for i, row in enumerate(rows)}
     done: list[Completion | None] = [None] * len(rows)
     waiting = list(rows)
-    batch = Batch(base)
+    batch = Batch(base, prefix)
     while waiting or len(batch):
         finished = []
         if waiting and len(batch) < max_rows:

@@ -33,6 +33,17 @@ def chat_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str,
     return _ids(tokenizer, render_chat(tokenizer, messages))
 
 
+def chat_head(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The token ids every one-turn chat starts with (the template's head and default system prompt), short of
+    the last shared one, which could merge with another message's first characters."""
+    first = chat_ids(tokenizer, [{"role": "user", "content": "a"}])
+    second = chat_ids(tokenizer, [{"role": "user", "content": "Z 1"}])
+    shared = 0
+    while shared < min(len(first), len(second)) and first[shared] == second[shared]:
+        shared += 1
+    return first[: max(shared - 1, 0)]
+
+
 def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
