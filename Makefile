@@ -5,7 +5,6 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export TOKENIZERS_PARALLELISM := false
-export RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO := 0
 
 .PHONY: setup demo test test-fast lint format clean
 

@@ -45,6 +45,15 @@ def _k_setting(v: str) -> str | None:
     return "'auto' or a whole number of clusters >= 1"
 
 
+def _gpus_setting(v: str) -> str | None:
+    try:
+        if v == "auto" or float(v) >= 0:
+            return None
+    except ValueError:
+        pass
+    return "'auto' or a number of GPUs >= 0 (fractions allowed: 0.5 puts two clients on one GPU)"
+
+
 def _non_empty(v: Any) -> str | None:
     return None if len(v) > 0 else "not empty"
 
@@ -70,6 +79,18 @@ SETTINGS: dict[str, Setting] = {
         1,
         "a phase counts only with this many valid client replies (a round below it keeps its adapters)",
         _at_least(1),
+    ),
+    "run.client_cpus": Setting(
+        float,
+        0.0,
+        "CPU cores per simulated client (0: all of them, one client at a time); fewer lets clients train in parallel",
+        _at_least(0),
+    ),
+    "run.client_gpus": Setting(
+        str,
+        "auto",
+        "GPUs per simulated client: 'auto' (1 where CUDA is, else 0) or a number; 0.25 puts four clients on a GPU",
+        _gpus_setting,
     ),
     # --- data ---
     "data.source": Setting(
@@ -100,7 +121,18 @@ SETTINGS: dict[str, Setting] = {
     ),
     "model.max_seq_len": Setting(int, 256, "tokens per training sample (prompt + answer)", _at_least(16)),
     "model.embed_batch_size": Setting(int, 32, "samples per embedding forward pass", _at_least(1)),
-    "model.threads": Setting(int, 0, "torch CPU threads (0: library default)", _at_least(0)),
+    "model.threads": Setting(
+        int, 0, "torch CPU threads (0: run.client_cpus where set, else the library default)", _at_least(0)
+    ),
+    "model.quantization": Setting(
+        str,
+        "none",
+        "frozen base weights in 'none', '8bit' or '4bit' (bitsandbytes; CUDA only: pip install 'fedrouter[gpu]')",
+        _one_of("none", "8bit", "4bit"),
+    ),
+    "model.gradient_checkpointing": Setting(
+        bool, False, "recompute activations in the backward pass: less memory for longer sequences, slower steps"
+    ),
     # --- lora ---
     "lora.r": Setting(int, 8, "LoRA rank", _at_least(1)),
     "lora.alpha": Setting(float, 16.0, "LoRA alpha", _at_least(0)),

@@ -2,30 +2,86 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
 from pathlib import Path
 
 from fedrouter.config import Config
+from fedrouter.errors import ConfigError
 from fedrouter.runlog import METRICS, default_run_dir
 
 log = logging.getLogger("fedrouter")
 
 
-def backend_config(cfg: Config) -> dict:
-    """One client at a time gets every core: a small CPU box runs clients sequentially, each multi-threaded."""
-    cores = os.cpu_count() or 1
-    per_client = cores if not cfg["model.threads"] else min(cfg["model.threads"], cores)
+def client_resources(cfg: Config, cores: int, gpus: int) -> tuple[float, float]:
+    """The CPU cores and GPUs each simulated client holds, on a machine with ``cores`` and ``gpus``.
+
+    Ray starts as many client actors as these fit into the machine, so clients train in parallel when each holds
+    a part: ``run.client_cpus = 1`` on 8 cores gives 8 at once, ``run.client_gpus = 0.5`` two per GPU. The
+    default (every core, and one GPU where there is one) runs one client at a time, each using all it has.
+    """
+    cpus = cfg["run.client_cpus"] or (min(cfg["model.threads"], cores) if cfg["model.threads"] else cores)
+    setting = cfg["run.client_gpus"]
+    per_client = (1.0 if gpus else 0.0) if setting == "auto" else float(setting)
+    if cpus > cores:
+        raise ConfigError(
+            f"setting 'run.client_cpus' = {cpus:g}: a client cannot hold more than this machine's {cores} cores"
+        )
+    if per_client > 0 and gpus == 0:
+        raise ConfigError(f"setting 'run.client_gpus' = {setting!r}: this machine has no CUDA GPU; set it to 0")
+    if per_client > gpus or (per_client > 1 and not per_client.is_integer()):
+        raise ConfigError(
+            f"setting 'run.client_gpus' = {setting!r}: expected at most the machine's {gpus} GPUs, a whole number "
+            "above 1 (a fraction shares one GPU)"
+        )
+    if cfg["model.quantization"] != "none" and per_client == 0:
+        raise ConfigError(
+            f"setting 'model.quantization' = {cfg['model.quantization']!r} needs clients on CUDA GPUs (bitsandbytes), "
+            "and here they run on the CPU: set model.quantization = 'none', or run.client_gpus above 0 on a GPU machine"
+        )
+    return cpus, per_client
+
+
+def backend_config(cfg: Config, cores: int | None = None, gpus: int | None = None) -> dict:
+    """Flower's Ray backend settings for this run (``cores`` and ``gpus``: the machine's, found when not given)."""
+    cores = cores or os.cpu_count() or 1
+    if gpus is None:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    cpus, per_client = client_resources(cfg, cores, gpus)
     return {
-        "client_resources": {"num_cpus": per_client, "num_gpus": 0.0},
+        "client_resources": {"num_cpus": cpus, "num_gpus": per_client},
         "init_args": {
             "num_cpus": cores,
+            "num_gpus": gpus,
             "include_dashboard": False,
             "logging_level": "ERROR",
             "log_to_driver": True,
         },
     }
+
+
+@contextlib.contextmanager
+def _gpus_hidden_from_cpu_clients():
+    """Ray hides the GPUs from an actor that holds none (CUDA_VISIBLE_DEVICES=""), so a client given 0 GPUs runs
+    on the CPU and one given a GPU sees only its own: each client picks "cuda" exactly when it holds a GPU.
+    Ray says it will stop doing that for actors with 0 GPUs; RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=1 keeps it (and
+    Ray's notice about the change, which asks for 0, is silenced: 0 would let every CPU client onto GPU 0)."""
+    name = "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"
+    before = os.environ.get(name)
+    os.environ[name] = "1"
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
+            yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 def run_experiment(cfg: Config, run_dir: Path | None = None, on_start=None, client_app=None) -> tuple[Path, dict]:
@@ -43,6 +99,7 @@ def run_experiment(cfg: Config, run_dir: Path | None = None, on_start=None, clie
     from fedrouter.federated.app import make_server_app
 
     check_inputs(cfg)
+    backend = backend_config(cfg)  # a resource setting the machine cannot meet fails here, before any folder
     if cfg["run.resume"]:
         run_dir = Path(cfg["run.resume"])
         check_resumable(run_dir)
@@ -53,7 +110,7 @@ def run_experiment(cfg: Config, run_dir: Path | None = None, on_start=None, clie
     run_dir.mkdir(parents=True, exist_ok=True)
     if on_start is not None:
         on_start(run_dir)
-    with warnings.catch_warnings():
+    with _gpus_hidden_from_cpu_clients(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         # `run_simulation` is Flower's deprecated Python entry point. It is the one that runs the simulation
         # inside this process: `flwr run .` (also supported, see pyproject.toml) needs a packaged app and
@@ -62,7 +119,7 @@ def run_experiment(cfg: Config, run_dir: Path | None = None, on_start=None, clie
             server_app=make_server_app(cfg, run_dir),
             client_app=client_app or fedrouter_client_app,
             num_supernodes=cfg["data.num_clients"],
-            backend_config=backend_config(cfg),
+            backend_config=backend,
         )
     return run_dir, finished_metrics(run_dir)
 

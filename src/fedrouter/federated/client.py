@@ -53,7 +53,19 @@ _encoded_cache: dict[tuple, list] = {}
 
 def base_model(cfg: Config) -> BaseModel:
     lora_key = (cfg["lora.r"], cfg["lora.alpha"], cfg["lora.dropout"], tuple(cfg.list("lora.target_modules")))
-    return shared_base_model(cfg["model.name"], cfg["model.precision"], lora_key, cfg["model.threads"])
+    # A client given part of the cores (run.client_cpus) uses that many threads, so parallel clients do not
+    # oversubscribe them.
+    threads = cfg["model.threads"]
+    if not threads and cfg["run.client_cpus"]:
+        threads = max(1, int(cfg["run.client_cpus"]))
+    return shared_base_model(
+        cfg["model.name"],
+        cfg["model.precision"],
+        lora_key,
+        threads,
+        cfg["model.quantization"],
+        cfg["model.gradient_checkpointing"],
+    )
 
 
 def client_id(context: Context, cfg: Config) -> int:

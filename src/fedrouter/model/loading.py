@@ -24,9 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from peft.tuners.tuners_utils import BaseTunerLayer
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    LlamaConfig,
+    PreTrainedTokenizerBase,
+)
 
 from fedrouter.errors import ModelError
 from fedrouter.model import EMBEDDED_NAME
@@ -166,6 +172,29 @@ def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else torch.float32
 
 
+def quantization_config(quantization: str, device: torch.device, dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    """transformers' bitsandbytes settings for ``model.quantization`` (None for 'none'); a clear error where it
+    cannot run: bitsandbytes quantizes on CUDA GPUs only, and is an extra (``pip install 'fedrouter[gpu]'``)."""
+    if quantization == "none":
+        return None
+    if quantization not in ("8bit", "4bit"):
+        raise ModelError(f"setting 'model.quantization': expected 'none', '8bit' or '4bit', got {quantization!r}")
+    if device.type != "cuda":
+        raise ModelError(
+            f"setting 'model.quantization' = {quantization!r} needs a CUDA GPU (bitsandbytes), and this client runs "
+            f"on {device.type}: set model.quantization = 'none' here"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError(
+            f"setting 'model.quantization' = {quantization!r} needs bitsandbytes: pip install 'fedrouter[gpu]'"
+        )
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True
+    )
+
+
 @dataclass
 class BaseModel:
     """The frozen base model wrapped with one trainable LoRA adapter slot, and its tokenizer.
@@ -209,23 +238,39 @@ def load_base_model(
     precision: str = "auto",
     lora: LoraConfig | None = None,
     device: str | None = None,
+    quantization: str = "none",
+    gradient_checkpointing: bool = False,
 ) -> BaseModel:
-    """Load tokenizer and base model, freeze it and add a LoRA adapter slot. Counts as one load."""
+    """Load tokenizer and base model, freeze it and add a LoRA adapter slot. Counts as one load.
+
+    ``quantization`` '8bit' / '4bit' loads the frozen weights through bitsandbytes (CUDA only) and prepares them
+    for LoRA training with PEFT's ``prepare_model_for_kbit_training``; ``gradient_checkpointing`` recomputes
+    activations in the backward pass instead of keeping them.
+    """
     global LOAD_COUNT
     target = torch.device(device) if device else default_device()
     dtype = compute_dtype(precision, target)
+    quantized = quantization_config(quantization, target, dtype)
     started = time.perf_counter()
     if name == "tiny-random":
+        if quantized is not None:
+            raise ModelError("setting 'model.quantization': the tiny random test model is not quantized")
         model, tokenizer = _tiny_random(dtype)
     else:
         folder = resolve_folder(name)
+        extra = {} if quantized is None else {"quantization_config": quantized, "device_map": {"": target}}
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder)
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **extra)
         except OSError as err:
             raise ModelError(
                 f"setting 'model.name' = {name!r}: not a loadable model folder or reachable hub id ({err})"
             ) from err
+    if quantized is not None:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input that requires grad (the embeddings are frozen).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     LOAD_COUNT += 1
     base = wrap_base_model(
         name, model, tokenizer, dtype, lora or lora_config(8, 16, 0.05, ["q_proj", "v_proj"], name), target
@@ -249,7 +294,8 @@ def wrap_base_model(
         # into every adapter (the authors' 228 MB uploads).
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
-    model.to(device)  # built in ``dtype`` already (from_pretrained or from_config with dtype=)
+    if not getattr(model, "is_quantized", False):  # a quantized model is placed by its device_map already
+        model.to(device)  # built in ``dtype`` already (from_pretrained or from_config with dtype=)
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
@@ -284,9 +330,16 @@ _PROCESS_MODELS: dict[tuple, BaseModel] = {}
 _PROCESS_LOCK = threading.Lock()
 
 
-def shared_base_model(name: str, precision: str, lora_key: tuple, threads: int = 0) -> BaseModel:
+def shared_base_model(
+    name: str,
+    precision: str,
+    lora_key: tuple,
+    threads: int = 0,
+    quantization: str = "none",
+    gradient_checkpointing: bool = False,
+) -> BaseModel:
     """The process-wide base model for these settings: loaded on first use, then reused by every client."""
-    key = (name, precision, lora_key)
+    key = (name, precision, lora_key, quantization, gradient_checkpointing)
     with _PROCESS_LOCK:
         if key not in _PROCESS_MODELS:
             if threads:
@@ -298,6 +351,8 @@ def shared_base_model(name: str, precision: str, lora_key: tuple, threads: int =
                 name,
                 precision=precision,
                 lora=lora_config(r, alpha, dropout, list(modules), _base_name(name)),
+                quantization=quantization,
+                gradient_checkpointing=gradient_checkpointing,
             )
         return _PROCESS_MODELS[key]
 
