@@ -29,6 +29,7 @@ def test_each_client_holds_the_gpus_it_is_given(tmp_path, setting, gpus, per_cli
     backend = backend_config(config(tmp_path, **{"run.client_gpus": setting}), cores=16, gpus=gpus)
     assert backend["client_resources"] == {"num_cpus": 16, "num_gpus": per_client}
     assert backend["init_args"]["num_cpus"] == 16 and backend["init_args"]["num_gpus"] == gpus
+    assert backend["init_args"]["address"] == "local"  # never a cluster some `ray start` left on the machine
 
 
 def test_a_client_holds_every_core_unless_told_fewer(tmp_path):

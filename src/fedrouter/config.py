@@ -92,6 +92,12 @@ SETTINGS: dict[str, Setting] = {
         "GPUs per simulated client: 'auto' (1 where CUDA is, else 0) or a number; 0.25 puts four clients on a GPU",
         _gpus_setting,
     ),
+    "run.ray_address": Setting(
+        str,
+        "",
+        "an existing Ray cluster for the simulated clients ('auto' or the head's host:port); empty: Ray's own "
+        "RAY_ADDRESS if set, else a Ray started on this machine for the run",
+    ),
     # --- data ---
     "data.source": Setting(
         str,

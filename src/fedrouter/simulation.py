@@ -44,24 +44,42 @@ def client_resources(cfg: Config, cores: int, gpus: int) -> tuple[float, float]:
     return cpus, per_client
 
 
+def ray_address(cfg: Config) -> str:
+    """The Ray cluster the run joins: ``run.ray_address``, else Ray's own ``RAY_ADDRESS``; empty: none."""
+    return cfg["run.ray_address"] or os.environ.get("RAY_ADDRESS", "")
+
+
 def backend_config(cfg: Config, cores: int | None = None, gpus: int | None = None) -> dict:
-    """Flower's Ray backend settings for this run (``cores`` and ``gpus``: the machine's, found when not given)."""
+    """Flower's Ray backend settings for this run (``cores`` and ``gpus``: the machine's, found when not given).
+
+    Joining an existing cluster (``ray_address``), the cluster's nodes have the cores and GPUs: a client holds
+    ``run.client_cpus`` (1 when 0) and ``run.client_gpus`` ('auto': one where this machine has CUDA), and Ray
+    places clients over every node with room. The nodes' own environment decides whether Ray hides GPUs from a
+    client holding none (``_gpus_hidden_from_cpu_clients``): start them with RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=1.
+    """
     cores = cores or os.cpu_count() or 1
     if gpus is None:
         import torch
 
         gpus = torch.cuda.device_count()
+    quiet = {"logging_level": "ERROR", "log_to_driver": True}
+    address = ray_address(cfg)
+    if address:
+        setting = cfg["run.client_gpus"]
+        per_client = (1.0 if gpus else 0.0) if setting == "auto" else float(setting)
+        return {
+            "client_resources": {"num_cpus": cfg["run.client_cpus"] or 1.0, "num_gpus": per_client},
+            "init_args": {"address": address, **quiet},
+        }
     cpus, per_client = client_resources(cfg, cores, gpus)
     return {
         "client_resources": {"num_cpus": cpus, "num_gpus": per_client},
-        "init_args": {
-            "num_cpus": cores,
-            "num_gpus": gpus,
-            "include_dashboard": False,
-            "logging_level": "ERROR",
-            "log_to_driver": True,
-        },
+        # "local": a Ray of this run's own, even where `ray start` left a cluster that ray.init() would join.
+        "init_args": {"address": "local", "num_cpus": cores, "num_gpus": gpus, "include_dashboard": False, **quiet},
     }
+
+
+_OVERRIDE_ON_ZERO = "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"
 
 
 @contextlib.contextmanager
@@ -70,7 +88,7 @@ def _gpus_hidden_from_cpu_clients():
     on the CPU and one given a GPU sees only its own: each client picks "cuda" exactly when it holds a GPU.
     Ray says it will stop doing that for actors with 0 GPUs; RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=1 keeps it (and
     Ray's notice about the change, which asks for 0, is silenced: 0 would let every CPU client onto GPU 0)."""
-    name = "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"
+    name = _OVERRIDE_ON_ZERO
     before = os.environ.get(name)
     os.environ[name] = "1"
     try:
