@@ -144,3 +144,16 @@ def test_the_papers_gpu_setting_loads_and_asks_one_gpu_per_client():
     assert backend_config(cfg, cores=16, gpus=8)["client_resources"] == {"num_cpus": 1.0, "num_gpus": 1.0}
     with pytest.raises(ConfigError, match="this machine has no CUDA GPU"):
         backend_config(cfg, cores=16, gpus=0)
+
+
+def test_each_device_computes_in_bf16_where_it_has_it(monkeypatch):
+    from fedrouter.model.loading import compute_dtype
+
+    cpu = torch.device("cpu")
+    native = torch.cpu._is_avx512_bf16_supported()
+    assert compute_dtype("auto", cpu) == (torch.bfloat16 if native else torch.float32)
+    assert compute_dtype("fp32", cpu) == torch.float32 and compute_dtype("bf16", cpu) == torch.bfloat16
+    # No GPU here: what the CUDA runtime would answer is played, the choice itself is real.
+    for supported, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda supported=supported: supported)
+        assert compute_dtype("auto", torch.device("cuda")) == expected
