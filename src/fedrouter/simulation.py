@@ -15,6 +15,11 @@ from fedrouter.runlog import METRICS, default_run_dir
 log = logging.getLogger("fedrouter")
 
 
+def _gpus_per_client(setting: str, gpus: int) -> float:
+    """``run.client_gpus`` as a number: 'auto' is one GPU where this machine has any, else none."""
+    return (1.0 if gpus else 0.0) if setting == "auto" else float(setting)
+
+
 def client_resources(cfg: Config, cores: int, gpus: int) -> tuple[float, float]:
     """The CPU cores and GPUs each simulated client holds, on a machine with ``cores`` and ``gpus``.
 
@@ -24,7 +29,7 @@ def client_resources(cfg: Config, cores: int, gpus: int) -> tuple[float, float]:
     """
     cpus = cfg["run.client_cpus"] or (min(cfg["model.threads"], cores) if cfg["model.threads"] else cores)
     setting = cfg["run.client_gpus"]
-    per_client = (1.0 if gpus else 0.0) if setting == "auto" else float(setting)
+    per_client = _gpus_per_client(setting, gpus)
     if cpus > cores:
         raise ConfigError(
             f"setting 'run.client_cpus' = {cpus:g}: a client cannot hold more than this machine's {cores} cores"
@@ -65,10 +70,11 @@ def backend_config(cfg: Config, cores: int | None = None, gpus: int | None = Non
     quiet = {"logging_level": "ERROR", "log_to_driver": True}
     address = ray_address(cfg)
     if address:
-        setting = cfg["run.client_gpus"]
-        per_client = (1.0 if gpus else 0.0) if setting == "auto" else float(setting)
         return {
-            "client_resources": {"num_cpus": cfg["run.client_cpus"] or 1.0, "num_gpus": per_client},
+            "client_resources": {
+                "num_cpus": cfg["run.client_cpus"] or 1.0,
+                "num_gpus": _gpus_per_client(cfg["run.client_gpus"], gpus),
+            },
             "init_args": {"address": address, **quiet},
         }
     cpus, per_client = client_resources(cfg, cores, gpus)
