@@ -91,7 +91,8 @@ def test_the_chat_template_head_is_prefilled_once_per_adapter_and_changes_no_ans
 
     router._load_slots()
     plain = decoding.decode(router.base, rows())  # no prefix
-    batch, shared = router.batch(), rows()
+    # A store of its own: the router's is shared by every batch, and other tests have filled it.
+    batch, shared = decoding.Batch(router.base, router.batch().prefix), rows()
     head = len(batch.prefix)
     assert head > 10 and [tuple(r.ids[:head]) == batch.prefix for r in shared] == [True, True, False]
     assert len(decoding._prefill_groups(shared[:2], head)) == 1  # one prefill, padded inside

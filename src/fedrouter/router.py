@@ -97,6 +97,7 @@ class Router:
         self.base = base
         self._slots: list[str] | None = None
         self._head = chat_head(base.tokenizer)  # the chat template's head: its keys and values are computed once
+        self._heads: dict = {}  # per adapter slot, shared by every batch of this router (decoding.Batch)
 
     @classmethod
     def load(cls, run_dir: str | Path, *, model: str | None = None, precision: str | None = None) -> Router:
@@ -192,12 +193,12 @@ class Router:
         """Decode rows that may each use another adapter (slot names from ``slot``), at most ``max_rows`` at once:
         a finished row's place goes to the next one (``decoding.Batch``)."""
         self._load_slots()
-        return decoding.decode(self.base, rows, max_rows=max_rows, prefix=self._head)
+        return decoding.decode(self.base, rows, max_rows=max_rows, prefix=self._head, prefixes=self._heads)
 
     def batch(self) -> decoding.Batch:
         """An empty ``decoding.Batch`` on this router's model, every adapter loaded (for a serving loop)."""
         self._load_slots()
-        return decoding.Batch(self.base, self._head)
+        return decoding.Batch(self.base, self._head, self._heads)
 
     def _load_slots(self) -> None:
         if self._slots is None:

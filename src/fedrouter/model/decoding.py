@@ -281,7 +281,12 @@ class Batch:
     Both return the rows that finished, with their completions; a finished row leaves the batch at once.
     """
 
-    def __init__(self, base: BaseModel, prefix: Sequence[int] = ()) -> None:
+    def __init__(
+        self,
+        base: BaseModel,
+        prefix: Sequence[int] = (),
+        prefixes: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] | None = None,
+    ) -> None:
         _check_full_attention(base)
         self.base = base
         self.eos = eos_ids(base)
@@ -290,9 +295,10 @@ class Batch:
         self.cache = Cache(layers=[_Layer() for _ in range(self._layers)])
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=base.device)  # [rows, columns]: 1 at a row's tokens
         # Prompts that start with ``prefix`` (the chat template's head) reuse its keys and values, computed once
-        # per adapter: causal attention makes them the same whatever follows.
+        # per adapter: causal attention makes them the same whatever follows. ``prefixes`` keeps them beyond this
+        # batch (the Router passes one store to all its batches; it must hold this prefix under these adapters).
         self.prefix = tuple(prefix)
-        self._prefixes: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._prefixes = {} if prefixes is None else prefixes
         # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name warns, and goes in 5.40).
         forward = inspect.signature(type(base.model.get_base_model()).forward).parameters
         self._cache_arg = "cache" if "cache" in forward else "past_key_values"
@@ -457,7 +463,14 @@ def _prefill_groups(rows: Sequence[Row], skip: int = 0) -> list[list[Row]]:
     return groups
 
 
-def decode(base: BaseModel, rows: Sequence[Row], *, max_rows: int = 16, prefix: Sequence[int] = ()) -> list[Completion]:
+def decode(
+    base: BaseModel,
+    rows: Sequence[Row],
+    *,
+    max_rows: int = 16,
+    prefix: Sequence[int] = (),
+    prefixes: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] | None = None,
+) -> list[Completion]:
     """Decode every row, at most ``max_rows`` at a time (a finished row's place goes to the next one); prompts
     that start with ``prefix`` share its keys and values (``Batch``)."""
     if max_rows < 1:
@@ -465,7 +478,7 @@ def decode(base: BaseModel, rows: Sequence[Row], *, max_rows: int = 16, prefix: 
     index = {row: i for i, row in enumerate(rows)}
     done: list[Completion | None] = [None] * len(rows)
     waiting = list(rows)
-    batch = Batch(base, prefix)
+    batch = Batch(base, prefix, prefixes)
     while waiting or len(batch):
         finished = []
         if waiting and len(batch) < max_rows:
