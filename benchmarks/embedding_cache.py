@@ -1,15 +1,21 @@
-"""Every text of ../shared/data embedded once with SmolLM2-135M, at several layers and two poolings.
+"""Every text of ../shared/data embedded once with SmolLM2-135M, at several layers and poolings.
 
 The task-discovery benchmark (`benchmarks/task_discovery.py`) compares embeddings and clustering rules on many
 task mixes; embedding is its only slow part, so it is done once here and cached (not committed):
 
     .venv/bin/python benchmarks/embedding_cache.py [--precision auto|fp32]
 
-For every distinct input text of paper4, paper4-raw, extra and flan16 (train and test), one forward pass of the
-frozen backbone gives, at each layer of ``LAYERS``, the mean over the input's tokens (``mean``) and the hidden state
-at its last token (``last``). Inputs are tokenized exactly as `compute.embed` does (`embedding_ids`: the raw text, no
-template, cut to 256 tokens). Written to ``$FEDROUTER_CACHE/task-discovery/embeddings-<precision>.npz``, resumable
-in chunks, so an interrupted run continues where it stopped.
+For every distinct input text of paper4, paper4-raw, extra and flan16 (train and test), two caches:
+
+- ``text``: one forward pass over the raw text as `compute.embed` tokenizes it (`embedding_ids`: no template, cut
+  to 256 tokens) gives, at each layer of ``LAYERS``, the mean over the input's tokens (``mean-<layer>``) and the
+  hidden state at its last token (``last-<layer>``);
+- ``prompt``: `compute.embed_prompts`, the product's own function for ``cluster.embedding = "prompt"``, for every
+  (layer, edge) of ``PROMPT_PARTS`` in one pass (``prompt-<layer>-<edge>``), unscaled; the benchmark divides by
+  the reference scales and concatenates as `discovery.EmbeddingSpace` does.
+
+Written to ``$FEDROUTER_CACHE/task-discovery/embeddings-<precision>[-prompt].npz``, resumable in chunks, so an
+interrupted run continues where it stopped.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedrouter.model.compute import _pad
+from fedrouter.model.compute import _pad, embed_prompts
 from fedrouter.model.loading import cache_root, shared_base_model
 from fedrouter.model.prompts import embedding_ids
 
@@ -32,6 +38,8 @@ DATA = ROOT.parent / "shared" / "data"
 SOURCES = ("flan16", "extra", "paper4", "paper4-raw")
 # Hidden-state indices (0 = token embeddings, 30 = the last layer after the final norm, as `compute.embed` uses).
 LAYERS = (6, 12, 16, 20, 24, 30)
+# (hidden-state index, edge tokens) parts of prompt embeddings: the default's (6, 0) and (18, 32), and variations.
+PROMPT_PARTS = ((6, 0), (12, 0), (12, 32), (15, 32), (18, 0), (18, 16), (18, 32), (21, 32))
 MAX_LEN = 256
 CHUNK = 512
 
@@ -54,14 +62,20 @@ def base_model(precision: str):
     return shared_base_model("smollm2", precision, (8, 16.0, 0.05, ("q_proj", "v_proj")))
 
 
-def cache_path(precision: str) -> Path:
-    return cache_root() / "task-discovery" / f"embeddings-{precision}.npz"
+def cache_path(precision: str, kind: str = "text") -> Path:
+    suffix = "" if kind == "text" else f"-{kind}"
+    return cache_root() / "task-discovery" / f"embeddings-{precision}{suffix}.npz"
 
 
-def load(precision: str) -> dict[str, np.ndarray]:
-    """The cache: ``keys`` (sha1 of each text) and ``<pooling>-<layer>`` arrays, one row per key."""
-    with np.load(cache_path(precision)) as cached:
+def load(precision: str, kind: str = "text") -> dict[str, np.ndarray]:
+    """A cache: ``keys`` (sha1 of each text) and one array per pooling, one row per key."""
+    with np.load(cache_path(precision, kind)) as cached:
         return {name: cached[name] for name in cached.files}
+
+
+def prompt_parts(base, batch: list[str]) -> dict[str, np.ndarray]:
+    pooled = embed_prompts(base, batch, PROMPT_PARTS, max_len=MAX_LEN)
+    return {f"prompt-{layer}-{edge}": points for (layer, edge), points in zip(PROMPT_PARTS, pooled, strict=True)}
 
 
 @torch.inference_mode()
@@ -94,18 +108,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32"))
     args = parser.parse_args()
-    path = cache_path(args.precision)
-    path.parent.mkdir(parents=True, exist_ok=True)
     wanted = texts()
-    done = load(args.precision) if path.is_file() else {"keys": np.array([], dtype="<U40")}
+    base = base_model(args.precision)
+    for kind, compute in (("text", embed_all), ("prompt", prompt_parts)):
+        fill(cache_path(args.precision, kind), wanted, lambda batch, compute=compute: compute(base, batch), kind)
+
+
+def fill(path: Path, wanted: list[str], compute, kind: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = dict(np.load(path)) if path.is_file() else {"keys": np.array([], dtype="<U40")}
     have = set(done["keys"].tolist())
     todo = [t for t in wanted if key(t) not in have]
-    print(f"{len(wanted)} texts, {len(todo)} to embed", flush=True)
-    base = base_model(args.precision)
+    print(f"{kind}: {len(wanted)} texts, {len(todo)} to embed", flush=True)
     started = time.time()
     for start in range(0, len(todo), CHUNK):
         batch = todo[start : start + CHUNK]
-        fresh = embed_all(base, batch)
+        fresh = compute(batch)
         keys = np.concatenate([done["keys"], np.array([key(t) for t in batch])])
         done = {"keys": keys} | {
             name: np.concatenate([done[name], fresh[name]]) if name in done else fresh[name] for name in fresh
@@ -114,7 +132,7 @@ def main() -> None:
         np.savez(partial, **done)
         partial.replace(path)  # atomic: an interrupted run keeps the last complete chunk
         rate = (start + len(batch)) / (time.time() - started)
-        print(f"{start + len(batch)}/{len(todo)} ({rate:.1f} texts/s)", flush=True)
+        print(f"{kind}: {start + len(batch)}/{len(todo)} ({rate:.1f} texts/s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ def write_tiny_router(run_dir: Path, base) -> Path:
     from fedrouter.artifact import RouterArtifact
     from fedrouter.model import lora
 
-    space = discovery.embedding_space(base, 0.2, "reference")
+    space = discovery.embedding_space(base, discovery.EmbeddingSettings())
     centroids = space.embed(base, list(ANCHORS))
     rng = np.random.default_rng(0)
     adapters = {
@@ -90,8 +90,7 @@ def write_tiny_router(run_dir: Path, base) -> Path:
         cluster_map={0: [0, 1], 1: [2]},
         adapters=adapters,
         precision="fp32",
-        embed_depth=0.2,
-        embed_scale="reference",
+        embedding=discovery.EmbeddingSettings(),
     ).save(run_dir)
     return run_dir
 

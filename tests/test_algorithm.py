@@ -10,6 +10,7 @@ from fedrouter.algorithm.clustering import (
     centred_local_clusters,
     global_clusters,
     local_clusters,
+    refine_local_clusters,
 )
 from fedrouter.algorithm.metrics import clustering_accuracy, contingency, exact_match, rouge, routing_accuracy
 from fedrouter.algorithm.routing import route
@@ -309,3 +310,58 @@ def test_agglomerative_rejects_bad_input_by_name():
     with pytest.raises(ClusteringError, match="NaN"):
         ThresholdAgglomerative().fit(np.full((2, 3), np.inf))
     assert ThresholdAgglomerative().fit(centroids[:1]).n_clusters_ == 1
+
+
+def test_refinement_splits_a_local_cluster_that_the_global_centroids_tell_apart():
+    # Two overlapping tasks of unequal sizes in one local cluster (too close for a client's silhouette search);
+    # global centroids found from other clients' samples of each task separate them.
+    rng = np.random.default_rng(0)
+    dim = 64
+    means = rng.normal(size=(3, dim)) * 3
+    means[1] = means[0] + 4 * rng.normal(size=dim) / np.sqrt(dim)  # 4 standard deviations apart
+    sizes = [30, 14]
+    points = np.concatenate([means[t] + rng.normal(size=(n, dim)) for t, n in zip([0, 1], sizes, strict=True)])
+    truth = np.repeat([0, 1], sizes)
+    assert centred_local_clusters(points, k="auto", k_max=6, threshold=0.11, seed=0).n_clusters_ == 1
+    others = np.stack([m + rng.normal(size=(200, dim)).mean(0) for m in means])  # other clients' centroids
+    refined = refine_local_clusters(points, np.zeros(len(points), dtype=np.int64), others)
+    assert clustering_accuracy(contingency(refined, [str(t) for t in truth], 2, ["0", "1"])) >= 0.95
+    # A cluster the global centroids see as one task stays whole, however the centroids lie around it.
+    single = means[2] + rng.normal(size=(40, dim))
+    np.testing.assert_array_equal(refine_local_clusters(single, np.zeros(40, dtype=np.int64), others), 0)
+
+
+def test_refinement_keeps_order_small_clusters_and_the_local_k_limit():
+    rng = np.random.default_rng(1)
+    dim = 16
+    means = rng.normal(size=(4, dim)) * 5
+    centers = means + 0.01
+    # Local cluster 0 holds tasks 0 and 1, cluster 1 task 2, cluster 2 tasks 2 and 3: both mixed ones split.
+    tasks = [0] * 10 + [1] * 10 + [2] * 10 + [2] * 6 + [3] * 6
+    labels = np.array([0] * 20 + [1] * 10 + [2] * 12)
+    points = means[tasks] + 0.3 * rng.normal(size=(len(tasks), dim))
+    refined = refine_local_clusters(points, labels, centers)
+    assert refined.max() == 4
+    np.testing.assert_array_equal(refined, [0] * 10 + [1] * 10 + [2] * 10 + [3] * 6 + [4] * 6)
+    # At most k_max clusters: the larger mixed cluster splits, the smaller stays whole.
+    np.testing.assert_array_equal(
+        refine_local_clusters(points, labels, centers, k_max=4), [0] * 10 + [1] * 10 + [2] * 10 + [3] * 12
+    )
+    # One sample, identical points, a part with one sample: nothing to split, no error.
+    np.testing.assert_array_equal(refine_local_clusters(points[:1], np.zeros(1, dtype=np.int64), centers), [0])
+    same = np.repeat(points[:1], 8, axis=0)
+    np.testing.assert_array_equal(refine_local_clusters(same, np.zeros(8, dtype=np.int64), centers), 0)
+    lone = np.concatenate([points[:10], points[10:11]])  # nine of task 0 and one of task 1: no part of one
+    np.testing.assert_array_equal(refine_local_clusters(lone, np.zeros(11, dtype=np.int64), centers), 0)
+
+
+def test_refinement_rejects_bad_input_by_name():
+    points, labels = blobs(2, per=5, dim=4)
+    with pytest.raises(ClusteringError, match="global centroids have 3 dimensions, client 1's samples have 4"):
+        refine_local_clusters(points, labels, np.zeros((2, 3)), what="client 1's samples")
+    with pytest.raises(ClusteringError, match="one label >= 0 per sample"):
+        refine_local_clusters(points, labels[:3], np.zeros((2, 4)))
+    with pytest.raises(ClusteringError, match="global centroids: contain NaN"):
+        refine_local_clusters(points, labels, np.full((2, 4), np.nan))
+    with pytest.raises(ClusteringError, match="share 0.8"):
+        refine_local_clusters(points, labels, np.zeros((2, 4)), share=0.8)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from conftest import tiny_settings
 
+from fedrouter import discovery
 from fedrouter.config import Config
 from fedrouter.data import all_clients
 from fedrouter.federated.client import _dpa_weights, answer_tests
@@ -23,7 +24,7 @@ def _inputs(tiny_base, tmp_path, method: str):
     cfg = Config(tiny_settings(tmp_path, **{"run.method": method, "eval.sets": "personalized,generalization"}))
     client = all_clients(cfg)[0]
     rng = np.random.default_rng(1)
-    hidden = tiny_base.hidden_size
+    hidden = discovery.embed(tiny_base, cfg, ["any text"]).shape[1]  # the width of the run's embeddings
     shared = {"0": _random_adapter(tiny_base, 10), "1": _random_adapter(tiny_base, 11)}
     if METHODS[method].serving not in ("route", "task"):
         shared = {"global": _random_adapter(tiny_base, 12)}

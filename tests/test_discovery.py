@@ -4,27 +4,62 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from fedrouter import discovery
 from fedrouter.algorithm.clustering import SilhouetteKMeans, ThresholdAgglomerative
 from fedrouter.artifact import ArtifactError, RouterArtifact
 from fedrouter.config import Config
 from fedrouter.model import compute
+from fedrouter.model.prompts import chat_head, chat_tail, prompt_ids
 
 
 def test_the_embedding_space_is_computed_once_per_model_and_setting(tiny_base):
-    space = discovery.embedding_space(tiny_base, 0.2, "reference")
-    assert space is discovery.embedding_space(tiny_base, 0.2, "reference")
-    assert space.layer == 1 and space.scale.shape == (tiny_base.hidden_size,)
-    np.testing.assert_array_equal(space.scale, compute.reference_scale(tiny_base, 1))
-    raw = discovery.embedding_space(tiny_base, 1.0, "none")
-    assert raw.layer == 2 and raw.scale is None
-    cfg = Config({"model.name": "tiny-random"})
+    text = discovery.EmbeddingSettings("text", 0.2, "reference")
+    space = discovery.embedding_space(tiny_base, text)
+    assert space is discovery.embedding_space(tiny_base, text)
+    assert space.parts == ((1, 0),) and space.scales[0].shape == (tiny_base.hidden_size,)
+    np.testing.assert_array_equal(space.scales[0], compute.reference_scale(tiny_base, 1))
+    raw = discovery.embedding_space(tiny_base, discovery.EmbeddingSettings("text", 1.0, "none"))
+    assert raw.parts == ((2, 0),) and raw.scales == (None,)
+    cfg = Config({"model.name": "tiny-random", "cluster.embedding": "text"})
     np.testing.assert_allclose(
-        discovery.embed(tiny_base, cfg, ["route me"]), compute.embed(tiny_base, ["route me"], layer=1) / space.scale
+        discovery.embed(tiny_base, cfg, ["route me"]), compute.embed(tiny_base, ["route me"], layer=1) / space.scales[0]
     )
     with pytest.raises(ValueError, match="embedding scale 'zscore'"):
-        discovery.embedding_space(tiny_base, 0.2, "zscore")
+        discovery.embedding_space(tiny_base, discovery.EmbeddingSettings(scale="zscore"))
+    with pytest.raises(ValueError, match="embedding kind 'image'"):
+        discovery.embedding_space(tiny_base, discovery.EmbeddingSettings(kind="image"))
+
+
+def test_the_prompt_embedding_pools_the_text_inside_the_template(tiny_base):
+    tokenizer = tiny_base.tokenizer
+    settings = discovery.EmbeddingSettings(depth=0.5, edge_depth=1.0, edge_tokens=8)
+    space = discovery.embedding_space(tiny_base, settings)
+    assert space.kind == "prompt" and space.parts == ((1, 0), (2, 8))
+    texts = ["a short one", " ".join(f"word{i}" for i in range(60))]  # the second has more than 2 x 8 tokens
+    got = space.embed(tiny_base, texts)  # one batch: the short prompt is padded
+    hidden = tiny_base.hidden_size
+    assert got.shape == (2, 2 * hidden)
+    np.testing.assert_allclose(np.linalg.norm(got[:, :hidden], axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(got[:, hidden:], axis=1), 1.0, rtol=1e-5)
+    head, tail = len(chat_head(tokenizer)), len(chat_tail(tokenizer))
+    backbone = tiny_base.model.get_base_model().base_model
+    for row, text in enumerate(texts):
+        ids = prompt_ids(tokenizer, text, 256)
+        assert tokenizer.decode(ids[head : len(ids) - tail]).strip().startswith(text.split()[0])
+        with torch.inference_mode(), tiny_base.model.disable_adapter():
+            states = backbone(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+        content = [states[layer][0, head : len(ids) - tail].numpy() for layer in (1, 2)]
+        mean = content[0].mean(0) / space.scales[0]
+        edges = content[1] if len(content[1]) <= 16 else np.concatenate([content[1][:8], content[1][-8:]])
+        edges = edges.mean(0) / space.scales[1]
+        expected = np.concatenate([mean / np.linalg.norm(mean), edges / np.linalg.norm(edges)])
+        np.testing.assert_allclose(got[row], expected, rtol=1e-4, atol=1e-5)
+    # Divided by its reference scales, random token texts read as prompts have unit spread in every part.
+    random = [tokenizer.decode(ids) for ids in compute._random_ids(tiny_base, 256, 0)]
+    for points, scale in zip(compute.embed_prompts(tiny_base, random, space.parts), space.scales, strict=True):
+        np.testing.assert_allclose((points / scale).std(0), 1.0, rtol=1e-3)
 
 
 def test_settings_choose_the_local_and_global_rules():
@@ -62,16 +97,25 @@ def _artifact(**extra) -> RouterArtifact:
 
 
 def test_the_artifact_records_how_prompts_are_embedded(tmp_path):
-    _artifact(embed_depth=0.2, embed_scale="reference").save(tmp_path)
-    loaded = RouterArtifact.load(tmp_path)
-    assert (loaded.embed_depth, loaded.embed_scale) == (0.2, "reference")
+    settings = discovery.EmbeddingSettings("prompt", 0.3, "reference", 0.7, 16)
+    _artifact(embedding=settings).save(tmp_path)
+    assert RouterArtifact.load(tmp_path).embedding == settings
     meta_path = tmp_path / "router" / "router.json"
     meta = json.loads(meta_path.read_text())
+    meta["embedding"] = {"depth": 0.2, "scale": "reference"}  # written before prompt embeddings: the raw text
+    meta_path.write_text(json.dumps(meta))
+    assert RouterArtifact.load(tmp_path).embedding == discovery.EmbeddingSettings("text", 0.2, "reference")
     del meta["embedding"]  # written before the setting existed: the last layer, unscaled
     meta_path.write_text(json.dumps(meta))
-    loaded = RouterArtifact.load(tmp_path)
-    assert (loaded.embed_depth, loaded.embed_scale) == (1.0, "none")
-    meta["embedding"] = {"depth": 0.2, "scale": "../../etc"}
-    meta_path.write_text(json.dumps(meta))
-    with pytest.raises(ArtifactError, match="router.json: 'embedding' must be"):
-        RouterArtifact.load(tmp_path)
+    assert RouterArtifact.load(tmp_path).embedding == discovery.EmbeddingSettings("text", 1.0, "none")
+    for bad in (
+        {"depth": 0.2, "scale": "../../etc"},
+        {"kind": "image", "depth": 0.2, "scale": "none"},
+        {"kind": "prompt", "depth": 0.2, "scale": "none", "edge_tokens": 0},
+        {"kind": "prompt", "depth": 0.2, "scale": "none", "edge_depth": "deep"},
+        [0.2],
+    ):
+        meta["embedding"] = bad
+        meta_path.write_text(json.dumps(meta))
+        with pytest.raises(ArtifactError, match="router.json: 'embedding' must be"):
+            RouterArtifact.load(tmp_path)

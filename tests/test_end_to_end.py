@@ -42,6 +42,14 @@ def test_run_writes_config_metrics_log_and_artifact(finished_run):
     # The total also counts the clustering upload (centroids, counts and the first adapter), once.
     rounds_up = sum(r["bytes_up"] for r in metrics["rounds"])
     assert rounds_up < metrics["bytes"]["up_total"] < rounds_up + metrics["rounds"][-1]["bytes_up"]
+    # One refinement round: the server sent the global centroids (4 x 128 floats) to each of the 3 clients,
+    # which uploaded their clusters again; the clustering phase's figures and the totals count both ways.
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert [e["name"] for e in events if e["event"] == "phase"][:2] == ["clustering", "refinement"]
+    assert metrics["clustering_bytes_down"] >= 3 * 4 * 128 * 4
+    rounds_down = sum(r["bytes_down"] for r in metrics["rounds"])
+    assert metrics["bytes"]["down_total"] == rounds_down + metrics["clustering_bytes_down"]
+    assert set(clustering["local_k_before_refinement"]) == {"0", "1", "2"}
 
 
 def test_artifact_reloads_and_routes_in_both_modes(finished_run):

@@ -4,8 +4,9 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
-from conftest import tiny_settings
+from conftest import SHARED_DATA, tiny_settings
 
 from fedrouter import Router
 from fedrouter.config import Config
@@ -65,3 +66,34 @@ def test_real_model_end_to_end_on_a_few_samples(tmp_path):
     )
     assert answers[0].text.strip() and answers[0].adapter in router.artifact.cluster_map[0]
     assert time.perf_counter() - started < 600
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "flan16").is_dir(), reason="needs ../shared/data/flan16")
+def test_refinement_finds_the_flan16_tasks_that_clients_alone_keep_together():
+    # flan16-dual as the benchmark deals it (16 clients, two FLAN tasks each, 48 samples), embedded by the real
+    # model: some clients' two tasks look alike to their own silhouette search; the global centroids of the
+    # other clients holding those tasks tell them apart.
+    from fedrouter import bench, discovery
+    from fedrouter.algorithm.metrics import clustering_accuracy, contingency
+    from fedrouter.data import all_clients
+    from fedrouter.federated.client import base_model
+
+    settings = bench.run_settings(bench.PROFILES[bench.STANDARD], bench.MANY_TASK, "fedrouter", 0, SHARED_DATA)
+    cfg = Config(settings | {"model.precision": "auto"})
+    clients = all_clients(cfg)
+    base = base_model(cfg)
+    embeddings = [discovery.embed(base, cfg, [s.instruction for s in c.train]) for c in clients]
+    truth = [s.task for c in clients for s in c.train]
+    tasks = sorted(set(truth))
+
+    def accuracy(found: discovery.Discovery) -> float:
+        clusters = np.concatenate([found.sample_clusters(i) for i in range(len(clients))])
+        return clustering_accuracy(contingency(clusters, truth, found.global_fit.n_clusters_, tasks))
+
+    once = discovery.discover(Config(settings | {"cluster.refine_rounds": 0}), embeddings)
+    refined = discovery.discover(cfg, embeddings)
+    assert refined.local_k_first == [int(lab.max()) + 1 for lab in once.local_labels]
+    split = [i for i, lab in enumerate(refined.local_labels) if lab.max() > once.local_labels[i].max()]
+    assert split, "no client's local clusters were refined"
+    assert accuracy(refined) > accuracy(once) and accuracy(refined) >= 0.95
+    assert abs(refined.global_fit.n_clusters_ - 16) <= 2

@@ -92,3 +92,23 @@ def test_client_refuses_a_config_it_does_not_know(clustered):
     content = RecordDict({"config": record})
     with pytest.raises(ReplyError, match="unknown setting 'run.rouds'.*did you mean 'run.rounds'"):
         client.cluster(Message(content, 1, "query.cluster"), context)
+
+
+def test_client_refines_with_the_servers_centroids_and_refuses_ones_that_do_not_fit(clustered):
+    cfg, context, _, hidden = clustered
+
+    def refine(centers) -> Message:
+        content = RecordDict({"config": config_record(cfg), "global": to_record({"centroids": centers})})
+        return client.refine(Message(content, 1, "query.refine"), context)
+
+    own = from_record(context.state.array_records[client.STATE_KEY])["centroids"]
+    clusters = from_record(refine(own).content.array_records["clusters"])
+    assert clusters["centroids"].shape[1] == hidden and clusters["counts"].sum() == cfg["data.train_per_client"]
+    cases = {
+        "global centroids: expected shape": np.zeros((2, hidden + 1), np.float32),
+        "global centroids: contains NaN": np.full((2, hidden), np.nan, np.float32),
+        "global centroids: expected a float array": np.zeros((2, hidden), np.int64),
+    }
+    for pattern, centers in cases.items():
+        with pytest.raises(ReplyError, match=pattern):
+            refine(centers)

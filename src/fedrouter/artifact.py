@@ -24,10 +24,13 @@ import numpy as np
 from peft import LoraConfig
 from safetensors.numpy import load_file, save_file
 
+from fedrouter.discovery import KINDS, EmbeddingSettings
 from fedrouter.errors import ArtifactError
 
 FORMAT_VERSION = 1
 ROUTER_DIR = "router"
+# How an artifact written before the embedding settings existed embedded prompts: the raw text, last layer, unscaled.
+LEGACY_EMBEDDING = EmbeddingSettings("text", 1.0, "none")
 
 
 @dataclass
@@ -41,10 +44,8 @@ class RouterArtifact:
     adapters: dict[int, dict[str, np.ndarray]]
     precision: str = "auto"
     max_seq_len: int = 256
-    # How prompts are embedded (cluster.embed_depth, cluster.embed_scale); an artifact written before these
-    # settings existed embedded with the last layer, unscaled.
-    embed_depth: float = 1.0
-    embed_scale: str = "none"
+    # How prompts are embedded (the run's cluster.embedding / embed_* / edge_* settings).
+    embedding: EmbeddingSettings = LEGACY_EMBEDDING
 
     @property
     def num_global(self) -> int:
@@ -76,7 +77,13 @@ class RouterArtifact:
                 "model_name": self.model_name,
                 "precision": self.precision,
                 "max_seq_len": self.max_seq_len,
-                "embedding": {"depth": self.embed_depth, "scale": self.embed_scale},
+                "embedding": {
+                    "kind": self.embedding.kind,
+                    "depth": self.embedding.depth,
+                    "scale": self.embedding.scale,
+                    "edge_depth": self.embedding.edge_depth,
+                    "edge_tokens": self.embedding.edge_tokens,
+                },
                 "num_global_clusters": self.num_global,
                 "hidden_size": int(self.global_centroids.shape[1]),
                 "lora": self.lora,
@@ -117,10 +124,7 @@ class RouterArtifact:
             raise ArtifactError(f"{meta_path}: format_version {meta.get('format_version')} (expected {FORMAT_VERSION})")
         if centroids.ndim != 2 or len(centroids) != meta["num_global_clusters"]:
             raise ArtifactError(f"{folder}: global_centroids.npy has shape {centroids.shape}")
-        embedding = meta.get("embedding", {"depth": 1.0, "scale": "none"})
-        depth, scale = embedding.get("depth"), embedding.get("scale")
-        if not (isinstance(depth, (int, float)) and 0 <= depth <= 1 and scale in ("reference", "none")):
-            raise ArtifactError(f"{meta_path}: 'embedding' must be {{depth in [0, 1], scale 'reference'|'none'}}")
+        embedding = _embedding(meta.get("embedding", {"depth": 1.0, "scale": "none"}), meta_path)
         for client, mapping in cluster_map.items():
             if (
                 client not in local
@@ -138,9 +142,40 @@ class RouterArtifact:
             adapters=adapters,
             precision=meta.get("precision", "auto"),
             max_seq_len=int(meta.get("max_seq_len", 256)),
-            embed_depth=depth,
-            embed_scale=scale,
+            embedding=embedding,
         )
 
     def adapter_path(self, run_dir: str | Path, g: int) -> Path:
         return Path(run_dir) / ROUTER_DIR / "adapters" / f"cluster_{g}"
+
+
+def _embedding(entry: object, meta_path: Path) -> EmbeddingSettings:
+    """The artifact's embedding settings; an entry without a kind (written before prompt embeddings) is 'text'."""
+    expected = (
+        f"{meta_path}: 'embedding' must be {{kind {'|'.join(KINDS)}, depth and edge_depth in [0, 1], "
+        "scale 'reference'|'none', edge_tokens >= 1}"
+    )
+    if not isinstance(entry, dict):
+        raise ArtifactError(expected)
+    defaults = EmbeddingSettings()
+    settings = EmbeddingSettings(
+        kind=entry.get("kind", "text"),
+        depth=entry.get("depth"),
+        scale=entry.get("scale"),
+        edge_depth=entry.get("edge_depth", defaults.edge_depth),
+        edge_tokens=entry.get("edge_tokens", defaults.edge_tokens),
+    )
+    fraction = (int, float)
+    if not (
+        settings.kind in KINDS
+        and isinstance(settings.depth, fraction)
+        and 0 <= settings.depth <= 1
+        and isinstance(settings.edge_depth, fraction)
+        and 0 <= settings.edge_depth <= 1
+        and settings.scale in ("reference", "none")
+        and isinstance(settings.edge_tokens, int)
+        and not isinstance(settings.edge_tokens, bool)
+        and settings.edge_tokens >= 1
+    ):
+        raise ArtifactError(expected)
+    return settings

@@ -425,20 +425,11 @@ def tsne_points(profile_name: str, data_root: Path, scenario: str = "all", seed:
 
     cfg = Config(run_settings(PROFILES[profile_name], scenario, "fedrouter", seed, data_root), where="benchmark")
     base = base_model(cfg)
-    embeddings, tasks, centroids, counts, spreads, local_labels = [], [], [], [], [], []
-    for client in all_clients(cfg):
-        emb = discovery.embed(base, cfg, [s.instruction for s in client.train])
-        fitted = discovery.cluster_samples(cfg, emb)
-        local_labels.append(fitted.labels_ + sum(len(c) for c in centroids))
-        centroids.append(fitted.centers_)
-        counts.append(np.bincount(fitted.labels_, minlength=fitted.n_clusters_))
-        spreads.append(discovery.cluster_spreads(emb, fitted.labels_, fitted.n_clusters_))
-        embeddings.append(emb)
-        tasks += [s.task for s in client.train]
-    glob = discovery.cluster_centroids(
-        cfg, np.concatenate(centroids), np.concatenate(counts).astype(float), np.concatenate(spreads)
-    )
-    clusters = glob.labels_[np.concatenate(local_labels)]
+    clients = all_clients(cfg)
+    embeddings = [discovery.embed(base, cfg, [s.instruction for s in client.train]) for client in clients]
+    found = discovery.discover(cfg, embeddings)
+    clusters = np.concatenate([found.sample_clusters(i) for i in range(len(clients))])
+    tasks = [s.task for client in clients for s in client.train]
     xy = TSNE(n_components=2, random_state=seed, init="pca", perplexity=30).fit_transform(np.concatenate(embeddings))
     return {
         "scenario": scenario,

@@ -158,12 +158,30 @@ SETTINGS: dict[str, Setting] = {
     ),
     "train.adapter_dtype": Setting(str, "float32", "adapter precision on the wire", _one_of("float32", "float16")),
     # --- clustering ---
+    "cluster.embedding": Setting(
+        str,
+        "prompt",
+        "how a sample's input is embedded: 'prompt' (read as the prompt the model answers; an early layer's mean "
+        "over its tokens and a middle layer's mean over its first and last cluster.edge_tokens, concatenated) or "
+        "'text' (the raw text, one layer's mean: the paper's with embed_depth 1.0 and embed_scale 'none')",
+        _one_of("prompt", "text"),
+    ),
     "cluster.embed_depth": Setting(
         float,
         0.2,
-        "which hidden layer embeds a sample, as a fraction of the model's layers (0.2: layer 6 of SmolLM2's 30; "
-        "1.0: the last layer, the paper's)",
+        "which hidden layer's mean over the input's tokens embeds it, as a fraction of the model's layers (0.2: "
+        "layer 6 of SmolLM2's 30; 1.0: the last layer, the paper's)",
         _between(0.0, 1.0),
+    ),
+    "cluster.edge_depth": Setting(
+        float,
+        0.6,
+        "embedding 'prompt': the layer, as a fraction of the model's layers, pooled over the input's first and last "
+        "tokens (0.6: layer 18 of 30)",
+        _between(0.0, 1.0),
+    ),
+    "cluster.edge_tokens": Setting(
+        int, 32, "embedding 'prompt': how many of the input's first and last tokens the second part pools", _at_least(1)
     ),
     "cluster.embed_scale": Setting(
         str,
@@ -211,6 +229,20 @@ SETTINGS: dict[str, Setting] = {
         0.2,
         "global silhouette search: below this best silhouette, every client holds one task (one global cluster)",
         _between(-1.0, 1.0),
+    ),
+    "cluster.refine_rounds": Setting(
+        int,
+        1,
+        "after the global clustering, rounds in which each client splits a local cluster whose samples lie nearest "
+        "to different global centroids, and the server clusters again (0: one pass, the paper's)",
+        _between(0, 5),
+    ),
+    "cluster.refine_share": Setting(
+        float,
+        0.3,
+        "refinement: a local cluster splits only towards global centroids that are nearest to at least this share "
+        "of its samples",
+        _between(0.05, 0.5),
     ),
     "cluster.join_factor": Setting(
         float,

@@ -88,9 +88,10 @@ class Router:
     """A loaded router artifact plus the base model it was trained on (loaded once)."""
 
     def __init__(self, artifact: RouterArtifact, base: BaseModel) -> None:
-        if base.hidden_size != artifact.global_centroids.shape[1]:
+        width = base.hidden_size * artifact.embedding.num_parts
+        if width != artifact.global_centroids.shape[1]:
             raise ArtifactError(
-                f"model {base.name!r} embeds in {base.hidden_size} dimensions, the router's centroids have "
+                f"model {base.name!r} embeds in {width} dimensions, the router's centroids have "
                 f"{artifact.global_centroids.shape[1]}: load the router with the model it was trained on"
             )
         self.artifact = artifact
@@ -127,7 +128,7 @@ class Router:
         return int(self.base.model.get_base_model().config.max_position_embeddings)
 
     def embed(self, prompts: Sequence[Prompt]) -> np.ndarray:
-        space = discovery.embedding_space(self.base, self.artifact.embed_depth, self.artifact.embed_scale)
+        space = discovery.embedding_space(self.base, self.artifact.embedding)
         texts = [routing_text(p) for p in prompts]
         return space.embed(self.base, texts, max_len=self.artifact.max_seq_len)
 

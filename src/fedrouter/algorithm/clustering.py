@@ -299,3 +299,67 @@ class ThresholdAgglomerative:
 
     def predict(self, points: np.ndarray) -> np.ndarray:
         return nearest(points, self.centers_)
+
+
+def refine_local_clusters(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    centers: np.ndarray,
+    *,
+    share: float = 0.3,
+    k_max: int | None = None,
+    what: str = "samples",
+) -> np.ndarray:
+    """Split each local cluster whose samples the global centroids tell apart; new labels, one per sample.
+
+    A client with two similar tasks may keep them in one local cluster (its silhouette search sees too few
+    samples of each to call them two), while other clients, holding each task with a different partner, found
+    both. Their global centroids then tell the two apart: each sample goes to its nearest global centroid, as
+    routing sends it, and when two or more global centroids are each nearest to at least ``share`` of a local
+    cluster's samples, the cluster is split by K-Means on its samples started from those centroids. A split is
+    kept only if every part holds at least two samples and the client stays within ``k_max`` local clusters;
+    an unsplit cluster keeps its samples. Clusters keep their order; a split cluster's parts take its place.
+    """
+    points = checked_points(embeddings, what)
+    labels = np.asarray(labels, dtype=np.int64)
+    centers = checked_points(centers, "global centroids")
+    if labels.shape != (len(points),) or labels.min() < 0:
+        raise ClusteringError(f"{what}: expected one label >= 0 per sample, got shape {labels.shape}")
+    if centers.shape[1] != points.shape[1]:
+        raise ClusteringError(f"global centroids have {centers.shape[1]} dimensions, {what} have {points.shape[1]}")
+    if not 0 < share <= 0.5:
+        raise ClusteringError(f"refinement share {share} is not in (0, 0.5]")
+    num = int(labels.max()) + 1
+    parts = []
+    for j in range(num):
+        members = np.flatnonzero(labels == j)
+        parts.append(_split(points[members], centers, share) if len(members) else np.zeros(0, dtype=np.int64))
+    extra = sum(int(p.max()) for p in parts if len(p))
+    if k_max is not None and num + extra > k_max:  # keep the largest splits that fit
+        for j in sorted(range(num), key=lambda j: len(parts[j])):
+            if num + extra <= k_max:
+                break
+            if len(parts[j]) and parts[j].max() > 0:
+                extra -= int(parts[j].max())
+                parts[j] = np.zeros_like(parts[j])
+    refined = np.zeros(len(points), dtype=np.int64)
+    nxt = 0
+    for j in range(num):
+        members = np.flatnonzero(labels == j)
+        refined[members] = parts[j] + nxt
+        nxt += int(parts[j].max()) + 1 if len(parts[j]) else 0
+    return refined
+
+
+def _split(points: np.ndarray, centers: np.ndarray, share: float) -> np.ndarray:
+    """One local cluster's parts (0..n-1) by the global centroids nearest to ``share`` of it; zeros if none."""
+    counts = np.bincount(nearest(points, centers), minlength=len(centers))
+    chosen = np.flatnonzero(counts >= max(share * len(points), 2))
+    if len(chosen) < 2:
+        return np.zeros(len(points), dtype=np.int64)
+    model = KMeans(n_clusters=len(chosen), init=centers[chosen], n_init=1).fit(points)
+    _, parts = np.unique(model.labels_, return_inverse=True)
+    sizes = np.bincount(parts)
+    if len(sizes) < 2 or sizes.min() < 2:
+        return np.zeros(len(points), dtype=np.int64)
+    return parts.reshape(-1).astype(np.int64)

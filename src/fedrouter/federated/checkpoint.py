@@ -1,7 +1,8 @@
 """The server's state after every round, in one file replaced atomically: what ``fedrouter run --resume`` reads.
 
 ``RUN_DIR/checkpoint.safetensors`` holds the arrays (every shared adapter, the initial adapter, the global
-centroids, each client's local centroids, counts, task histogram and cluster map) and, as safetensors
+centroids and those each refinement round sent, each client's local centroids, counts, task histogram and
+cluster map) and, as safetensors
 metadata, a JSON document with the completed round number, the seed and the metrics so far. No pickle.
 
 There is no other random state to keep: the server draws nothing at random, and every client derives each
@@ -41,6 +42,8 @@ class ServerState:
     metrics: dict
     rounds_done: int = 0
     refused: set[int] = field(default_factory=set)  # nodes whose clustering reply was rejected (not saved)
+    # The global centroids each refinement round sent (clients that cluster later replay them)
+    refinements: list[np.ndarray] = field(default_factory=list)
 
 
 def save_checkpoint(run_dir: Path, state: ServerState, seed: int) -> Path:
@@ -48,6 +51,7 @@ def save_checkpoint(run_dir: Path, state: ServerState, seed: int) -> Path:
     for key, arrays in state.shared.items():
         tensors |= {f"shared/{key}/{name}": value for name, value in arrays.items()}
     tensors |= {f"initial/{name}": value for name, value in state.initial.items()}
+    tensors |= {f"refinement/{i}": centers for i, centers in enumerate(state.refinements)}
     for client in state.clients:
         tensors |= {f"client/{client.client_id}/{name}": getattr(client, name) for name in _CLIENT_ARRAYS}
     document = {
@@ -117,6 +121,7 @@ def load_checkpoint(run_dir: Path) -> tuple[ServerState, int]:
         initial=group("initial/"),
         metrics=document["metrics"],
         rounds_done=int(document["rounds_done"]),
+        refinements=[tensors[f"refinement/{i}"] for i in range(len(group("refinement/")))],
     )
     return state, int(document["seed"])
 

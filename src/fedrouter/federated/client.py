@@ -17,6 +17,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedrouter import discovery
+from fedrouter.algorithm.clustering import cluster_means
 from fedrouter.algorithm.metrics import exact_match, rouge
 from fedrouter.algorithm.routing import route
 from fedrouter.config import Config
@@ -139,10 +140,48 @@ def cluster(message: Message, context: Context) -> Message:
             labels, centroids, scores = fitted.labels_, fitted.centers_.astype(np.float32), fitted.scores_
         cluster_s = time.perf_counter() - started
         state = {"embeddings": embeddings, "centroids": centroids}
+    return _clusters_reply(message, context, cfg, data, state, labels, scores, embed_s=embed_s, cluster_s=cluster_s)
+
+
+@app.query("refine")
+def refine(message: Message, context: Context) -> Message:
+    """Split the local clusters that the server's global centroids tell apart (``discovery.refine_samples``)
+    and upload the clusters again, as ``cluster`` does. Only embedding clusters are refined."""
+    cfg, _ = read_config(message.content["config"])
+    data = my_data(cfg, context)
+    who = f"client {data.client_id}"
+    if METHODS[cfg["run.method"]].clustering != "kmeans":
+        raise ReplyError(f"{who}: method {cfg['run.method']!r} has no embedding clusters to refine")
+    local = _local_state(context, who)
+    embeddings = local["embeddings"]
+    centers = get_arrays(message.content, "global", who).get("centroids")
+    centers = check_array(centers, f"{who}: the server's global centroids", shape=(None, embeddings.shape[1]))
+    started = time.perf_counter()
+    labels = discovery.refine_samples(cfg, embeddings, local["labels"], centers, f"{who}'s training samples")
+    centroids = cluster_means(embeddings, labels).astype(np.float32)
+    state = {"embeddings": embeddings, "centroids": centroids}
+    return _clusters_reply(message, context, cfg, data, state, labels, {}, cluster_s=time.perf_counter() - started)
+
+
+def _clusters_reply(
+    message: Message,
+    context: Context,
+    cfg: Config,
+    data: ClientData,
+    state: Arrays,
+    labels: np.ndarray,
+    scores: dict[int, float],
+    *,
+    embed_s: float = 0.0,
+    cluster_s: float = 0.0,
+) -> Message:
+    """Keep the local clusters in the node's state and upload their centroids, counts and spreads."""
+    centroids = state.get("centroids")
     num_local = 1 if centroids is None else len(centroids)
     counts = np.bincount(labels, minlength=num_local).astype(np.int64)
     context.state.array_records[STATE_KEY] = to_record(state | {"labels": labels})
     # Evaluation-only metadata: how the true task labels fall into the local clusters (clustering accuracy).
+    held = sorted({s.task for s in data.train})
     tasks = held if cfg["eval.report_labels"] else []
     task_counts = np.zeros((num_local, len(tasks)), dtype=np.int64)
     for label, sample in zip(labels, data.train, strict=True):
@@ -505,7 +544,7 @@ def evaluate(message: Message, context: Context) -> Message:
     if serving in ("route", "task"):
         arrays = get_arrays(message.content, "routing", "server")
         routing["global_centroids"] = check_array(
-            arrays.get("global_centroids"), "global centroids", shape=(len(keys), base.hidden_size)
+            arrays.get("global_centroids"), "global centroids", shape=(len(keys), state["centroids"].shape[1])
         )
         routing["local_to_global"] = check_array(
             arrays.get("local_to_global"), "local-to-global map", shape=(len(state["centroids"]),), kind="i"

@@ -21,6 +21,7 @@ Arrays = dict[str, np.ndarray]
 # Message types (Flower's "<category>.<action>").
 CLUSTER = "query.cluster"
 INITIAL = "query.initial"
+REFINE = "query.refine"
 TRAIN = "train"
 EVALUATE = "evaluate"
 

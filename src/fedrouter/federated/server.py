@@ -202,6 +202,43 @@ def _cluster_clients(
     return sorted(clients, key=lambda c: c.client_id), figures
 
 
+def _refine_clients(
+    grid: Grid, cfg: Config, run: RunFolder, method: Method, clients: list[ClientClusters], centers: np.ndarray
+) -> tuple[list[ClientClusters], int, int]:
+    """Send ``centers`` to every client, which splits the local clusters they tell apart
+    (``discovery.refine_samples``); the clients' new clusters, and the bytes that went up and down.
+
+    A client whose reply fails or does not check out takes no further part: its node may already hold the
+    refined clusters, which the server then does not know.
+    """
+    content = {"global": to_record({"centroids": centers})}
+    messages = [
+        Message(RecordDict({"config": config_record(cfg)} | content), c.node_id, records.REFINE, group_id="0")
+        for c in clients
+    ]
+    names = {c.node_id: f"client {c.client_id}" for c in clients}
+    replies, _ = _exchange(grid, messages, run, "refinement", cfg["run.reply_timeout_s"], names)
+    by_node = {c.node_id: c for c in clients}
+    refined = []
+    down = sum(record_bytes(*m.content.array_records.values()) for m in messages)
+    up = 0
+    hidden = centers.shape[1]
+    for reply in replies:
+        old = by_node[reply.metadata.src_node_id]
+        who = names[old.node_id]
+        up += record_bytes(*reply.content.array_records.values())
+        try:
+            new = _parse_clusters(reply, cfg, method, hidden)
+            if new.client_id != old.client_id:
+                raise ReplyError(f"{who}: answered as client {new.client_id}")
+        except ReplyError as err:
+            _reject(run, "refinement", who, str(err))
+            continue
+        new.silhouette = old.silhouette  # the search ran once, in the clustering phase
+        refined.append(new)
+    return refined, up, down
+
+
 def _initial_adapter(grid: Grid, cfg: Config, run: RunFolder, clients: list[ClientClusters]) -> tuple[Arrays, int]:
     """The common starting adapter, from the first client that sends a valid one; and its size in bytes."""
     for client in clients:
@@ -347,18 +384,31 @@ def _start(grid: Grid, cfg: Config, run: RunFolder, method: Method, nodes: list[
         )
     initial, initial_bytes = _initial_adapter(grid, cfg, run, clients)
     centers, global_scores = _group_clusters(method, clients, cfg)
+    local_k_first = {c.client_id: len(c.centroids) for c in clients}
+    refinements, refine_up, refine_down = [], 0, 0
+    for _ in range(discovery.refines(cfg) if method.clustering == "kmeans" else 0):
+        run.event("phase", name="refinement", round=0)
+        clients, up, down = _refine_clients(grid, cfg, run, method, clients, centers)
+        refine_up, refine_down = refine_up + up, refine_down + down
+        if len(clients) < cfg["run.min_replies"]:
+            raise RunError(f"refinement: {len(clients)} valid replies, 'run.min_replies' asks for more")
+        refinements.append(centers)
+        centers, global_scores = _group_clusters(method, clients, cfg)
     metrics: dict = {
         "config": cfg.to_dict(),
         "method": method.name,
         "rounds": [],
         "phases": {"embed_s": figures["embed_s"], "local_cluster_s": figures["local_cluster_s"]},
         "clustering_rejected": figures["rejected"],
-        "clustering_bytes_up": figures["bytes_up"] + initial_bytes,
+        "clustering_bytes_up": figures["bytes_up"] + initial_bytes + refine_up,
+        "clustering_bytes_down": refine_down,  # the global centroids each refinement round sends
         "model_loads_per_process": figures["model_loads"],
     }
     state = ServerState(clients, centers, method.shared_adapters(initial, len(centers)), initial, metrics)
+    state.refinements = refinements
     state.refused = set(nodes) - {c.node_id for c in clients}
     metrics["clustering"] = _clustering_summary(state, method, global_scores)
+    metrics["clustering"]["local_k_before_refinement"] = local_k_first
     metrics["phases"]["clustering_s"] = time.time() - t0
     clustering = metrics["clustering"]
     run.event(
@@ -385,6 +435,7 @@ def _resume(grid: Grid, cfg: Config, run: RunFolder, method: Method, nodes: list
     run.event("resumed", rounds_done=state.rounds_done)
     saved = {c.client_id: c for c in state.clients}
     fresh, _ = _cluster_clients(grid, cfg, run, method, nodes, None, set())
+    fresh = _replay_refinements(grid, cfg, run, method, state, fresh)
     state.refused = set(nodes) - {c.node_id for c in fresh}
     for client in fresh:
         old = saved.get(client.client_id)
@@ -401,6 +452,18 @@ def _resume(grid: Grid, cfg: Config, run: RunFolder, method: Method, nodes: list
         raise RunError(f"resume: {len(active)} clients match the checkpoint, 'run.min_replies' asks for more")
     state.metrics.setdefault("resumed", []).append({"after_round": state.rounds_done})
     return state
+
+
+def _replay_refinements(
+    grid: Grid, cfg: Config, run: RunFolder, method: Method, state: ServerState, clients: list[ClientClusters]
+) -> list[ClientClusters]:
+    """Clients that cluster after the run's clustering phase (resumed, late) refine against the same global
+    centroids, in the same order, as the first clients did, so a returning client finds its clusters again."""
+    for centers in state.refinements:
+        if not clients:
+            break
+        clients, _, _ = _refine_clients(grid, cfg, run, method, clients, centers)
+    return clients
 
 
 def _same_clusters(saved: ClientClusters, fresh: ClientClusters, cfg: Config) -> bool:
@@ -430,6 +493,7 @@ def _admit_late_clients(grid: Grid, cfg: Config, run: RunFolder, method: Method,
     active = {c.client_id for c in state.clients if c.node_id >= 0}
     absent = {c.client_id: c for c in state.clients if c.node_id < 0}
     clients, _ = _cluster_clients(grid, cfg, run, method, new, hidden, set(active))
+    clients = _replay_refinements(grid, cfg, run, method, state, clients)
     state.refused |= set(new) - {c.node_id for c in clients}  # a rejected node takes no further part
     for client in clients:
         old = absent.get(client.client_id)
@@ -572,7 +636,7 @@ def _run(grid: Grid, cfg: Config, run: RunFolder, resume: bool) -> dict:
     metrics["phases"]["training_s"] = sum(r["seconds"] for r in metrics["rounds"])
     metrics["bytes"] = {
         "up_total": sum(r["bytes_up"] for r in metrics["rounds"]) + metrics["clustering_bytes_up"],
-        "down_total": sum(r["bytes_down"] for r in metrics["rounds"]),
+        "down_total": sum(r["bytes_down"] for r in metrics["rounds"]) + metrics.get("clustering_bytes_down", 0),
         "adapter_bytes": int(sum(v.nbytes for v in state.initial.values())),
     }
     if cfg.eval_sets:
@@ -600,8 +664,7 @@ def _router_artifact(cfg: Config, state: ServerState) -> RouterArtifact:
         adapters={int(key): arrays for key, arrays in state.shared.items()},
         precision=cfg["model.precision"],
         max_seq_len=cfg["model.max_seq_len"],
-        embed_depth=cfg["cluster.embed_depth"],
-        embed_scale=cfg["cluster.embed_scale"],
+        embedding=discovery.EmbeddingSettings.of(cfg),
     )
 
 

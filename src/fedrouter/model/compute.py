@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from fedrouter.model.loading import BaseModel
-from fedrouter.model.prompts import embedding_ids, prompt_ids, training_ids
+from fedrouter.model.prompts import chat_head, chat_tail, embedding_ids, prompt_ids, training_ids
 
 
 def _pad(rows: Sequence[list[int]], value: int, left: bool = False) -> torch.Tensor:
@@ -68,15 +68,80 @@ def reference_scale(base: BaseModel, layer: int | None = None, *, sequences: int
     and the router compute the same scale without sharing anything. Zero spreads are replaced by the smallest
     positive one.
     """
+    return _spread(_pooled(base, _random_ids(base, sequences, seed), 32, layer))
+
+
+def _random_ids(base: BaseModel, sequences: int, seed: int) -> list[list[int]]:
     generator = torch.Generator().manual_seed(seed)
     vocabulary = len(base.tokenizer)
-    encoded = [
-        torch.randint(0, vocabulary, (16 + 16 * (i % 8),), generator=generator).tolist() for i in range(sequences)
-    ]
-    spread = _pooled(base, encoded, 32, layer).astype(np.float64).std(0)
+    return [torch.randint(0, vocabulary, (16 + 16 * (i % 8),), generator=generator).tolist() for i in range(sequences)]
+
+
+def _spread(points: np.ndarray) -> np.ndarray:
+    spread = points.astype(np.float64).std(0)
     positive = spread[spread > 0]
     floor = positive.min() if len(positive) else 1.0
     return np.maximum(spread, floor).astype(np.float32)
+
+
+@torch.inference_mode()
+def embed_prompts(
+    base: BaseModel,
+    texts: Sequence[str],
+    parts: Sequence[tuple[int, int]],
+    *,
+    batch_size: int = 32,
+    max_len: int = 256,
+) -> list[np.ndarray]:
+    """Each text read as the prompt the model answers, pooled once per part: one (texts x hidden) array per part.
+
+    A text becomes its one-turn prompt (``prompt_ids``: the chat template; a long text cut in its middle, keeping
+    its start and end, where instructions usually sit). A part ``(layer, edge)`` is the mean of hidden state
+    ``layer`` over the text's own tokens (between the template's head and tail), or with ``edge`` > 0 over only the
+    first and last ``edge`` of them. One forward pass of the frozen backbone, stopped at the deepest layer asked.
+    """
+    tokenizer = base.tokenizer
+    encoded = [prompt_ids(tokenizer, text, max_len) for text in texts]
+    head, tail = len(chat_head(tokenizer)), len(chat_tail(tokenizer))
+    layers = sorted({layer for layer, _ in parts})
+    out = [np.zeros((len(encoded), base.hidden_size), dtype=np.float32) for _ in parts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    backbone = base.model.get_base_model().base_model
+    with base.model.disable_adapter(), base.autocast():
+        for start in range(0, len(order), batch_size):
+            index = order[start : start + batch_size]
+            ids = _pad([encoded[i] for i in index], tokenizer.pad_token_id).to(base.device)
+            mask = _pad([[1] * len(encoded[i]) for i in index], 0).to(base.device)
+            hidden = _hidden_layers(backbone, ids, mask, layers)
+            for p, (layer, edge) in enumerate(parts):
+                weights = torch.zeros(mask.shape, device=mask.device)
+                for row, i in enumerate(index):
+                    begin, end = _content_span(len(encoded[i]), head, tail)
+                    if edge and end - begin > 2 * edge:
+                        weights[row, begin : begin + edge] = 1.0
+                        weights[row, end - edge : end] = 1.0
+                    else:
+                        weights[row, begin:end] = 1.0
+                weights = weights.unsqueeze(-1)
+                pooled = (hidden[layer].float() * weights).sum(1) / weights.sum(1)
+                out[p][index] = pooled.cpu().numpy()
+    return out
+
+
+def _content_span(length: int, head: int, tail: int) -> tuple[int, int]:
+    """Where a prompt's own text lies between the template's head and tail (at least one token)."""
+    begin = min(head, length - 1)
+    return begin, max(length - tail, begin + 1)
+
+
+@torch.inference_mode()
+def prompt_reference_scales(
+    base: BaseModel, parts: Sequence[tuple[int, int]], *, sequences: int = 256, seed: int = 0
+) -> list[np.ndarray]:
+    """``reference_scale`` for ``embed_prompts``: each part's per-dimension spread over random token texts read
+    as prompts (the random ids of ``reference_scale``, decoded and put in the template)."""
+    texts = [base.tokenizer.decode(ids) for ids in _random_ids(base, sequences, seed)]
+    return [_spread(points) for points in embed_prompts(base, texts, parts)]
 
 
 class _Reached(Exception):
@@ -87,28 +152,54 @@ class _Reached(Exception):
 
 
 def _hidden(backbone: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, layer: int | None) -> torch.Tensor:
-    """Hidden states after decoder layer ``layer`` (``hidden_states[layer]``), without running the layers above it.
+    """Hidden states after decoder layer ``layer`` (``hidden_states[layer]``), without running the layers above it."""
+    if layer is None:
+        layer = int(backbone.config.num_hidden_layers)
+    return _hidden_layers(backbone, ids, mask, [layer])[layer]
+
+
+def _hidden_layers(
+    backbone: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, layers: Sequence[int]
+) -> dict[int, torch.Tensor]:
+    """``hidden_states[layer]`` for each of ``layers``, without running the decoder layers above the deepest.
 
     transformers has no "run the first n layers" call; ``output_hidden_states`` would run every layer and keep
-    them all. A hook on the wanted layer stops the forward pass instead (at depth 0.2, a fifth of the decoder
-    layers run).
+    them all. Hooks keep the wanted layers' outputs and stop the forward pass after the deepest (at depth 0.2, a
+    fifth of the decoder layers run). The last layer (after the final norm) needs the whole pass.
     """
-    if layer is None or layer >= int(backbone.config.num_hidden_layers):
-        return backbone(input_ids=ids, attention_mask=mask).last_hidden_state
-    if layer == 0:
-        return backbone.get_input_embeddings()(ids)
+    last = int(backbone.config.num_hidden_layers)
+    found: dict[int, torch.Tensor] = {}
+    if 0 in layers:
+        found[0] = backbone.get_input_embeddings()(ids)
+    inner = sorted(layer for layer in set(layers) if 0 < layer < last)
+    if not inner and last not in layers:
+        return found
+    deepest = None if last in layers else inner[-1]
 
-    def stop(module, inputs, output):
-        raise _Reached(output[0] if isinstance(output, tuple) else output)
+    def keep(layer: int):
+        def hook(module, inputs, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            found[layer] = hidden
+            if layer == deepest:
+                raise _Reached(hidden)
 
-    handle = backbone.layers[layer - 1].register_forward_hook(stop)
+        return hook
+
+    handles = [backbone.layers[layer - 1].register_forward_hook(keep(layer)) for layer in inner]
     try:
-        backbone(input_ids=ids, attention_mask=mask, use_cache=False)
-    except _Reached as reached:
-        return reached.hidden
+        if deepest is None:
+            found[last] = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        else:
+            backbone(input_ids=ids, attention_mask=mask, use_cache=False)
+    except _Reached:
+        pass
     finally:
-        handle.remove()
-    raise RuntimeError(f"the backbone never ran decoder layer {layer}")
+        for handle in handles:
+            handle.remove()
+    missing = [layer for layer in layers if layer not in found]
+    if missing:
+        raise RuntimeError(f"the backbone never ran decoder layer(s) {missing}")
+    return found
 
 
 def _pooled(base: BaseModel, encoded: list[list[int]], batch_size: int, layer: int | None) -> np.ndarray:

@@ -36,12 +36,28 @@ def chat_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str,
 def chat_head(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """The token ids every one-turn chat starts with (the template's head and default system prompt), short of
     the last shared one, which could merge with another message's first characters."""
-    first = chat_ids(tokenizer, [{"role": "user", "content": "a"}])
-    second = chat_ids(tokenizer, [{"role": "user", "content": "Z 1"}])
+    first, second = _two_chats(tokenizer)
     shared = 0
     while shared < min(len(first), len(second)) and first[shared] == second[shared]:
         shared += 1
     return first[: max(shared - 1, 0)]
+
+
+def chat_tail(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The token ids every one-turn prompt ends with (the end of the user's turn and the assistant's turn
+    marker), short of the first shared one, which could merge with the message's last characters."""
+    first, second = _two_chats(tokenizer)
+    shared = 0
+    while shared < min(len(first), len(second)) and first[-1 - shared] == second[-1 - shared]:
+        shared += 1
+    return first[len(first) - max(shared - 1, 0) :]
+
+
+def _two_chats(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+    return (
+        chat_ids(tokenizer, [{"role": "user", "content": "a"}]),
+        chat_ids(tokenizer, [{"role": "user", "content": "Z 1"}]),
+    )
 
 
 def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
