@@ -521,6 +521,16 @@ def answer_tests(
     return out, generated_tokens
 
 
+def answers_digest(tests: dict[str, list[Sample]], answered: dict[tuple[str, str], list[tuple[tuple, str]]]) -> int:
+    """A CRC-32 of every (test set, mode, sample, adapter, answer): two runs answered alike exactly when their
+    digests match, and no text leaves the client."""
+    digest = 0
+    for (set_name, mode), rows in sorted(answered.items()):
+        for sample, (key, prediction) in zip(tests[set_name], rows, strict=True):
+            digest = zlib.crc32(f"{set_name}\t{mode}\t{sample.id}\t{key}\t{prediction}\n".encode(), digest)
+    return digest
+
+
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     """Pick an adapter per test sample (the method's serving rule), generate per adapter, score per task."""
@@ -581,7 +591,7 @@ def evaluate(message: Message, context: Context) -> Message:
         train_inputs=[s.instruction for s in data.train],
         client=data.client_id,
     )
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float] = {"answers_crc32": answers_digest(tests, answered)}
     for (set_name, mode), rows in answered.items():
         for sample, (key, prediction) in zip(tests[set_name], rows, strict=True):
             prefix = f"{set_name}.{mode}.{sample.task}"  # labels score answers: only here

@@ -716,6 +716,8 @@ def _evaluate(grid: Grid, cfg: Config, run: RunFolder, method: Method, state: Se
         "evaluation_s": time.time() - started,
         "eval_bytes_down": sum(record_bytes(*m.content.array_records.values()) for m in messages),
         "eval_tokens": int(sum(v.get("generated_tokens", 0) for v in per_client.values())),
+        # per client: a checksum of its answers (``client.answers_digest``), to compare runs answer for answer
+        "answers_crc32": {str(c): int(v.get("answers_crc32", 0)) for c, v in sorted(per_client.items())},
         "eval_model_loads_per_process": int(max(v.get("model_loads", 0) for v in per_client.values())),
     }
 
