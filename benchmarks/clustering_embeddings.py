@@ -35,9 +35,9 @@ from fedrouter.algorithm.clustering import global_clusters, local_clusters
 from fedrouter.algorithm.metrics import clustering_accuracy, contingency
 from fedrouter.config import Config
 from fedrouter.data import all_clients
-from fedrouter.federated.client import base_model
 from fedrouter.model import compute
 from fedrouter.model.compute import _pad
+from fedrouter.model.loading import base_model
 from fedrouter.model.prompts import embedding_ids
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,8 +9,9 @@ from conftest import tiny_settings
 from fedrouter import discovery
 from fedrouter.config import Config
 from fedrouter.data import all_clients
-from fedrouter.federated.client import _dpa_weights, answer_tests
-from fedrouter.methods import METHODS
+from fedrouter.federated.answering import answer_tests
+from fedrouter.methods import Serving, make_method, methods
+from fedrouter.methods.feddpa import instance_weights
 from fedrouter.model import compute, lora
 
 
@@ -19,33 +20,32 @@ def _random_adapter(base, seed: int, scale: float = 0.5) -> dict:
     return {k: (rng.normal(size=s) * scale).astype(np.float32) for k, s in lora.adapter_shapes(base).items()}
 
 
-def _inputs(tiny_base, tmp_path, method: str):
-    """A client's test sets and everything a serving rule reads, with distinct random adapters."""
-    cfg = Config(tiny_settings(tmp_path, **{"run.method": method, "eval.sets": "personalized,generalization"}))
+def _inputs(tiny_base, tmp_path, name: str):
+    """A client's test sets, its method, and everything a serving rule reads, with distinct random adapters."""
+    cfg = Config(tiny_settings(tmp_path, **{"run.method": name, "eval.sets": "personalized,generalization"}))
+    method = make_method(cfg)
     client = all_clients(cfg)[0]
     rng = np.random.default_rng(1)
     hidden = discovery.embed(tiny_base, cfg, ["any text"]).shape[1]  # the width of the run's embeddings
-    shared = {"0": _random_adapter(tiny_base, 10), "1": _random_adapter(tiny_base, 11)}
-    if METHODS[method].serving not in ("route", "task"):
-        shared = {"global": _random_adapter(tiny_base, 12)}
-    return (
+    keys = method.shared_adapters(lora.fresh_adapter(tiny_base, 0), 2)  # the names of the method's adapters
+    shared = {key: _random_adapter(tiny_base, 12 if key == "global" else 10 + i) for i, key in enumerate(keys)}
+    extra = {
+        "global_centroids": rng.normal(size=(2, hidden)).astype(np.float32),
+        "local_to_global": np.array([1, 0]),
+        "tasks": sorted({s.task for s in client.train})[:2],
+    }
+    serving = Serving(
+        tiny_base,
         cfg,
-        client,
-        {
-            "serving": METHODS[method].serving,
-            "modes": ["local", "global"] if method == "fedrouter" else [method],
-            "shared": shared,
-            "personal": _random_adapter(tiny_base, 13),
-            "routing": {
-                "global_centroids": rng.normal(size=(2, hidden)).astype(np.float32),
-                "local_to_global": np.array([1, 0]),
-            },
-            "state": {"centroids": rng.normal(size=(2, hidden)).astype(np.float32)},
-            "tasks": sorted({s.task for s in client.train})[:2],
-            "train_inputs": [s.instruction for s in client.train],
-            "client": client.client_id,
-        },
+        client.client_id,
+        shared,
+        _random_adapter(tiny_base, 13),
+        {"centroids": rng.normal(size=(2, hidden)).astype(np.float32)},
+        [s.instruction for s in client.train],
+        extra,
+        lambda: compute.encode_training(tiny_base, [(s.instruction, s.response) for s in client.train], 64),
     )
+    return cfg, client, method, serving
 
 
 def _relabelled(tests: dict) -> dict:
@@ -55,21 +55,20 @@ def _relabelled(tests: dict) -> dict:
     return {name: [dataclasses.replace(s, task=other[s.task]) for s in test] for name, test in tests.items()}
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_relabelling_the_test_samples_changes_no_answer(tiny_base, tmp_path, method):
+@pytest.mark.parametrize("name", sorted(methods()))
+def test_relabelling_the_test_samples_changes_no_answer(tiny_base, tmp_path, name):
     """Labels only score: the decoding budget, prompt, stop rule and adapter of a sample never read its task.
 
     The oracle is the exception by definition (it picks the adapter of the true task): relabelled, its adapter
     choice may change, but a sample that keeps its adapter keeps its answer (the budget does not move).
     """
-    cfg, client, inputs = _inputs(tiny_base, tmp_path, method)
-    answers, _ = answer_tests(tiny_base, cfg, tests=client.tests, **inputs)
-    relabelled, _ = answer_tests(tiny_base, cfg, tests=_relabelled(client.tests), **inputs)
+    cfg, client, method, serving = _inputs(tiny_base, tmp_path, name)
+    modes = method.modes(cfg)
+    answers, _ = answer_tests(method, serving, client.tests, modes)
+    relabelled, _ = answer_tests(method, serving, _relabelled(client.tests), modes)
     assert answers.keys() == relabelled.keys()
-    assert sum(len(rows) for rows in answers.values()) == sum(len(t) for t in client.tests.values()) * len(
-        inputs["modes"]
-    )
-    if method == "oracle":
+    assert sum(len(rows) for rows in answers.values()) == sum(len(t) for t in client.tests.values()) * len(modes)
+    if name == "oracle":
         kept = [(a, b) for key in answers for a, b in zip(answers[key], relabelled[key], strict=True) if a[0] == b[0]]
         assert kept and all(a == b for a, b in kept)
         assert any(a[0] != b[0] for key in answers for a, b in zip(answers[key], relabelled[key], strict=True))
@@ -77,40 +76,50 @@ def test_relabelling_the_test_samples_changes_no_answer(tiny_base, tmp_path, met
         assert answers == relabelled
 
 
-def test_every_sample_gets_the_same_decoding_budget(tiny_base, tmp_path):
+def test_every_sample_gets_the_same_decoding_budget(tiny_base, tmp_path, monkeypatch):
     """One budget for all: the short-answer task (sentiment) is no longer cut to a budget of its own."""
-    cfg, client, inputs = _inputs(tiny_base, tmp_path, "fedit")
-    answers, _ = answer_tests(tiny_base, cfg, tests=client.tests, **inputs)
+    cfg, client, method, serving = _inputs(tiny_base, tmp_path, "fedit")
+    calls = []
+    generate = compute.generate
+
+    def recording(base, prompts, **args):
+        calls.append((list(prompts), args["max_new_tokens"]))
+        return generate(base, prompts, **args)
+
+    monkeypatch.setattr(compute, "generate", recording)
+    answers, _ = answer_tests(method, serving, client.tests, method.modes(cfg))
+    budget = cfg["eval.max_new_tokens"]
+    assert calls and all(max_new == budget for _, max_new in calls)
+    asked = {prompt for prompts, _ in calls for prompt in prompts}
+    assert asked == {s.instruction for test in client.tests.values() for s in test}
     lengths: dict[str, list[int]] = {}
     for (set_name, _), rows in answers.items():
         for sample, (_, text) in zip(client.tests[set_name], rows, strict=True):
             tokens = tiny_base.tokenizer(text, add_special_tokens=False)["input_ids"]
             lengths.setdefault(sample.task, []).append(len(tokens))
-    budget = cfg["eval.max_new_tokens"]
-    assert all(n <= budget + 1 for ns in lengths.values() for n in ns)  # re-tokenizing may split a token
     # The random tiny model rarely ends early: every task, sentiment too, reaches about the one budget.
     assert all(max(ns) >= budget - 1 for ns in lengths.values()), lengths
 
 
 def test_feddpa_weights_the_global_adapter_by_instance_similarity(tiny_base, tmp_path):
     """alpha * global + (1 - alpha) * local, alpha = 0.5 x mean cosine similarity (the authors' direction)."""
-    cfg, client, inputs = _inputs(tiny_base, tmp_path, "feddpa")
+    cfg, client, method, serving = _inputs(tiny_base, tmp_path, "feddpa")
     samples = client.tests["generalization"]
-    weights = _dpa_weights(tiny_base, cfg, inputs["personal"], samples, inputs["train_inputs"], client.client_id)
+    weights = instance_weights(serving, samples)
     assert weights.shape == (len(samples),) and ((weights >= -0.5) & (weights <= 0.5)).all()
     assert np.allclose(weights / 0.05, np.round(weights / 0.05))
-    again = _dpa_weights(tiny_base, cfg, inputs["personal"], samples, inputs["train_inputs"], client.client_id)
+    again = instance_weights(serving, samples)
     assert np.array_equal(weights, again)  # reproducible draws of the reference instances
     # The answer of one sample equals generating with the global adapter at alpha and the local one at 1 - alpha.
     tests = {"generalization": samples}
-    answers, _ = answer_tests(tiny_base, cfg, tests=tests, **inputs)
+    answers, _ = answer_tests(method, serving, tests, method.modes(cfg))
     rows = next(iter(answers.values()))
     i = int(np.argmax(np.abs(weights - 0.5)))
     alpha = rows[i][0][1]
     assert alpha == pytest.approx(weights[i]) and abs(alpha - 0.5) >= 0.1
     args = dict(max_new_tokens=cfg["eval.max_new_tokens"], max_len=cfg["model.max_seq_len"] + 4)
-    lora.set_adapter(tiny_base, inputs["shared"]["global"])
-    lora.set_adapter(tiny_base, inputs["personal"], slot=lora.PARTNER)
+    lora.set_adapter(tiny_base, serving.shared["global"])
+    lora.set_adapter(tiny_base, serving.personal, slot=lora.PARTNER)
     with lora.mixed(tiny_base, alpha, 1.0 - alpha):
         ours = compute.generate(tiny_base, [samples[i].instruction], **args)[0]
     with lora.mixed(tiny_base, 1.0 - alpha, alpha):

@@ -308,3 +308,25 @@ def test_gain_compares_only_the_seeds_every_method_has():
     # Tiny test models can score 0: the table then says so rather than printing "+nan%".
     zero = table1([record("fedrouter", 0, 1.5, "local"), record("fedit", 0, 0.0)])
     assert "+1.5 (vs fedit, which scores 0: no relative gain)" in zero and "nan" not in zero
+
+
+@pytest.mark.parametrize(
+    "folder, args",
+    [
+        ("", ["--profile", "paper4-cpu"]),  # v1, retired
+        ("paper4-raw-cpu-9d1a341", []),  # v2 runs of an earlier commit
+    ],
+)
+def test_committed_tables_remake_unchanged(tmp_path, folder, args):
+    """The committed tables come from their JSONL alone, with today's report code (and today's method registry)."""
+    import shutil
+
+    results = ROOT / "benchmarks" / "results" / folder
+    stem = "paper4-cpu" if args else "paper4-raw-cpu"
+    for path in results.glob(f"{stem}*"):
+        if path.is_file():
+            shutil.copy(path, tmp_path / path.name)
+    command = [sys.executable, "-m", "fedrouter.cli", "bench", *args, "--report-only", "--out", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / f"{stem}.md").read_text() == (results / f"{stem}.md").read_text()

@@ -85,6 +85,19 @@ def test_saved_adapters_load_with_plain_peft(finished_run):
     np.testing.assert_allclose(state[key].numpy(), artifact.adapters[1][saved_key])
 
 
+def test_metrics_follow_their_schema(finished_run, tmp_path):
+    from fedrouter.errors import ArtifactError
+    from fedrouter.run_metrics import RunMetrics, checked, missing_keys
+
+    _, _, metrics = finished_run
+    assert missing_keys(metrics, RunMetrics) == []
+    assert {"evaluation", "answers_crc32", "eval_tokens"} <= set(metrics)
+    broken = json.loads(json.dumps(metrics))
+    del broken["rounds"][0]["bytes_up"], broken["clustering"]["global_k"]
+    with pytest.raises(ArtifactError, match=r"missing rounds\[0\]\.bytes_up, clustering\.global_k|missing clustering"):
+        checked(broken, tmp_path / "metrics.json")
+
+
 def test_same_seed_same_result(finished_run, tmp_path):
     cfg, _, metrics = finished_run
     _, again = run_experiment(cfg, tmp_path / "again")

@@ -10,16 +10,17 @@ from conftest import tiny_settings
 from fedrouter.algorithm.aggregation import aggregate_clusters
 from fedrouter.config import SETTINGS, Config
 from fedrouter.data import all_clients
-from fedrouter.federated.client import _seed, train_jobs
-from fedrouter.methods import METHODS, ClientClusters, make_method, part_of
+from fedrouter.federated.training import train_jobs
+from fedrouter.methods import ClientClusters, derived_seed, make_method, methods, part_of
 from fedrouter.model import compute, lora
 from fedrouter.simulation import run_experiment
 
 
 def test_every_method_is_a_setting_choice():
-    for name in METHODS:
+    built_in = [name for name, m in methods().items() if m.__module__.startswith("fedrouter.methods.")]
+    for name in built_in:
         Config({"run.method": name})
-    assert set(SETTINGS["run.method"].help.replace(",", " ").split()) >= set(METHODS)
+    assert set(SETTINGS["run.method"].help.replace(",", " ").split()) >= set(built_in)
 
 
 def _federate(tiny_base, tmp_path, method_name: str, rounds: int = 2):
@@ -40,7 +41,7 @@ def _federate(tiny_base, tmp_path, method_name: str, rounds: int = 2):
             received = {j.name: part_of(shared[j.shared], j.part) for j in jobs if j.shared and j.part != "none"}
             examples = compute.encode_training(tiny_base, [(s.instruction, s.response) for s in data[c].train], 64)
             uploads, metrics = train_jobs(
-                tiny_base, cfg, c, examples, np.zeros(n, int), jobs, received, personal[c], r, 1e-2
+                method, tiny_base, cfg, c, examples, np.zeros(n, int), jobs, received, personal[c], r, 1e-2
             )
             round_uploads.append(uploads)
             updates += [
@@ -106,19 +107,19 @@ def test_feddpa_trains_as_the_authors_code_does(tiny_base, tmp_path):
     start = lora.fresh_adapter(tiny_base, 5)
     received = {"global": start | {k: np.full_like(v, 0.05) for k, v in start.items() if "lora_B" in k}}
     personal: dict = {}
-    uploads, _ = train_jobs(tiny_base, cfg, 0, examples, labels, jobs, received, personal, 1, 1e-2)
-    alone, _ = train_jobs(tiny_base, cfg, 0, examples, labels, jobs[1:], received, {}, 1, 1e-2)
+    uploads, _ = train_jobs(method, tiny_base, cfg, 0, examples, labels, jobs, received, personal, 1, 1e-2)
+    alone, _ = train_jobs(method, tiny_base, cfg, 0, examples, labels, jobs[1:], received, {}, 1, 1e-2)
     assert not _differ(uploads["global"], alone["global"], "lora_")  # the global adapter trains alone
     # The local adapter trained with the *received* global adapter as its frozen partner at half weight each.
     lora.set_adapter(tiny_base, lora.fresh_adapter(tiny_base, cfg["run.seed"]))
     lora.set_adapter(tiny_base, received["global"], slot=lora.PARTNER)
-    seed = _seed(_seed(cfg["run.seed"], 1, 0, -1), zlib.crc32(b"local"))
+    seed = derived_seed(derived_seed(cfg["run.seed"], 1, 0, -1), zlib.crc32(b"local"))
     with lora.mixed(tiny_base, 0.5, 0.5):
         compute.train_adapter(tiny_base, examples, steps=cfg["train.local_steps"], batch_size=4, lr=1e-2, seed=seed)
     assert not _differ(personal["local"], lora.get_adapter(tiny_base), "lora_")
     mine: dict = {}
     local_only = [dataclasses.replace(jobs[0], partner=None)]
-    nothing, _ = train_jobs(tiny_base, cfg, 0, examples, labels, local_only, received, mine, 1, 1e-2)
+    nothing, _ = train_jobs(method, tiny_base, cfg, 0, examples, labels, local_only, received, mine, 1, 1e-2)
     assert nothing == {}  # a personal job uploads nothing
     assert _differ(personal["local"], mine["local"], "lora_")  # the frozen partner shaped the local training
 

@@ -5,9 +5,10 @@ import pytest
 from conftest import tiny_settings
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
+from fedrouter.algorithm.privacy import private_centroids
 from fedrouter.config import Config, ConfigError
+from fedrouter.federated.privacy import update_privacy_mod
 from fedrouter.federated.records import config_record
-from fedrouter.privacy import private_centroids, update_privacy_mod
 from fedrouter.simulation import run_experiment
 
 

@@ -76,7 +76,7 @@ def test_refinement_finds_the_flan16_tasks_that_clients_alone_keep_together():
     from fedrouter import bench, discovery
     from fedrouter.algorithm.metrics import clustering_accuracy, contingency
     from fedrouter.data import all_clients
-    from fedrouter.federated.client import base_model
+    from fedrouter.model.loading import base_model
 
     settings = bench.run_settings(bench.PROFILES[bench.STANDARD], bench.MANY_TASK, "fedrouter", 0, SHARED_DATA)
     cfg = Config(settings | {"model.precision": "auto"})

@@ -61,8 +61,7 @@ def test_client_refuses_bad_adapters_from_the_server(clustered):
 def _evaluate(cfg, adapter, centroids, mapping) -> Message:
     content = RecordDict(
         {
-            "config": config_record(cfg, serving="route", adapter_keys=["0"]),
-            "adapter_tasks": ConfigRecord({"tasks": []}),
+            "config": config_record(cfg, adapter_keys=["0"]),
             "adapter.0": to_record(adapter),
             "routing": to_record({"global_centroids": centroids, "local_to_global": mapping}),
         }
@@ -92,6 +91,16 @@ def test_client_refuses_a_config_it_does_not_know(clustered):
     content = RecordDict({"config": record})
     with pytest.raises(ReplyError, match="unknown setting 'run.rouds'.*did you mean 'run.rounds'"):
         client.cluster(Message(content, 1, "query.cluster"), context)
+
+
+def test_client_refuses_a_method_it_does_not_know(clustered):
+    """A config names a method; the client runs only methods registered on its own machine (never code a peer
+    names): an unknown one is refused, plugins included."""
+    cfg, context, _, _ = clustered
+    record = config_record(cfg)
+    record["run.method"] = "fedrouter_v9"
+    with pytest.raises(ReplyError, match="unknown method 'fedrouter_v9'.*FEDROUTER_PLUGINS"):
+        client.cluster(Message(RecordDict({"config": record}), 1, "query.cluster"), context)
 
 
 def test_client_refines_with_the_servers_centroids_and_refuses_ones_that_do_not_fit(clustered):

@@ -24,8 +24,8 @@ import psutil
 
 from fedrouter.config import Config
 from fedrouter.errors import ConfigError
+from fedrouter.run_metrics import RunMetrics
 
-METHODS = ("zeroshot", "fedrouter", "oracle", "local", "fedit", "feddpa", "fedsa")
 SCENARIOS = ("single", "dual", "all")
 MANY_TASK = "flan16-dual"
 STANDARD = "paper4-raw-cpu"
@@ -254,7 +254,7 @@ def commit(results: Path | None = None) -> str:
 
 
 def records_from(
-    metrics: dict,
+    metrics: RunMetrics,
     *,
     scenario: str,
     seed: int,
@@ -267,6 +267,8 @@ def records_from(
 
     ``code``: the commit the run used (read once when the benchmark starts; default: now).
     """
+    from fedrouter.methods import method_class
+
     code = code or commit()
     where = machine()
     dtype = resolved_dtype(metrics["config"]["model.precision"])
@@ -313,10 +315,8 @@ def records_from(
             "num_test": int(sum(c["n"] for t in summary["per_client"].values() for c in t.values())),
             "config": metrics["config"],
         }
-        if method == "fedrouter":
-            record["routing"] = mode
-        elif method == "oracle":
-            record["routing"] = "task"
+        if (routing := method_class(method).routing_label(mode)) is not None:
+            record["routing"] = routing
         out.append(record)
     return out
 
@@ -360,15 +360,18 @@ def run_bench(
     out: Path,
     data_root: Path,
     runs_dir: Path,
-    methods: Iterable[str] = METHODS,
+    methods: Iterable[str] | None = None,
     scenarios: Iterable[str] = SCENARIOS,
     seeds: Iterable[int] | None = None,
     overrides: dict | None = None,
     log=print,
 ) -> Path:
-    """Run every missing (scenario, seed, method) of a profile; returns the results file."""
+    """Run every missing (scenario, seed, method) of a profile (``methods``: every registered one when None);
+    returns the results file."""
+    from fedrouter.methods import methods as registered
     from fedrouter.simulation import run_experiment
 
+    methods = list(registered()) if methods is None else methods
     profile = PROFILES[profile_name]
     if profile.retired:
         raise ConfigError(f"profile {profile_name} is retired: {profile.retired}")
@@ -421,7 +424,7 @@ def tsne_points(profile_name: str, data_root: Path, scenario: str = "all", seed:
 
     from fedrouter import discovery
     from fedrouter.data import all_clients
-    from fedrouter.federated.client import base_model
+    from fedrouter.model.loading import base_model
 
     cfg = Config(run_settings(PROFILES[profile_name], scenario, "fedrouter", seed, data_root), where="benchmark")
     base = base_model(cfg)

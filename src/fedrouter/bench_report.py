@@ -14,18 +14,49 @@ from pathlib import Path
 
 import numpy as np
 
-BASELINES = ("local", "fedit", "feddpa", "fedsa")
-PERSONALIZED = ("local", "feddpa", "fedsa")  # the client-personalized baselines
-ROWS = (
-    ("zeroshot", None, "Zero-shot (base model, no adapter)"),
-    ("local", None, "Local"),
-    ("fedit", None, "FedIT"),
-    ("feddpa", None, "FedDPA"),
-    ("fedsa", None, "FedSA"),
-    ("fedrouter", "local", "FedRouter (local routing)"),
-    ("fedrouter", "global", "FedRouter (global routing)"),
-    ("oracle", "task", "Oracle router (true task)"),
-)
+from fedrouter.errors import ConfigError
+
+# The methods every table of the protocol lists, run or not ("–"); any other registered method is listed where
+# the records hold it (a method added later gets rows in the tables of the results that include it).
+PROTOCOL_METHODS = ("zeroshot", "fedrouter", "oracle", "local", "fedit", "feddpa", "fedsa")
+_ROW_KINDS = ("reference", "baseline", "router", "upper bound")  # the order of a table's rows
+
+
+def _methods(records: list[dict]) -> list:
+    """The method classes the tables of ``records`` list, in the registry's order."""
+    from fedrouter.methods import methods
+
+    known = methods()
+    present = {r["method"] for r in records}
+    unknown = sorted(present - set(known))
+    if unknown:
+        raise ConfigError(
+            f"results hold records of methods {unknown}, which are not registered here: load their plugins "
+            "(FEDROUTER_PLUGINS) to make their tables"
+        )
+    return [m for name, m in known.items() if name in PROTOCOL_METHODS or name in present]
+
+
+def rows(records: list[dict]) -> list[tuple[str, str | None, str]]:
+    """(method, routing, label) of every table row: reference, baselines, FedRouter, upper bound."""
+    ranked = sorted(_methods(records), key=lambda m: _ROW_KINDS.index(m.kind))
+    return [(m.name, routing, label) for m in ranked for routing, label in m.table_rows()]
+
+
+def baselines(records: list[dict]) -> tuple[str, ...]:
+    return tuple(m.name for m in _methods(records) if m.kind == "baseline")
+
+
+def _gains(records: list[dict]) -> list[tuple[tuple[str, ...], str]]:
+    """The baselines FedRouter's gains are measured against: all of them, and the client-personalized ones."""
+    personal = [m for m in _methods(records) if m.client_personalized]
+    names = ", ".join(m.title for m in personal)
+    return [
+        (baselines(records), "vs best baseline"),
+        (tuple(m.name for m in personal), f"vs best client-personalized baseline ({names})"),
+    ]
+
+
 FEDROUTER_MODE = {"personalized": "local", "generalization": "global"}
 
 
@@ -68,25 +99,26 @@ def _mean(records: list[dict], key: str = "rouge1") -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def gain(records: list[dict], scenario: str, eval_mode: str, among: tuple[str, ...] = BASELINES) -> dict | None:
+def gain(records: list[dict], scenario: str, eval_mode: str, among: tuple[str, ...] | None = None) -> dict | None:
     """FedRouter (its predeclared routing mode) against the best of ``among``: absolute and relative ROUGE-1 gain.
 
     Compared on the seeds FedRouter and every baseline that has run share: a mean over seeds 0 and 1 against
     another over seed 0 alone would mix seed noise into the gain. Baselines without a run are named as missing.
     """
+    among = baselines(records) if among is None else among
     ours = _select(records, "fedrouter", FEDROUTER_MODE[eval_mode], scenario, eval_mode)
-    baselines = {m: _select(records, m, None, scenario, eval_mode) for m in among}
-    baselines = {m: chosen for m, chosen in baselines.items() if chosen}
-    if not ours or not baselines:
+    others = {m: _select(records, m, None, scenario, eval_mode) for m in among}
+    others = {m: chosen for m, chosen in others.items() if chosen}
+    if not ours or not others:
         return None
-    seeds = set.intersection({r["seed"] for r in ours}, *({r["seed"] for r in chosen} for chosen in baselines.values()))
+    seeds = set.intersection({r["seed"] for r in ours}, *({r["seed"] for r in chosen} for chosen in others.values()))
     if not seeds:
         return None
     ours_mean = _mean([r for r in ours if r["seed"] in seeds])
-    means = {m: _mean([r for r in chosen if r["seed"] in seeds]) for m, chosen in baselines.items()}
+    means = {m: _mean([r for r in chosen if r["seed"] in seeds]) for m, chosen in others.items()}
     best = max(means, key=means.get)
     return {
-        "missing": [m for m in among if m not in baselines],
+        "missing": [m for m in among if m not in others],
         "seeds": sorted(seeds),
         "partial": seeds != _scenario_seeds(records, scenario),
         "fedrouter": ours_mean,
@@ -109,12 +141,6 @@ def _gain_line(g: dict | None) -> str:
     return line + (f", {', '.join(g['missing'])} not run yet" if g["missing"] else "")
 
 
-GAINS = (
-    (BASELINES, "vs best baseline"),
-    (PERSONALIZED, "vs best client-personalized baseline (Local, FedDPA, FedSA)"),
-)
-
-
 def table1(records: list[dict]) -> str:
     scenarios = [s for s in ("dual", "all", "flan16-dual") if any(r["scenario"] == s for r in records)]
     if not scenarios:
@@ -123,13 +149,13 @@ def table1(records: list[dict]) -> str:
         "| method | " + " | ".join(scenarios) + " |",
         "|---|" + "---|" * len(scenarios),
     ]
-    for method, routing, label in ROWS:
+    for method, routing, label in rows(records):
         cells = []
         for scenario in scenarios:
             chosen = _select(records, method, routing, scenario, "personalized")
             cells.append(_rouge1_cell(chosen, _scenario_seeds(records, scenario)))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    for among, label in GAINS:
+    for among, label in _gains(records):
         gains = [_gain_line(gain(records, s, "personalized", among)) for s in scenarios]
         lines.append(f"| FedRouter (local routing) {label} | " + " | ".join(gains) + " |")
     return "\n".join(lines)
@@ -140,7 +166,7 @@ def _per_task(records: list[dict], scenario: str, eval_mode: str) -> tuple[list[
     chosen_records = [r for r in records if r["scenario"] == scenario and r["eval_mode"] == eval_mode]
     tasks = sorted({t for r in chosen_records for t in r["rouge1_per_task"]})
     lines = ["| method | " + " | ".join(tasks) + " | average |", "|---|" + "---|" * (len(tasks) + 1)]
-    for method, routing, label in ROWS:
+    for method, routing, label in rows(records):
         chosen = _select(chosen_records, method, routing, scenario, eval_mode)
         cells = [_cell([r["rouge1_per_task"][t] for r in chosen if t in r["rouge1_per_task"]]) for t in tasks]
         average = _rouge1_cell(chosen, _scenario_seeds(records, scenario))
@@ -159,7 +185,7 @@ def table1_by_task(records: list[dict]) -> str:
 
 def table3(records: list[dict]) -> str:
     tasks, lines = _per_task(records, "single", "generalization")
-    for among, label in GAINS:
+    for among, label in _gains(records):
         lines.append(
             f"| FedRouter (global routing) {label} | "
             + " | ".join("" for _ in tasks)
@@ -208,7 +234,7 @@ def cost_table(records: list[dict], notes: list[dict] | None = None) -> str:
     extra = ["setting"] * by_setting + ["machine"] * by_machine
     header = ["method", *extra, "wall s (mean)", "runs timed", "MB up per round", "peak memory GiB"]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-    for method in ("zeroshot", "fedrouter", "oracle", *BASELINES):
+    for method in (m.name for m in _methods(records)):
         for setting in settings:
             for where in machines:
                 chosen = {
@@ -334,7 +360,7 @@ def plot_silhouette(records: list[dict], path: Path) -> None:
 def plot_rouge_per_round(records: list[dict], path: Path) -> None:
     plt, fig, panels = _scenario_panels(records)
     for ax, scenario in panels:
-        for method, routing, label in ROWS:
+        for method, routing, label in rows(records):
             chosen = _select(records, method, routing, scenario, "personalized")
             curves = [
                 r["rouge1_per_round"] for r in chosen if r["rouge1_per_round"] and None not in r["rouge1_per_round"]

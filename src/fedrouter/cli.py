@@ -9,7 +9,6 @@ import os
 import sys
 from pathlib import Path
 
-from fedrouter.bench import METHODS as BENCH_METHODS
 from fedrouter.bench import PROFILES as BENCH_PROFILES
 from fedrouter.bench import STANDARD as BENCH_STANDARD
 from fedrouter.config import SETTINGS, Config, load_config, parse_overrides
@@ -121,7 +120,9 @@ def _parser() -> argparse.ArgumentParser:
         "(v1, retired: --report-only)",
     )
     bench.add_argument("--quick", action="store_true", help="the same as --profile quick")
-    bench.add_argument("--methods", default=",".join(BENCH_METHODS), help="comma-separated methods")
+    bench.add_argument(
+        "--methods", default="", help="comma-separated methods (default: every registered one, plugins included)"
+    )
     bench.add_argument("--scenarios", help="comma-separated: single,dual,all,flan16-dual (default: single,dual,all)")
     bench.add_argument("--seeds", help="comma-separated seeds (default: the profile's)")
     bench.add_argument(
@@ -310,10 +311,13 @@ def _bench(args: argparse.Namespace) -> int:
     from fedrouter.bench_report import write_report
 
     profile = "quick" if args.quick else args.profile
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in BENCH_METHODS]
+    from fedrouter.methods import methods as registered
+
+    known = list(registered())
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] or known
+    unknown = [m for m in methods if m not in known]
     if unknown:
-        raise ConfigError(f"--methods: unknown {unknown} (expected some of {', '.join(BENCH_METHODS)})")
+        raise ConfigError(f"--methods: unknown {unknown} (expected some of {', '.join(known)})")
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()] if args.scenarios else list(bench.SCENARIOS)
     try:
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None

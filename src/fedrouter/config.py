@@ -63,9 +63,8 @@ SETTINGS: dict[str, Setting] = {
     "run.method": Setting(
         str,
         "fedrouter",
-        "method: fedrouter, oracle (routes by true task label), local, fedit, feddpa, fedsa, zeroshot (the base "
-        "model, no adapter)",
-        _one_of("fedrouter", "oracle", "local", "fedit", "feddpa", "fedsa", "zeroshot"),
+        "method: fedrouter, oracle (routes by true task label), local, fedit, feddpa, fedsa, ifca, zeroshot (the "
+        "base model, no adapter), or one registered as a plugin (FEDROUTER_PLUGINS)",
     ),
     "run.seed": Setting(int, 0, "seed for data split, clustering, initialisation and training"),
     "run.rounds": Setting(int, 3, "federated training rounds (0: cluster only)", _at_least(0)),
@@ -345,10 +344,35 @@ def _coerce(key: str, value: Any, setting: Setting, where: str) -> Any:
     return value
 
 
+_methods_registered = False
+
+
+def _register_methods() -> None:
+    """Register the methods (built-in and plugins) once per process, before the first config is read."""
+    global _methods_registered
+    if not _methods_registered:
+        _methods_registered = True
+        from fedrouter.methods.registry import methods
+
+        methods()
+
+
+def add_settings(owner: str, settings: Mapping[str, Setting]) -> None:
+    """Settings a method brings (``<method>.<name>``); the same definition registered again is no change."""
+    for key, setting in settings.items():
+        if not key.startswith(f"{owner}."):
+            raise ValueError(f"method {owner!r}: its settings must be named '{owner}.<name>', got {key!r}")
+        old = SETTINGS.get(key)
+        if old is not None and (old.type, old.default, old.help) != (setting.type, setting.default, setting.help):
+            raise ValueError(f"setting {key!r} is defined twice, differently")
+        SETTINGS[key] = setting
+
+
 class Config(Mapping[str, Any]):
     """A validated, complete set of settings (read-only mapping of dotted key -> value)."""
 
     def __init__(self, values: Mapping[str, Any] | None = None, *, where: str = "config") -> None:
+        _register_methods()  # a method may bring settings of its own (``Method.settings``)
         merged = {key: s.default for key, s in SETTINGS.items()}
         for key, value in (values or {}).items():
             if key in RETIRED:
@@ -360,6 +384,12 @@ class Config(Mapping[str, Any]):
         self._check_consistency(where)
 
     def _check_consistency(self, where: str) -> None:
+        from fedrouter.methods.registry import method_class  # the methods read settings: imported when needed
+
+        try:
+            method = method_class(self["run.method"])
+        except ConfigError as err:
+            raise ConfigError(f"{where}: setting 'run.method': {err}") from None
         sets = self.list("eval.sets")
         if sets == ["none"]:
             sets = []
@@ -381,16 +411,13 @@ class Config(Mapping[str, Any]):
                     f"{where}: setting 'privacy.update_clip' needs 'privacy.update_epsilon' > 0 and "
                     "'privacy.update_delta' > 0"
                 )
-            if self["run.method"] in ("fedrouter", "oracle") and self["train.schedule"] == "all":
+            if method.routes and self["train.schedule"] == "all":
                 raise ConfigError(
                     f"{where}: setting 'privacy.update_clip' works on one uploaded adapter per round (Flower's "
                     "LocalDpMod); use 'train.schedule' = 'round-robin'"
                 )
-        if self["run.method"] == "oracle" and not self["eval.report_labels"]:
-            raise ConfigError(
-                f"{where}: setting 'run.method' = 'oracle' routes by the true task labels, "
-                "so it needs 'eval.report_labels' = true"
-            )
+        if reason := method.check(self):
+            raise ConfigError(f"{where}: {reason}")
 
     # Mapping protocol
     def __getitem__(self, key: str) -> Any:
@@ -446,12 +473,12 @@ class Config(Mapping[str, Any]):
             lines.append(f"[{section}]")
             for key, value in self._values.items():
                 if key.split(".")[0] == section:
-                    lines.append(f"{key.split('.', 1)[1]} = {_toml_value(value)}")
+                    lines.append(f"{key.split('.', 1)[1]} = {toml_value(value)}")
             lines.append("")
         return "\n".join(lines)
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import psutil
 
-from fedrouter.config import SETTINGS, Config, _toml_value
+from fedrouter.config import SETTINGS, Config, toml_value
 from fedrouter.runlog import EVENTS, default_run_dir, read_events
 
 CONNECTION = "fedrouter-local"
@@ -112,7 +112,7 @@ def make_node_keys(folder: Path, count: int) -> list[tuple[Path, Path]]:
 def write_app(folder: Path, cfg: Config) -> Path:
     """A Flower app folder for ``flwr run``: FedRouter's components, ``cfg`` as the run config."""
     folder.mkdir(parents=True, exist_ok=True)
-    config = "\n".join(f"{key} = {_toml_value(cfg[key])}" for key in SETTINGS)
+    config = "\n".join(f"{key} = {toml_value(cfg[key])}" for key in SETTINGS)
     (folder / "pyproject.toml").write_text(
         f"""[build-system]
 requires = ["hatchling"]

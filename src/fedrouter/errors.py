@@ -30,3 +30,7 @@ class ArtifactError(FedRouterError):
 
 class ReplyError(FedRouterError):
     """A message's content is missing, mis-shaped or not finite."""
+
+
+class RunError(RuntimeError):
+    """A run cannot go on (too few valid client replies, or a checkpoint that does not fit)."""

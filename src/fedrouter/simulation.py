@@ -193,4 +193,6 @@ def finished_metrics(run_dir: Path) -> dict:
         raise RuntimeError(f"run failed: {failed[-1].get('error')}")
     if not any(e["event"] == "done" for e in events):
         raise RuntimeError(f"run did not finish (no 'done' event in {run_dir / EVENTS}); see {run_dir / 'log.txt'}")
-    return json.loads((run_dir / METRICS).read_text())
+    from fedrouter.run_metrics import checked
+
+    return checked(json.loads((run_dir / METRICS).read_text()), run_dir / METRICS)

@@ -7,7 +7,7 @@ from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 
-Arrays = dict[str, np.ndarray]
+from fedrouter.arrays import Arrays
 
 
 def weighted_average(updates: Sequence[tuple[Mapping[str, np.ndarray], float]]) -> Arrays:

@@ -20,11 +20,10 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load, save
 
+from fedrouter.arrays import Arrays
 from fedrouter.errors import ArtifactError
 from fedrouter.methods import ClientClusters
 from fedrouter.runlog import atomic_write
-
-Arrays = dict[str, np.ndarray]
 
 CHECKPOINT = "checkpoint.safetensors"
 FORMAT = 1

@@ -13,10 +13,9 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
+from fedrouter.arrays import Arrays
 from fedrouter.config import Config, ConfigError
 from fedrouter.errors import ReplyError
-
-Arrays = dict[str, np.ndarray]
 
 # Message types (Flower's "<category>.<action>").
 CLUSTER = "query.cluster"

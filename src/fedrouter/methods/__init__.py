@@ -1,22 +1,33 @@
-"""Federated fine-tuning methods of one shape: FedRouter, the oracle router and the baselines."""
+"""Federated fine-tuning methods of one shape (``base.Method``), in one registry (``registry``).
+
+Importing this package registers the built-in methods: every module of this folder but ``base`` and
+``registry`` holds one. A method of your own needs no edit here: see ``registry``.
+"""
 
 from __future__ import annotations
 
-from fedrouter.config import Config
-from fedrouter.methods.base import PARTS, SERVINGS, ClientClusters, Job, Method, part_of
-from fedrouter.methods.feddpa import FedDPA
-from fedrouter.methods.fedit import FedIT
-from fedrouter.methods.fedrouter import FedRouter
-from fedrouter.methods.fedsa import FedSA
-from fedrouter.methods.local import Local
-from fedrouter.methods.oracle import Oracle
-from fedrouter.methods.zeroshot import ZeroShot
+import importlib
+import pkgutil
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (FedRouter, Oracle, Local, FedIT, FedDPA, FedSA, ZeroShot)}
+from fedrouter.methods.base import PARTS, ClientClusters, Grouping, Job, Method, Serving, derived_seed, part_of
+from fedrouter.methods.registry import load_plugins, make_method, method_class, methods, register
 
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in ("base", "registry"):
+        importlib.import_module(f"{__name__}.{_module.name}")
 
-def make_method(cfg: Config) -> Method:
-    return METHODS[cfg["run.method"]](cfg)
-
-
-__all__ = ["METHODS", "PARTS", "SERVINGS", "ClientClusters", "Job", "Method", "make_method", "part_of"]
+__all__ = [
+    "PARTS",
+    "ClientClusters",
+    "Grouping",
+    "Job",
+    "Method",
+    "Serving",
+    "derived_seed",
+    "load_plugins",
+    "make_method",
+    "method_class",
+    "methods",
+    "part_of",
+    "register",
+]

@@ -30,17 +30,29 @@ Where ours differs, and why:
 
 from __future__ import annotations
 
-from fedrouter.methods.base import Arrays, ClientClusters, Job, Method
+import contextlib
+from collections.abc import Iterator
+
+import numpy as np
+
+from fedrouter.methods.base import ClientClusters, Job, Method, Serving, derived_seed
+from fedrouter.methods.registry import register
+
+# Test-time weighting, as in the authors' code: 5 reference instances per test sample, the global adapter's weight
+# capped at 0.5. Weights are rounded to WEIGHT_STEP so samples with equal weights share a generation batch.
+INSTANCES = 5
+MAX_WEIGHT = 0.5
+WEIGHT_STEP = 0.05
 
 
+@register
 class FedDPA(Method):
     name = "feddpa"
-    serving = "mix"
+    title = "FedDPA"
     paper = "Yang et al. 2024"
+    order = 3
+    client_personalized = True
     personal_state = True
-
-    def shared_adapters(self, initial: Arrays, num_global: int) -> dict[str, Arrays]:
-        return {"global": dict(initial)}
 
     def jobs(self, round_index: int, client: ClientClusters) -> list[Job]:
         train_global = Job(name="global", shared="global")
@@ -49,9 +61,46 @@ class FedDPA(Method):
         # "global" as the partner: not trained yet this round, not personal: the adapter the server sent.
         return [Job(name="local", personal="local", part="none", partner="global"), train_global]
 
+    def serve(self, serving: Serving, samples, modes: list[str]) -> dict[str, list[tuple]]:
+        weights = instance_weights(serving, samples)
+        return {mode: [("mix", float(w)) for w in weights] for mode in modes}
 
-# Test-time weighting, as in the authors' code: 5 reference instances per test sample, the global adapter's weight
-# capped at 0.5. Weights are rounded to WEIGHT_STEP so samples with equal weights share a generation batch.
-INSTANCES = 5
-MAX_WEIGHT = 0.5
-WEIGHT_STEP = 0.05
+    @contextlib.contextmanager
+    def activate(self, serving: Serving, key: tuple) -> Iterator[None]:
+        """alpha * global + (1 - alpha) * local, as the authors weight them."""
+        from fedrouter.model import lora
+
+        lora.set_adapter(serving.base, serving.shared["global"])
+        lora.set_adapter(serving.base, serving.personal, slot=lora.PARTNER)
+        with lora.mixed(serving.base, key[1], 1.0 - key[1]):
+            yield
+
+
+def instance_weights(serving: Serving, samples) -> np.ndarray:
+    """The global adapter's weight for each sample: 0.5 x the mean cosine similarity of the sample's instance
+    embedding to those of 5 training inputs drawn for it (a generator seeded by run seed and client: a sample's
+    draw depends on its position, never on its task)."""
+    from fedrouter.model import compute, lora
+
+    cfg, train_inputs = serving.cfg, serving.train_inputs
+    rng = np.random.default_rng(derived_seed(cfg["run.seed"], serving.client))
+    size = min(INSTANCES, len(train_inputs))
+    picks = [rng.choice(len(train_inputs), size=size, replace=False) for _ in samples]
+    needed = sorted({int(i) for pick in picks for i in pick})
+    lora.set_adapter(serving.base, serving.personal)  # the authors embed with the local adapter loaded
+    states = compute.last_token_states(
+        serving.base,
+        [s.instruction for s in samples] + [train_inputs[i] for i in needed],
+        batch_size=cfg["eval.batch_size"],
+        max_len=cfg["model.max_seq_len"],
+    )
+    states /= np.maximum(np.linalg.norm(states, axis=1, keepdims=True), 1e-12)
+    tests, references = states[: len(samples)], states[len(samples) :]
+    row = {i: k for k, i in enumerate(needed)}
+    similarity = np.array(
+        [
+            float((references[[row[int(i)] for i in pick]] @ test).mean())
+            for test, pick in zip(tests, picks, strict=True)
+        ]
+    )
+    return np.round(MAX_WEIGHT * similarity / WEIGHT_STEP) * WEIGHT_STEP

@@ -1,20 +1,18 @@
 """FedIT: one LoRA adapter shared by all clients, trained on all their samples, FedAvg-weighted by sample count.
 
-Zhang et al., "Towards Building the Federated GPT: Federated Instruction Tuning" (ICASSP 2024).
+Zhang et al., "Towards Building the Federated GPT: Federated Instruction Tuning" (ICASSP 2024). Every hook
+keeps the default of ``Method``, which is this method.
 """
 
 from __future__ import annotations
 
-from fedrouter.methods.base import Arrays, ClientClusters, Job, Method
+from fedrouter.methods.base import Method
+from fedrouter.methods.registry import register
 
 
+@register
 class FedIT(Method):
     name = "fedit"
-    serving = "shared"
+    title = "FedIT"
     paper = "Zhang et al. 2024"
-
-    def shared_adapters(self, initial: Arrays, num_global: int) -> dict[str, Arrays]:
-        return {"global": dict(initial)}
-
-    def jobs(self, round_index: int, client: ClientClusters) -> list[Job]:
-        return [Job(name="global", shared="global")]
+    order = 2

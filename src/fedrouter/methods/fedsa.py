@@ -7,17 +7,22 @@ answers with the global A and its own B.
 
 from __future__ import annotations
 
-from fedrouter.methods.base import Arrays, ClientClusters, Job, Method, part_of
+from fedrouter.methods.base import ClientClusters, Job, Method
+from fedrouter.methods.registry import register
 
 
+@register
 class FedSA(Method):
     name = "fedsa"
-    serving = "overlay"
+    title = "FedSA"
     paper = "Guo et al. 2025"
+    order = 4
+    client_personalized = True
     personal_state = True
-
-    def shared_adapters(self, initial: Arrays, num_global: int) -> dict[str, Arrays]:
-        return {"global": part_of(initial, "lora_A")}
+    shared_part = "lora_A"
 
     def jobs(self, round_index: int, client: ClientClusters) -> list[Job]:
         return [Job(name="global", shared="global", personal="local", part="lora_A")]
+
+    def serve(self, serving, samples, modes: list[str]) -> dict[str, list[tuple]]:
+        return {mode: [("overlay",)] * len(samples) for mode in modes}  # its own B under the global A

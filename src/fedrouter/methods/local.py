@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from fedrouter.methods.base import Arrays, ClientClusters, Job, Method
+from fedrouter.arrays import Arrays
+from fedrouter.methods.base import ClientClusters, Job, Method
+from fedrouter.methods.registry import register
 
 
+@register
 class Local(Method):
     name = "local"
-    serving = "personal"
+    title = "Local"
     paper = "standard baseline"
+    order = 1
+    client_personalized = True
     personal_state = True
 
     def shared_adapters(self, initial: Arrays, num_global: int) -> dict[str, Arrays]:
@@ -16,3 +21,6 @@ class Local(Method):
 
     def jobs(self, round_index: int, client: ClientClusters) -> list[Job]:
         return [Job(name="local", personal="local", part="none")]
+
+    def serve(self, serving, samples, modes: list[str]) -> dict[str, list[tuple]]:
+        return {mode: [("personal",)] * len(samples) for mode in modes}

@@ -6,13 +6,17 @@ or hurt on tasks its clients never trained on.
 
 from __future__ import annotations
 
-from fedrouter.methods.base import Arrays, ClientClusters, Job, Method
+from fedrouter.arrays import Arrays
+from fedrouter.methods.base import ClientClusters, Job, Method
+from fedrouter.methods.registry import register
 
 
+@register
 class ZeroShot(Method):
     name = "zeroshot"
-    serving = "base"
+    title = "Zero-shot (base model, no adapter)"
     paper = "reference (no fine-tuning)"
+    kind = "reference"
     trains = False
 
     def shared_adapters(self, initial: Arrays, num_global: int) -> dict[str, Arrays]:
@@ -20,3 +24,6 @@ class ZeroShot(Method):
 
     def jobs(self, round_index: int, client: ClientClusters) -> list[Job]:
         return []
+
+    def serve(self, serving, samples, modes: list[str]) -> dict[str, list[tuple]]:
+        return {mode: [("base",)] * len(samples) for mode in modes}

@@ -25,6 +25,18 @@ def _pad(rows: Sequence[list[int]], value: int, left: bool = False) -> torch.Ten
     )
 
 
+def _length_batches(
+    base: BaseModel, encoded: Sequence[list[int]], batch_size: int
+) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """Batches of similar-length sequences, shortest first: (their positions, right-padded ids, attention mask)."""
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        ids = _pad([encoded[i] for i in index], base.tokenizer.pad_token_id).to(base.device)
+        mask = _pad([[1] * len(encoded[i]) for i in index], 0).to(base.device)
+        yield index, ids, mask
+
+
 def embedding_layer(base: BaseModel, depth: float) -> int:
     """The hidden-state index at ``depth`` (a fraction of the model's layers; 1.0 is the last, after its norm)."""
     layers = int(base.model.get_base_model().config.num_hidden_layers)
@@ -105,13 +117,9 @@ def embed_prompts(
     head, tail = len(chat_head(tokenizer)), len(chat_tail(tokenizer))
     layers = sorted({layer for layer, _ in parts})
     out = [np.zeros((len(encoded), base.hidden_size), dtype=np.float32) for _ in parts]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     backbone = base.model.get_base_model().base_model
     with base.model.disable_adapter(), base.autocast():
-        for start in range(0, len(order), batch_size):
-            index = order[start : start + batch_size]
-            ids = _pad([encoded[i] for i in index], tokenizer.pad_token_id).to(base.device)
-            mask = _pad([[1] * len(encoded[i]) for i in index], 0).to(base.device)
+        for index, ids, mask in _length_batches(base, encoded, batch_size):
             hidden = _hidden_layers(backbone, ids, mask, layers)
             for p, (layer, edge) in enumerate(parts):
                 weights = torch.zeros(mask.shape, device=mask.device)
@@ -203,15 +211,10 @@ def _hidden_layers(
 
 
 def _pooled(base: BaseModel, encoded: list[list[int]], batch_size: int, layer: int | None) -> np.ndarray:
-    tokenizer = base.tokenizer
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     out = np.zeros((len(encoded), base.hidden_size), dtype=np.float32)
     backbone = base.model.get_base_model().base_model
     with base.model.disable_adapter(), base.autocast():
-        for start in range(0, len(order), batch_size):
-            index = order[start : start + batch_size]
-            ids = _pad([encoded[i] for i in index], tokenizer.pad_token_id).to(base.device)
-            mask = _pad([[1] * len(encoded[i]) for i in index], 0).to(base.device)
+        for index, ids, mask in _length_batches(base, encoded, batch_size):
             hidden = _hidden(backbone, ids, mask, layer).float()
             weights = mask.unsqueeze(-1).float()
             pooled = (hidden * weights).sum(1) / weights.sum(1)
@@ -229,14 +232,10 @@ def last_token_states(
     compute with the client's local adapter loaded.
     """
     encoded = [prompt_ids(base.tokenizer, text, max_len) for text in instructions]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     out = np.zeros((len(encoded), base.hidden_size), dtype=np.float32)
     backbone = base.model.get_base_model().base_model
     with base.autocast():
-        for start in range(0, len(order), batch_size):
-            index = order[start : start + batch_size]
-            ids = _pad([encoded[i] for i in index], base.tokenizer.pad_token_id).to(base.device)
-            mask = _pad([[1] * len(encoded[i]) for i in index], 0).to(base.device)
+        for index, ids, mask in _length_batches(base, encoded, batch_size):
             hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
             last = mask.sum(1) - 1  # right padding: the causal mask keeps pads from reaching real tokens
             out[index] = hidden[torch.arange(len(index)), last].float().cpu().numpy()
@@ -262,6 +261,27 @@ def answer_loss(base: BaseModel, ids: torch.Tensor, mask: torch.Tensor, labels: 
     keep = targets != -100
     logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep])
     return F.cross_entropy(logits.float(), targets[keep])
+
+
+@torch.inference_mode()
+def mean_loss(base: BaseModel, examples: Sequence[tuple[list[int], list[int]]], *, batch_size: int = 16) -> float:
+    """The adapter in the slot's mean next-token cross-entropy over every answer token of ``examples``."""
+    if not examples:
+        raise ValueError("no examples to score")
+    pad = base.tokenizer.pad_token_id
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))  # similar lengths: little padding
+    total, tokens = 0.0, 0
+    for start in range(0, len(order), batch_size):
+        rows = [examples[i] for i in order[start : start + batch_size]]
+        ids = _pad([r[0] for r in rows], pad).to(base.device)
+        mask = _pad([[1] * len(r[0]) for r in rows], 0).to(base.device)
+        labels = _pad([r[1] for r in rows], -100).to(base.device)
+        count = int((labels[:, 1:] != -100).sum())
+        if count:
+            with base.autocast():
+                total += float(answer_loss(base, ids, mask, labels)) * count
+            tokens += count
+    return total / max(tokens, 1)
 
 
 @contextmanager

@@ -22,6 +22,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
@@ -35,7 +36,10 @@ from transformers import (
 )
 
 from fedrouter.errors import ModelError
-from fedrouter.model import EMBEDDED_NAME
+from fedrouter.model import base_model_id
+
+if TYPE_CHECKING:
+    from fedrouter.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -350,12 +354,26 @@ def shared_base_model(
             _PROCESS_MODELS[key] = load_base_model(
                 name,
                 precision=precision,
-                lora=lora_config(r, alpha, dropout, list(modules), _base_name(name)),
+                lora=lora_config(r, alpha, dropout, list(modules), base_model_id(name)),
                 quantization=quantization,
                 gradient_checkpointing=gradient_checkpointing,
             )
         return _PROCESS_MODELS[key]
 
 
-def _base_name(name: str) -> str:
-    return EMBEDDED_NAME if name == "smollm2" else name
+def base_model(cfg: Config) -> BaseModel:
+    """The process-wide base model of a run's settings (``model.*``, ``lora.*``, ``run.client_cpus``)."""
+    lora_key = (cfg["lora.r"], cfg["lora.alpha"], cfg["lora.dropout"], tuple(cfg.list("lora.target_modules")))
+    # A client given part of the cores (run.client_cpus) uses that many threads, so parallel clients do not
+    # oversubscribe them.
+    threads = cfg["model.threads"]
+    if not threads and cfg["run.client_cpus"]:
+        threads = max(1, int(cfg["run.client_cpus"]))
+    return shared_base_model(
+        cfg["model.name"],
+        cfg["model.precision"],
+        lora_key,
+        threads,
+        cfg["model.quantization"],
+        cfg["model.gradient_checkpointing"],
+    )

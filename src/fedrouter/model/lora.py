@@ -15,9 +15,8 @@ import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 
+from fedrouter.arrays import Arrays
 from fedrouter.model.loading import BaseModel
-
-Arrays = dict[str, np.ndarray]
 
 SLOT = "default"
 PARTNER = "partner"

@@ -1,4 +1,5 @@
-"""Privacy options for what clients upload: noisy centroids, and differentially private adapter updates.
+"""Privacy options for what clients upload: noisy centroids (here), and differentially private adapter updates
+(``fedrouter.federated.privacy``, a Flower mod).
 
 What the server sees of a client's data: local centroids (the only numbers derived from its samples), per
 cluster sample counts, optionally task-label counts (``eval.report_labels``), and trained adapters.
@@ -21,11 +22,6 @@ The noise comes from the operating system's entropy, not from ``run.seed``: runs
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import Context, Message
-from flwr.clientapp.mod import LocalDpMod
-from flwr.clientapp.typing import ClientAppCallable
-
-from fedrouter.federated.records import read_config
 
 
 def private_centroids(
@@ -49,20 +45,3 @@ def private_centroids(
             center = center + rng.normal(0.0, noise * clip / len(members), size=center.shape)
         centroids.append(center)
     return np.stack(centroids).astype(np.float32)
-
-
-def update_privacy_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Flower's ``LocalDpMod`` configured by the run's ``privacy.update_*`` settings (a pass-through when off).
-
-    A train message that sends no adapter (the Local baseline) has nothing to protect and passes through.
-    """
-    cfg, _ = read_config(message.content["config"], ("round", "lr"))
-    if cfg["privacy.update_clip"] <= 0 or not message.content.array_records:
-        return call_next(message, context)
-    mod = LocalDpMod(
-        clipping_norm=cfg["privacy.update_clip"],
-        sensitivity=cfg["privacy.update_clip"],
-        epsilon=cfg["privacy.update_epsilon"],
-        delta=cfg["privacy.update_delta"],
-    )
-    return mod(message, context, call_next)
