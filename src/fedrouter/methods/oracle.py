@@ -13,7 +13,7 @@ from fedrouter.algorithm.clustering import cluster_means
 from fedrouter.algorithm.routing import route
 from fedrouter.config import Config
 from fedrouter.federated.records import ReplyError, check_name
-from fedrouter.methods.base import ClientClusters, Serving
+from fedrouter.methods.base import ClientClusters, Method, Serving
 from fedrouter.methods.fedrouter import FedRouter, assign_global
 from fedrouter.methods.registry import register
 
@@ -31,9 +31,7 @@ class Oracle(FedRouter):
             return "setting 'run.method' = 'oracle' routes by the true task labels, so it needs 'eval.report_labels' = true"
         return None
 
-    @classmethod
-    def modes(cls, cfg: Config) -> list[str]:
-        return [cls.name]
+    modes = Method.__dict__["modes"]  # one mode, named after the method: FedRouter's local/global do not apply
 
     @classmethod
     def routing_label(cls, mode: str) -> str | None:

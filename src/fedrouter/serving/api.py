@@ -340,79 +340,53 @@ def create_app(
         finally:
             engine.cancel(request)  # no-op once done; frees the row when the client left mid-stream
 
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest, http: Request) -> Response:
+    async def respond(path: str, prompt, body, field: str, http: Request, chat: bool) -> Response:
+        """One completion, streamed or whole, in the chat or the text API's shape."""
         if gateway is not None:
-            return await through_gateway("/v1/chat/completions", body.prompt(), body, "messages")
-        request = admit(body.prompt(), body, "messages")
-        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+            return await through_gateway(path, prompt, body, field)
+        request = admit(prompt, body, field)
+        ident, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
+        kind = "chat.completion" if chat else "text_completion"
         if body.stream:
             choice = await first_route(http, request)
 
             def chunk(text: str | None, finish: str | None, first: bool = False) -> dict:
-                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+                if chat:
+                    delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+                    piece = {"delta": delta}
+                else:
+                    piece = {"text": text or ""}
                 return {
                     "id": ident,
-                    "object": "chat.completion.chunk",
+                    "object": f"{kind}.chunk" if chat else kind,
                     "created": created,
                     "model": body.model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+                    "choices": [{"index": 0, **piece, "finish_reason": finish, "logprobs": None}],
                 }
 
             return StreamingResponse(
                 stream(http, request, body, choice, chunk), media_type="text/event-stream", headers=_headers(choice)
             )
         choice, done = await finish(http, request)
+        piece = {"message": {"role": "assistant", "content": done.text}} if chat else {"text": done.text}
         answer = {
             "id": ident,
-            "object": "chat.completion",
+            "object": kind,
             "created": created,
             "model": body.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": done.text},
-                    "finish_reason": _finish(done),
-                    "logprobs": None,
-                }
-            ],
+            "choices": [{"index": 0, **piece, "finish_reason": _finish(done), "logprobs": None}],
             "usage": usage(done),
             "fedrouter": _routing_info(request.route, choice),
         }
         return JSONResponse(answer, headers=_headers(choice))
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, http: Request) -> Response:
+        return await respond("/v1/chat/completions", body.prompt(), body, "messages", http, chat=True)
 
     @app.post("/v1/completions")
     async def complete(body: CompletionRequest, http: Request) -> Response:
-        if gateway is not None:
-            return await through_gateway("/v1/completions", body.text(), body, "prompt")
-        request = admit(body.text(), body, "prompt")
-        ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        if body.stream:
-            choice = await first_route(http, request)
-
-            def chunk(text: str | None, finish: str | None, first: bool = False) -> dict:
-                return {
-                    "id": ident,
-                    "object": "text_completion",
-                    "created": created,
-                    "model": body.model,
-                    "choices": [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}],
-                }
-
-            return StreamingResponse(
-                stream(http, request, body, choice, chunk), media_type="text/event-stream", headers=_headers(choice)
-            )
-        choice, done = await finish(http, request)
-        answer = {
-            "id": ident,
-            "object": "text_completion",
-            "created": created,
-            "model": body.model,
-            "choices": [{"index": 0, "text": done.text, "finish_reason": _finish(done), "logprobs": None}],
-            "usage": usage(done),
-            "fedrouter": _routing_info(request.route, choice),
-        }
-        return JSONResponse(answer, headers=_headers(choice))
+        return await respond("/v1/completions", body.text(), body, "prompt", http, chat=False)
 
     @app.get("/v1/models")
     async def models() -> dict:
