@@ -46,6 +46,13 @@ def test_a_client_trains_and_uploads_only_its_lowest_loss_adapter(tiny_base, tmp
     assert set(chosen) == {("shared", "1")}
 
 
+def test_ifca_refuses_update_privacy_it_cannot_honour(tmp_path):
+    from fedrouter.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="privacy.update_clip.*ifca.k"):
+        Config({"run.method": "ifca", "privacy.update_clip": 1.0, "privacy.update_epsilon": 1.0})
+
+
 def test_equal_losses_are_broken_by_the_seed(tiny_base):
     tied = np.array([2.0, 2.0, 2.0, 2.0])
     picks = {lowest(tied, seed) for seed in range(40)}

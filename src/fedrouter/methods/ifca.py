@@ -46,6 +46,15 @@ class IFCA(Method):
         "ifca.k": Setting(int, 4, "IFCA: how many shared adapters (cluster models) clients choose among", _positive)
     }
 
+    @classmethod
+    def check(cls, cfg) -> str | None:
+        if cfg["privacy.update_clip"] > 0:
+            return (
+                "setting 'privacy.update_clip' works on one adapter sent per round (Flower's LocalDpMod), and IFCA "
+                "sends every client all 'ifca.k' adapters"
+            )
+        return None
+
     def shared_adapters(self, initial: Arrays, num_global: int) -> dict[str, Arrays]:
         return {str(j): dict(initial) for j in range(self.cfg["ifca.k"])}
 
