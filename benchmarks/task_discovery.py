@@ -43,7 +43,7 @@ import embedding_cache
 from sklearn.cluster import AgglomerativeClustering
 
 from fedrouter import bench, discovery
-from fedrouter.algorithm.clustering import cluster_means, local_clusters, nearest
+from fedrouter.algorithm.clustering import FittedCentres, cluster_means, local_clusters, nearest
 from fedrouter.algorithm.metrics import clustering_accuracy, contingency, routing_accuracy
 from fedrouter.config import Config
 from fedrouter.data import all_clients
@@ -330,7 +330,7 @@ def rule_discovery(xs: list[np.ndarray], labels: list[np.ndarray], global_rule: 
     return discovery.Discovery(labels, centroids, assignment, fitted, [len(c) for c in centroids])
 
 
-class SpreadAgglomerative:
+class SpreadAgglomerative(FittedCentres):
     """Agglomerative clustering of the local centroids on Euclidean distance / the pair's pooled spread."""
 
     def __init__(self, threshold: float) -> None:
@@ -348,13 +348,6 @@ class SpreadAgglomerative:
             self.labels_ = model.fit_predict(d)
         self.centers_ = cluster_means(c, self.labels_, w)
         return self
-
-    @property
-    def n_clusters_(self) -> int:
-        return len(self.centers_)
-
-    def predict(self, points: np.ndarray) -> np.ndarray:
-        return nearest(points, self.centers_)
 
 
 def centred_silhouette_spread(name: str, embedding: str, local_threshold: float, threshold: float) -> Candidate:

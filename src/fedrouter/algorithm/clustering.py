@@ -14,8 +14,21 @@ from sklearn.metrics import silhouette_score
 from fedrouter.errors import ClusteringError
 
 
+class FittedCentres:
+    """What every fitted clustering here offers: its ``centers_``, their number, and the nearest one of a point."""
+
+    centers_: np.ndarray
+
+    @property
+    def n_clusters_(self) -> int:
+        return len(self.centers_)
+
+    def predict(self, points: np.ndarray) -> np.ndarray:
+        return nearest(points, self.centers_)
+
+
 @dataclass
-class SilhouetteKMeans:
+class SilhouetteKMeans(FittedCentres):
     """K-Means whose k is fixed (``k=int``) or chosen by the best silhouette over ``2..k_max``.
 
     With ``k="auto"``, k=1 is chosen when no k>1 reaches ``threshold``: the points are
@@ -69,13 +82,6 @@ class SilhouetteKMeans:
         self.centers_ = model.cluster_centers_
         self.labels_ = model.labels_.astype(np.int64)
         return self
-
-    @property
-    def n_clusters_(self) -> int:
-        return len(self.centers_)
-
-    def predict(self, points: np.ndarray) -> np.ndarray:
-        return nearest(points, self.centers_)
 
 
 def checked_points(points: np.ndarray, what: str) -> np.ndarray:
@@ -236,7 +242,7 @@ def centred_local_clusters(
 
 
 @dataclass
-class ThresholdAgglomerative:
+class ThresholdAgglomerative(FittedCentres):
     """Average-linkage agglomerative clustering of local centroids, cut at a cosine distance (no k to choose).
 
     The centroids are compared by the angle between their `centred_directions` (centred on the count-weighted
@@ -292,13 +298,6 @@ class ThresholdAgglomerative:
         offsets = np.linalg.norm(points - np.average(points, axis=0, weights=weights), axis=1)
         errors = spreads / np.sqrt(weights)
         return bool((offsets <= self.noise_factor * errors).all())
-
-    @property
-    def n_clusters_(self) -> int:
-        return len(self.centers_)
-
-    def predict(self, points: np.ndarray) -> np.ndarray:
-        return nearest(points, self.centers_)
 
 
 def refine_local_clusters(

@@ -263,19 +263,24 @@ def answer_loss(base: BaseModel, ids: torch.Tensor, mask: torch.Tensor, labels: 
     return F.cross_entropy(logits.float(), targets[keep])
 
 
+def _answer_batch(
+    base: BaseModel, rows: Sequence[tuple[list[int], list[int]]]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training examples as one right-padded batch: token ids, attention mask, labels (-100 where not scored)."""
+    ids = _pad([r[0] for r in rows], base.tokenizer.pad_token_id).to(base.device)
+    mask = _pad([[1] * len(r[0]) for r in rows], 0).to(base.device)
+    return ids, mask, _pad([r[1] for r in rows], -100).to(base.device)
+
+
 @torch.inference_mode()
 def mean_loss(base: BaseModel, examples: Sequence[tuple[list[int], list[int]]], *, batch_size: int = 16) -> float:
     """The adapter in the slot's mean next-token cross-entropy over every answer token of ``examples``."""
     if not examples:
         raise ValueError("no examples to score")
-    pad = base.tokenizer.pad_token_id
     order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))  # similar lengths: little padding
     total, tokens = 0.0, 0
     for start in range(0, len(order), batch_size):
-        rows = [examples[i] for i in order[start : start + batch_size]]
-        ids = _pad([r[0] for r in rows], pad).to(base.device)
-        mask = _pad([[1] * len(r[0]) for r in rows], 0).to(base.device)
-        labels = _pad([r[1] for r in rows], -100).to(base.device)
+        ids, mask, labels = _answer_batch(base, [examples[i] for i in order[start : start + batch_size]])
         count = int((labels[:, 1:] != -100).sum())
         if count:
             with base.autocast():
@@ -343,17 +348,13 @@ def train_adapter(
     torch.manual_seed(seed)  # LoRA dropout
     params = [p for p in base.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    pad = base.tokenizer.pad_token_id
     batches = length_grouped_batches([len(e[0]) for e in examples], batch_size, rng)
     losses: list[float] = []
     base.model.train()
     try:
         with training_attention(base):
             for _ in range(steps):
-                rows = [examples[i] for i in next(batches)]
-                ids = _pad([r[0] for r in rows], pad).to(base.device)
-                mask = _pad([[1] * len(r[0]) for r in rows], 0).to(base.device)
-                labels = _pad([r[1] for r in rows], -100).to(base.device)
+                ids, mask, labels = _answer_batch(base, [examples[i] for i in next(batches)])
                 with base.autocast():
                     loss = answer_loss(base, ids, mask, labels)
                 optimizer.zero_grad(set_to_none=True)
