@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedrouter.model import LoraSettings
 from fedrouter.model.compute import _pad, embed_prompts
 from fedrouter.model.loading import cache_root, shared_base_model
 from fedrouter.model.prompts import embedding_ids
@@ -59,7 +60,7 @@ def key(text: str) -> str:
 
 def base_model(precision: str):
     """The embedded SmolLM2-135M as `fedrouter run` loads it by default (its LoRA slot is never used here)."""
-    return shared_base_model("smollm2", precision, (8, 16.0, 0.05, ("q_proj", "v_proj")))
+    return shared_base_model("smollm2", precision, LoraSettings())
 
 
 def cache_path(precision: str, kind: str = "text") -> Path:

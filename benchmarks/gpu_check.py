@@ -34,8 +34,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerF
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from fedrouter.model import compute, decoding, lora  # noqa: E402
-from fedrouter.model.loading import lora_config, wrap_base_model  # noqa: E402
+from fedrouter.model import LoraSettings, compute, decoding, lora  # noqa: E402
+from fedrouter.model.loading import wrap_base_model  # noqa: E402
 
 # The two models' published configs (hidden sizes, layers, heads, vocabulary, RoPE), weights random.
 CONFIGS = {
@@ -87,7 +87,7 @@ def build(name: str, device: torch.device, dtype: torch.dtype):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     tokenizer = word_tokenizer(config.vocab_size)
-    return wrap_base_model(name, model, tokenizer, dtype, lora_config(8, 16, 0.0, ["q_proj", "v_proj"], name), device)
+    return wrap_base_model(name, model, tokenizer, dtype, LoraSettings(dropout=0.0).peft_config(name), device)
 
 
 def text(rng: np.random.Generator, vocab: int, length: int) -> str:

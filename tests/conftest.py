@@ -67,7 +67,7 @@ def write_tiny_router(run_dir: Path, base) -> Path:
 
     from fedrouter import discovery
     from fedrouter.artifact import RouterArtifact
-    from fedrouter.model import lora
+    from fedrouter.model import LoraSettings, lora
 
     space = discovery.embedding_space(base, discovery.EmbeddingSettings())
     centroids = space.embed(base, list(ANCHORS))
@@ -79,12 +79,7 @@ def write_tiny_router(run_dir: Path, base) -> Path:
     RouterArtifact(
         base_model=base.name,
         model_name="tiny-random",
-        lora={
-            "r": config.r,
-            "lora_alpha": config.lora_alpha,
-            "lora_dropout": config.lora_dropout,
-            "target_modules": sorted(config.target_modules),
-        },
+        lora=LoraSettings(config.r, config.lora_alpha, config.lora_dropout, tuple(sorted(config.target_modules))),
         global_centroids=centroids,
         local_centroids={0: centroids[[0, 1]], 1: centroids[[2]]},
         cluster_map={0: [0, 1], 1: [2]},

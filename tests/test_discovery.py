@@ -10,7 +10,7 @@ from fedrouter import discovery
 from fedrouter.algorithm.clustering import SilhouetteKMeans, ThresholdAgglomerative
 from fedrouter.artifact import ArtifactError, RouterArtifact
 from fedrouter.config import Config
-from fedrouter.model import compute
+from fedrouter.model import LoraSettings, compute
 from fedrouter.model.prompts import chat_head, chat_tail, prompt_ids
 
 
@@ -87,13 +87,39 @@ def _artifact(**extra) -> RouterArtifact:
     return RouterArtifact(
         base_model="b",
         model_name="tiny-random",
-        lora={"r": 2, "lora_alpha": 4, "lora_dropout": 0.0, "target_modules": ["q_proj"]},
+        lora=LoraSettings(2, 4.0, 0.0, ("q_proj",)),
         global_centroids=np.zeros((1, 4), np.float32),
         local_centroids={0: np.zeros((1, 4), np.float32)},
         cluster_map={0: [0]},
         adapters={0: {"w": np.zeros(2, np.float32)}},
         **extra,
     )
+
+
+def test_the_artifact_records_its_lora_settings_and_refuses_malformed_ones(tmp_path):
+    _artifact().save(tmp_path)
+    assert RouterArtifact.load(tmp_path).lora == LoraSettings(2, 4.0, 0.0, ("q_proj",))
+    config = json.loads((tmp_path / "router" / "adapters" / "cluster_0" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["target_modules"]) == (2, 4.0, ["q_proj"])
+    meta_path = tmp_path / "router" / "router.json"
+    meta = json.loads(meta_path.read_text())
+    for bad in ({"r": 0}, {"r": "8"}, {"lora_dropout": 1.5}, {"target_modules": []}, {"lora_alpha": None}):
+        meta_path.write_text(json.dumps(meta | {"lora": meta["lora"] | bad}))
+        with pytest.raises(ArtifactError, match="unreadable router artifact: LoRA"):
+            RouterArtifact.load(tmp_path)
+    meta_path.write_text(json.dumps(meta | {"lora": {"r": 2}}))
+    with pytest.raises(ArtifactError, match="expected r, lora_alpha"):
+        RouterArtifact.load(tmp_path)
+
+
+def test_lora_settings_map_the_run_settings_onto_peft():
+    cfg = Config({"lora.r": 4, "lora.alpha": 8.0, "lora.dropout": 0.1, "lora.target_modules": "q_proj,k_proj"})
+    settings = LoraSettings.of(cfg)
+    assert settings == LoraSettings(4, 8.0, 0.1, ("q_proj", "k_proj")) and hash(settings) == hash(LoraSettings.of(cfg))
+    peft = settings.peft_config("some/model")
+    assert (peft.r, peft.lora_alpha, peft.lora_dropout, set(peft.target_modules)) == (4, 8.0, 0.1, {"q_proj", "k_proj"})
+    assert peft.base_model_name_or_path == "some/model" and peft.task_type == "CAUSAL_LM"
+    assert LoraSettings.from_peft_fields(settings.peft_fields()) == settings
 
 
 def test_the_artifact_records_how_prompts_are_embedded(tmp_path):

@@ -13,7 +13,8 @@ from conftest import tiny_settings
 from fedrouter.artifact import RouterArtifact
 from fedrouter.config import Config
 from fedrouter.errors import ConfigError, ModelError
-from fedrouter.model.loading import load_base_model, lora_config, quantization_config
+from fedrouter.model import LoraSettings
+from fedrouter.model.loading import load_base_model, quantization_config
 from fedrouter.simulation import backend_config, run_experiment
 
 
@@ -82,7 +83,7 @@ def test_quantization_without_cuda_is_a_clear_error(tmp_path):
 
 
 def test_gradient_checkpointing_saves_activations_not_gradients():
-    lora = lora_config(8, 16, 0.0, ["q_proj", "v_proj"], "tiny-random")
+    lora = LoraSettings(dropout=0.0)
     base = load_base_model("tiny-random", precision="fp32", lora=lora, gradient_checkpointing=True)
     inner = base.model.get_base_model()
     assert inner.is_gradient_checkpointing

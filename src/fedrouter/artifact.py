@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from peft import LoraConfig
 from safetensors.numpy import load_file, save_file
 
 from fedrouter.discovery import KINDS, EmbeddingSettings
 from fedrouter.errors import ArtifactError
+from fedrouter.model import LoraSettings
 
 FORMAT_VERSION = 1
 ROUTER_DIR = "router"
@@ -37,7 +37,7 @@ LEGACY_EMBEDDING = EmbeddingSettings("text", 1.0, "none")
 class RouterArtifact:
     base_model: str
     model_name: str  # the FedRouter model setting ('smollm2', a path, a hub id)
-    lora: dict
+    lora: LoraSettings
     global_centroids: np.ndarray
     local_centroids: dict[int, np.ndarray]
     cluster_map: dict[int, list[int]]
@@ -55,7 +55,7 @@ class RouterArtifact:
         target = Path(run_dir) / ROUTER_DIR
         tmp = Path(tempfile.mkdtemp(prefix=".router-", dir=run_dir))
         try:
-            lora = LoraConfig(base_model_name_or_path=self.base_model, task_type="CAUSAL_LM", **self.lora)
+            lora = self.lora.peft_config(self.base_model)
             for g, arrays in self.adapters.items():
                 folder = tmp / "adapters" / f"cluster_{g}"
                 lora.save_pretrained(folder)
@@ -86,7 +86,7 @@ class RouterArtifact:
                 },
                 "num_global_clusters": self.num_global,
                 "hidden_size": int(self.global_centroids.shape[1]),
-                "lora": self.lora,
+                "lora": self.lora.peft_fields(),
             }
             (tmp / "router.json").write_text(json.dumps(meta, indent=2))
             if target.exists():
@@ -118,6 +118,7 @@ class RouterArtifact:
                 g: load_file(folder / "adapters" / f"cluster_{g}" / "adapter_model.safetensors")
                 for g in range(int(meta["num_global_clusters"]))
             }
+            lora = LoraSettings.from_peft_fields(meta["lora"])
         except (OSError, KeyError, ValueError) as err:
             raise ArtifactError(f"{folder}: incomplete or unreadable router artifact: {err}") from err
         if meta.get("format_version") != FORMAT_VERSION:
@@ -135,7 +136,7 @@ class RouterArtifact:
         return cls(
             base_model=meta["base_model"],
             model_name=meta["model_name"],
-            lora=meta["lora"],
+            lora=lora,
             global_centroids=centroids,
             local_centroids=local,
             cluster_map=cluster_map,

@@ -28,7 +28,7 @@ from fedrouter.algorithm.clustering import squared_distances
 from fedrouter.algorithm.routing import route
 from fedrouter.artifact import ArtifactError, RouterArtifact
 from fedrouter.model import decoding
-from fedrouter.model.loading import BaseModel, load_base_model, lora_config
+from fedrouter.model.loading import BaseModel, load_base_model
 from fedrouter.model.prompts import chat_head, chat_ids
 
 Message = Mapping[str, str]
@@ -104,13 +104,8 @@ class Router:
     def load(cls, run_dir: str | Path, *, model: str | None = None, precision: str | None = None) -> Router:
         """Load ``RUN_DIR/router`` and its base model (``model`` overrides the recorded model name)."""
         artifact = RouterArtifact.load(run_dir)
-        config = artifact.lora
         base = load_base_model(
-            model or artifact.model_name,
-            precision=precision or artifact.precision,
-            lora=lora_config(
-                config["r"], config["lora_alpha"], config["lora_dropout"], config["target_modules"], artifact.base_model
-            ),
+            model or artifact.model_name, precision=precision or artifact.precision, lora=artifact.lora
         )
         return cls(artifact, base)
 

@@ -37,7 +37,7 @@ from fedrouter.federated.records import (
 )
 from fedrouter.federated.transport import exchange, reject, wait_for_nodes
 from fedrouter.methods import ClientClusters, Job, make_method, part_of
-from fedrouter.model import base_model_id
+from fedrouter.model import LoraSettings, base_model_id
 from fedrouter.run_metrics import RunMetrics
 from fedrouter.runlog import RunFolder
 
@@ -370,12 +370,7 @@ class FederatedRun:
         return RouterArtifact(
             base_model=base_model_id(cfg["model.name"]),
             model_name=cfg["model.name"],
-            lora={
-                "r": cfg["lora.r"],
-                "lora_alpha": cfg["lora.alpha"],
-                "lora_dropout": cfg["lora.dropout"],
-                "target_modules": cfg.list("lora.target_modules"),
-            },
+            lora=LoraSettings.of(cfg),
             global_centroids=state.centers,
             local_centroids={c.client_id: c.centroids for c in state.clients},
             cluster_map={c.client_id: c.assignment.tolist() for c in state.clients},

@@ -36,7 +36,7 @@ from transformers import (
 )
 
 from fedrouter.errors import ModelError
-from fedrouter.model import base_model_id
+from fedrouter.model import LoraSettings, base_model_id
 
 if TYPE_CHECKING:
     from fedrouter.config import Config
@@ -225,22 +225,11 @@ class BaseModel:
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
 
-def lora_config(r: int, alpha: float, dropout: float, target_modules: list[str], base_name: str) -> LoraConfig:
-    return LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=target_modules,
-        task_type="CAUSAL_LM",
-        base_model_name_or_path=base_name,
-    )
-
-
 def load_base_model(
     name: str,
     *,
     precision: str = "auto",
-    lora: LoraConfig | None = None,
+    lora: LoraSettings | None = None,
     device: str | None = None,
     quantization: str = "none",
     gradient_checkpointing: bool = False,
@@ -277,7 +266,7 @@ def load_base_model(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     LOAD_COUNT += 1
     base = wrap_base_model(
-        name, model, tokenizer, dtype, lora or lora_config(8, 16, 0.05, ["q_proj", "v_proj"], name), target
+        name, model, tokenizer, dtype, (lora or LoraSettings()).peft_config(base_model_id(name)), target
     )
     log.info("loaded base model %s (%s) in %.1fs", name, dtype, time.perf_counter() - started)
     return base
@@ -337,24 +326,23 @@ _PROCESS_LOCK = threading.Lock()
 def shared_base_model(
     name: str,
     precision: str,
-    lora_key: tuple,
+    lora: LoraSettings,
     threads: int = 0,
     quantization: str = "none",
     gradient_checkpointing: bool = False,
 ) -> BaseModel:
     """The process-wide base model for these settings: loaded on first use, then reused by every client."""
-    key = (name, precision, lora_key, quantization, gradient_checkpointing)
+    key = (name, precision, lora, quantization, gradient_checkpointing)
     with _PROCESS_LOCK:
         if key not in _PROCESS_MODELS:
             if threads:
                 torch.set_num_threads(threads)
-            r, alpha, dropout, modules = lora_key
             # One base model per process: a new LoRA setting replaces the old model instead of adding one.
             _PROCESS_MODELS.clear()
             _PROCESS_MODELS[key] = load_base_model(
                 name,
                 precision=precision,
-                lora=lora_config(r, alpha, dropout, list(modules), base_model_id(name)),
+                lora=lora,
                 quantization=quantization,
                 gradient_checkpointing=gradient_checkpointing,
             )
@@ -363,7 +351,6 @@ def shared_base_model(
 
 def base_model(cfg: Config) -> BaseModel:
     """The process-wide base model of a run's settings (``model.*``, ``lora.*``, ``run.client_cpus``)."""
-    lora_key = (cfg["lora.r"], cfg["lora.alpha"], cfg["lora.dropout"], tuple(cfg.list("lora.target_modules")))
     # A client given part of the cores (run.client_cpus) uses that many threads, so parallel clients do not
     # oversubscribe them.
     threads = cfg["model.threads"]
@@ -372,7 +359,7 @@ def base_model(cfg: Config) -> BaseModel:
     return shared_base_model(
         cfg["model.name"],
         cfg["model.precision"],
-        lora_key,
+        LoraSettings.of(cfg),
         threads,
         cfg["model.quantization"],
         cfg["model.gradient_checkpointing"],
