@@ -7,8 +7,8 @@ settings of `fedrouter bench`), every client's training inputs are embedded twic
 - ``last``: the last hidden layer at the input's last token (last-token pooling, common for decoder-only
   embedders), computed here for comparison only.
 
-Then the product's own clustering runs on them (`local_clusters` per client, `global_clusters` on the server's
-side, the benchmark's silhouette threshold) with three global settings: k chosen by the Euclidean silhouette
+Then the product's own two-level clustering runs on them (`discovery.discover`, as the paper clusters: a silhouette
+search per client in the raw space, K-Means on the server, threshold 0.2, no refinement) with three global settings: k chosen by the Euclidean silhouette
 (the paper's, `cluster.global_metric = "euclidean"`), k chosen by the silhouette of the centroids' directions
 (`"cosine"`, FedRouter's default since this measurement), and k fixed at the number of tasks (the authors' code
 has only a fixed k). Also reported: 1-nearest-neighbour task accuracy (how well the embedding alone separates
@@ -30,13 +30,12 @@ import numpy as np
 import torch
 from sklearn.metrics import adjusted_rand_score, silhouette_score
 
-from fedrouter import bench
-from fedrouter.algorithm.clustering import global_clusters, local_clusters
+from fedrouter import bench, discovery
 from fedrouter.algorithm.metrics import clustering_accuracy, contingency
 from fedrouter.config import Config
 from fedrouter.data import all_clients
 from fedrouter.model import compute
-from fedrouter.model.compute import _pad
+from fedrouter.model.compute import pad_rows
 from fedrouter.model.loading import base_model
 from fedrouter.model.prompts import embedding_ids
 
@@ -57,8 +56,8 @@ def last_token(base, texts: list[str], max_len: int, batch_size: int = 32) -> np
     with torch.no_grad(), base.model.disable_adapter(), base.autocast():
         for start in range(0, len(texts), batch_size):
             rows = encoded[start : start + batch_size]
-            ids = _pad(rows, base.tokenizer.pad_token_id).to(base.device)
-            mask = _pad([[1] * len(r) for r in rows], 0).to(base.device)
+            ids = pad_rows(rows, base.tokenizer.pad_token_id).to(base.device)
+            mask = pad_rows([[1] * len(r) for r in rows], 0).to(base.device)
             hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state.float()
             out[start : start + len(rows)] = hidden[torch.arange(len(rows)), mask.sum(1) - 1].cpu().numpy()
     return out
@@ -71,38 +70,36 @@ def nearest_neighbour_accuracy(x: np.ndarray, tasks: np.ndarray) -> float:
     return float((tasks[similarity.argmax(1)] == tasks).mean())
 
 
+# The clustering this analysis measured (the paper's, before issue 19): a silhouette search in the raw embedding
+# space on each client, one silhouette threshold for clients and server, K-Means on the server, no refinement.
+MEASURED = {
+    "cluster.local_space": "raw",
+    "cluster.local_threshold": 0.2,
+    "cluster.silhouette_threshold": 0.2,
+    "cluster.global_method": "silhouette",
+    "cluster.refine_rounds": 0,
+}
+
+
 def pipeline(x: np.ndarray, tasks: np.ndarray, clients: np.ndarray, cfg: Config, global_k: str, metric: str) -> dict:
-    """FedRouter's clustering on precomputed embeddings: local per client, then global over the centroids."""
+    """FedRouter's two-level clustering on precomputed embeddings, through the product's own `discovery.discover`
+    (the functions a federated run's clients and server call) with the settings above."""
     names = sorted(set(tasks))
-    centroids, counts, labels, offset, matched = [], [], np.zeros(len(x), dtype=int), 0, 0.0
-    local_k = []
-    for client in sorted(set(clients)):
-        rows = np.where(clients == client)[0]
-        fitted = local_clusters(
-            x[rows],
-            k=cfg.cluster_k("cluster.local_k"),
-            k_max=cfg["cluster.local_k_max"],
-            threshold=cfg["cluster.silhouette_threshold"],
-            seed=cfg["run.seed"],
-        )
-        labels[rows] = fitted.labels_ + offset
-        offset += fitted.n_clusters_
-        centroids.append(fitted.centers_)
-        counts.append(np.bincount(fitted.labels_, minlength=fitted.n_clusters_))
-        local_k.append(fitted.n_clusters_)
-        matched += clustering_accuracy(contingency(fitted.labels_, tasks[rows], fitted.n_clusters_, names)) * len(rows)
-    fitted = global_clusters(
-        np.concatenate(centroids),
-        np.concatenate(counts).astype(float),
-        k=global_k,
-        k_max=cfg["cluster.global_k_max"],
-        threshold=cfg["cluster.silhouette_threshold"],
-        seed=cfg["run.seed"],
-        metric=metric,
-    )
-    merged = contingency(fitted.labels_[labels], tasks, fitted.n_clusters_, names)
+    owners = [np.where(clients == client)[0] for client in sorted(set(clients))]
+    settings = dict(cfg) | MEASURED | {"cluster.global_k": global_k, "cluster.global_metric": metric}
+    found = discovery.discover(Config(settings, where="analysis"), [x[rows] for rows in owners])
+    local_k, matched = [], 0.0
+    sample_clusters = np.zeros(len(x), dtype=int)
+    for i, rows in enumerate(owners):
+        labels = found.local_labels[i]
+        k = int(labels.max()) + 1
+        local_k.append(k)
+        matched += clustering_accuracy(contingency(labels, tasks[rows], k, names)) * len(rows)
+        sample_clusters[rows] = found.sample_clusters(i)
+    fitted = found.global_fit
+    merged = contingency(sample_clusters, tasks, fitted.n_clusters_, names)
     return {
-        "sample_clusters": fitted.labels_[labels],  # dropped before writing: compared across settings
+        "sample_clusters": sample_clusters,  # dropped before writing: compared across settings
         "cluster_acc_local": round(matched / len(x), 4),
         "cluster_acc_global": round(clustering_accuracy(merged), 4),
         "local_k": local_k,

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from fedrouter.model import LoraSettings
-from fedrouter.model.compute import _pad, embed_prompts
+from fedrouter.model.compute import embed_prompts, pad_rows
 from fedrouter.model.loading import cache_root, shared_base_model
 from fedrouter.model.prompts import embedding_ids
 
@@ -93,8 +93,8 @@ def embed_all(base, batch: list[str]) -> dict[str, np.ndarray]:
     with base.model.disable_adapter(), base.autocast():
         for start in range(0, len(order), 32):
             index = order[start : start + 32]
-            ids = _pad([encoded[i] for i in index], tokenizer.pad_token_id).to(base.device)
-            mask = _pad([[1] * len(encoded[i]) for i in index], 0).to(base.device)
+            ids = pad_rows([encoded[i] for i in index], tokenizer.pad_token_id).to(base.device)
+            mask = pad_rows([[1] * len(encoded[i]) for i in index], 0).to(base.device)
             hidden = backbone(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
             weights = mask.unsqueeze(-1).float()
             last = mask.sum(1) - 1

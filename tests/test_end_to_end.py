@@ -73,11 +73,11 @@ def test_saved_adapters_load_with_plain_peft(finished_run):
     import torch
     from peft import PeftModel
 
-    from fedrouter.model.loading import _tiny_random
+    from fedrouter.model.loading import tiny_random
 
     _, run_dir, _ = finished_run
     artifact = RouterArtifact.load(run_dir)
-    model, _ = _tiny_random(torch.float32)
+    model, _ = tiny_random(torch.float32)
     peft_model = PeftModel.from_pretrained(model, str(artifact.adapter_path(run_dir, 1)))
     state = {k: v for k, v in peft_model.state_dict().items() if "lora_B" in k}
     key = next(iter(state))

@@ -201,7 +201,7 @@ def test_bf16_compute_trains_fp32_adapter_weights():
 def test_embeddings_of_an_inner_layer_stop_there_and_divide_by_the_scale(tiny_base):
     texts = ["route me", "a longer text to route somewhere else"]
     backbone = tiny_base.model.get_base_model().base_model
-    ids = compute._pad([embedding_ids(tiny_base.tokenizer, t, 256) for t in texts[:1]], 0)
+    ids = compute.pad_rows([embedding_ids(tiny_base.tokenizer, t, 256) for t in texts[:1]], 0)
     with torch.inference_mode(), tiny_base.model.disable_adapter():
         hidden = backbone(input_ids=ids, output_hidden_states=True).hidden_states
     inner = compute.embed(tiny_base, texts[:1], layer=1)

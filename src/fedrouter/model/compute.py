@@ -17,7 +17,8 @@ from fedrouter.model.loading import BaseModel
 from fedrouter.model.prompts import chat_head, chat_tail, embedding_ids, prompt_ids, training_ids
 
 
-def _pad(rows: Sequence[list[int]], value: int, left: bool = False) -> torch.Tensor:
+def pad_rows(rows: Sequence[list[int]], value: int, left: bool = False) -> torch.Tensor:
+    """Token rows as one tensor, each padded with ``value`` to the longest (on the left for generation)."""
     width = max(len(r) for r in rows)
     return torch.tensor(
         [([value] * (width - len(r)) + r) if left else (r + [value] * (width - len(r))) for r in rows],
@@ -32,8 +33,8 @@ def _length_batches(
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
-        ids = _pad([encoded[i] for i in index], base.tokenizer.pad_token_id).to(base.device)
-        mask = _pad([[1] * len(encoded[i]) for i in index], 0).to(base.device)
+        ids = pad_rows([encoded[i] for i in index], base.tokenizer.pad_token_id).to(base.device)
+        mask = pad_rows([[1] * len(encoded[i]) for i in index], 0).to(base.device)
         yield index, ids, mask
 
 
@@ -267,9 +268,9 @@ def _answer_batch(
     base: BaseModel, rows: Sequence[tuple[list[int], list[int]]]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Training examples as one right-padded batch: token ids, attention mask, labels (-100 where not scored)."""
-    ids = _pad([r[0] for r in rows], base.tokenizer.pad_token_id).to(base.device)
-    mask = _pad([[1] * len(r[0]) for r in rows], 0).to(base.device)
-    return ids, mask, _pad([r[1] for r in rows], -100).to(base.device)
+    ids = pad_rows([r[0] for r in rows], base.tokenizer.pad_token_id).to(base.device)
+    mask = pad_rows([[1] * len(r[0]) for r in rows], 0).to(base.device)
+    return ids, mask, pad_rows([r[1] for r in rows], -100).to(base.device)
 
 
 @torch.inference_mode()
@@ -384,8 +385,8 @@ def generate(
     with base.autocast():
         for start in range(0, len(order), batch_size):
             index = order[start : start + batch_size]
-            ids = _pad([encoded[i] for i in index], tokenizer.pad_token_id, left=True).to(base.device)
-            mask = _pad([[1] * len(encoded[i]) for i in index], 0, left=True).to(base.device)
+            ids = pad_rows([encoded[i] for i in index], tokenizer.pad_token_id, left=True).to(base.device)
+            mask = pad_rows([[1] * len(encoded[i]) for i in index], 0, left=True).to(base.device)
             out = base.model.generate(
                 input_ids=ids,
                 attention_mask=mask,

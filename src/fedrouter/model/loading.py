@@ -111,7 +111,8 @@ def dequantized_folder(gguf: Path) -> Path:
     return target
 
 
-def _tiny_random(dtype: torch.dtype) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+def tiny_random(dtype: torch.dtype) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """The ``tiny-random`` test model: a two-layer Llama, randomly initialised, with the SmolLM2 tokenizer."""
     tokenizer = AutoTokenizer.from_pretrained(dequantized_folder(embedded_gguf()))
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -248,7 +249,7 @@ def load_base_model(
     if name == "tiny-random":
         if quantized is not None:
             raise ModelError("setting 'model.quantization': the tiny random test model is not quantized")
-        model, tokenizer = _tiny_random(dtype)
+        model, tokenizer = tiny_random(dtype)
     else:
         folder = resolve_folder(name)
         extra = {} if quantized is None else {"quantization_config": quantized, "device_map": {"": target}}
