@@ -38,7 +38,7 @@ import openai
 
 from fedrouter.bench import commit, machine
 from fedrouter.deploy import free_port
-from fedrouter.router import Router
+from fedrouter.serving.router import Router
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "serving.json"

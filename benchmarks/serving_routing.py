@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 from fedrouter.bench import commit, machine
-from fedrouter.router import Route, Router, routing_text
+from fedrouter.serving.router import Route, Router, routing_text
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "serving-routing.json"

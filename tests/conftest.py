@@ -66,8 +66,8 @@ def write_tiny_router(run_dir: Path, base) -> Path:
     import numpy as np
 
     from fedrouter import discovery
-    from fedrouter.artifact import RouterArtifact
     from fedrouter.model import LoraSettings, lora
+    from fedrouter.serving.artifact import RouterArtifact
 
     space = discovery.embedding_space(base, discovery.EmbeddingSettings())
     centroids = space.embed(base, list(ANCHORS))

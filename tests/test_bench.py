@@ -10,7 +10,7 @@ import torch
 from conftest import ROOT, SHARED_DATA
 
 from fedrouter import bench
-from fedrouter.bench_report import gain, write_report
+from fedrouter.bench.report import gain, write_report
 from fedrouter.errors import ConfigError
 
 REQUIRED = [
@@ -248,7 +248,7 @@ def test_retired_profile_and_results_of_another_commit_are_refused(tmp_path):
 
 
 def test_cost_table_leaves_noted_runs_out_of_the_time_column():
-    from fedrouter.bench_report import cost_table
+    from fedrouter.bench.report import cost_table
 
     def record(seed, wall):
         return {"method": "fedit", "scenario": "single", "seed": seed, "wall_s": wall,
@@ -262,7 +262,7 @@ def test_cost_table_leaves_noted_runs_out_of_the_time_column():
 
 
 def test_cost_table_keeps_wall_times_of_different_machines_apart():
-    from fedrouter.bench_report import cost_table
+    from fedrouter.bench.report import cost_table
 
     def record(seed, wall, machine):
         return {"method": "fedit", "scenario": "single", "seed": seed, "wall_s": wall, "machine": machine,
@@ -274,7 +274,7 @@ def test_cost_table_keeps_wall_times_of_different_machines_apart():
 
 
 def test_cost_table_keeps_the_many_task_run_apart_from_paper4():
-    from fedrouter.bench_report import cost_table
+    from fedrouter.bench.report import cost_table
 
     def record(scenario, wall, up):
         return {"method": "fedit", "scenario": scenario, "seed": 0, "wall_s": wall, "machine": "cpu A",
@@ -289,7 +289,7 @@ def test_cost_table_keeps_the_many_task_run_apart_from_paper4():
 
 
 def test_gain_compares_only_the_seeds_every_method_has():
-    from fedrouter.bench_report import table1
+    from fedrouter.bench.report import table1
 
     def record(method, seed, rouge1, routing=None):
         return {"method": method, "scenario": "dual", "eval_mode": "personalized", "seed": seed,

@@ -13,11 +13,11 @@ import psutil
 import pytest
 from conftest import tiny_settings
 
-from fedrouter.artifact import RouterArtifact
 from fedrouter.config import Config
 from fedrouter.data import all_clients
 from fedrouter.deploy import LocalDeployment, make_node_keys, wait_for_run
 from fedrouter.federated.checkpoint import load_checkpoint
+from fedrouter.serving.artifact import RouterArtifact
 from fedrouter.simulation import finished_metrics
 
 pytestmark = pytest.mark.slow

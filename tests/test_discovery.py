@@ -8,10 +8,10 @@ import torch
 
 from fedrouter import discovery
 from fedrouter.algorithm.clustering import SilhouetteKMeans, ThresholdAgglomerative
-from fedrouter.artifact import ArtifactError, RouterArtifact
 from fedrouter.config import Config
 from fedrouter.model import LoraSettings, compute
 from fedrouter.model.prompts import chat_head, chat_tail, prompt_ids
+from fedrouter.serving.artifact import ArtifactError, RouterArtifact
 
 
 def test_the_embedding_space_is_computed_once_per_model_and_setting(tiny_base):

@@ -9,8 +9,8 @@ import pytest
 from conftest import tiny_settings
 
 from fedrouter import Router
-from fedrouter.artifact import RouterArtifact
 from fedrouter.config import Config
+from fedrouter.serving.artifact import RouterArtifact
 from fedrouter.simulation import run_experiment
 
 

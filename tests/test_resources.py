@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import tiny_settings
 
-from fedrouter.artifact import RouterArtifact
 from fedrouter.config import Config
 from fedrouter.errors import ConfigError, ModelError
 from fedrouter.model import LoraSettings
 from fedrouter.model.loading import load_base_model, quantization_config
+from fedrouter.serving.artifact import RouterArtifact
 from fedrouter.simulation import backend_config, run_experiment
 
 

@@ -5,11 +5,11 @@ import pytest
 from conftest import ANCHORS, write_tiny_router
 
 from fedrouter import Router
-from fedrouter.artifact import RouterArtifact
 from fedrouter.model import compute, decoding, lora
 from fedrouter.model.loading import load_base_model
 from fedrouter.model.prompts import prompt_ids
-from fedrouter.router import PromptTooLong, Route, routing_text
+from fedrouter.serving.artifact import RouterArtifact
+from fedrouter.serving.router import PromptTooLong, Route, routing_text
 
 
 @pytest.fixture(scope="module")

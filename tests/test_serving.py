@@ -228,8 +228,8 @@ def test_serve_refuses_bad_arguments_before_loading_anything(tmp_path, run_dir):
 
 def test_requests_join_the_batch_in_order_while_its_padded_size_fits():
     from fedrouter.model.decoding import Sampling
-    from fedrouter.router import Route
     from fedrouter.serving.engine import Engine, Request
+    from fedrouter.serving.router import Route
 
     engine = Engine(None, max_batch=3, max_batch_tokens=1000)  # admission needs no model
     lengths = [90, 90, 700, 90, 90, 90, 90]  # + 10 answer tokens each

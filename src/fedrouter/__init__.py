@@ -10,7 +10,7 @@ __all__ = ["Router", "__version__"]
 def __getattr__(name: str):
     # Lazy: ``import fedrouter`` stays light (no torch) until the router is used.
     if name == "Router":
-        from fedrouter.router import Router
+        from fedrouter.serving.router import Router
 
         return Router
     raise AttributeError(name)

@@ -230,7 +230,7 @@ def _deploy_local(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from fedrouter.router import Router
+    from fedrouter.serving.router import Router
 
     prompts = list(args.prompt)
     if args.prompts_file:
@@ -267,8 +267,8 @@ def _generate(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from fedrouter.router import Router
     from fedrouter.serving.api import create_app
+    from fedrouter.serving.router import Router
 
     if min(args.max_batch, args.max_queue, args.max_batch_tokens) < 1:
         raise ConfigError(
@@ -308,7 +308,7 @@ def _show_config(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from fedrouter import bench
-    from fedrouter.bench_report import write_report
+    from fedrouter.bench.report import write_report
 
     profile = "quick" if args.quick else args.profile
     from fedrouter.methods import methods as registered

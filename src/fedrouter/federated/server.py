@@ -21,7 +21,6 @@ from fedrouter.algorithm.aggregation import aggregate_clusters
 from fedrouter.algorithm.evaluation import summarize_evaluation
 from fedrouter.algorithm.scheduling import learning_rate
 from fedrouter.arrays import Arrays
-from fedrouter.artifact import RouterArtifact
 from fedrouter.config import Config
 from fedrouter.errors import ReplyError, RunError
 from fedrouter.federated import membership, records, wire
@@ -40,6 +39,7 @@ from fedrouter.methods import ClientClusters, Job, make_method, part_of
 from fedrouter.model import LoraSettings, base_model_id
 from fedrouter.run_metrics import RunMetrics
 from fedrouter.runlog import RunFolder
+from fedrouter.serving.artifact import RouterArtifact
 
 __all__ = ["FederatedRun", "RunError", "run_fedrouter"]
 

@@ -1,4 +1,6 @@
-"""``fedrouter serve``: an OpenAI-compatible server that routes every request to a trained run's adapters.
+"""Serving a trained run: its router artifact, the router, and ``fedrouter serve``.
 
-``engine`` batches requests on the one loaded model, ``api`` is the HTTP layer and the playground page.
+``artifact`` is what a run saves (adapters, centroids, settings) and loads back validated; ``router`` loads it onto
+the base model and answers prompts, each with the adapter it routes to; ``engine`` batches requests on the one
+loaded model, ``api`` is the OpenAI-compatible HTTP layer and the playground page, ``gateway`` the vLLM gateway.
 """

@@ -30,10 +30,10 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fedrouter.model.decoding import Completion, Sampling
-from fedrouter.router import Choice, Prompt, PromptTooLong, Route, Router
 from fedrouter.serving.engine import Engine, QueueFull
 from fedrouter.serving.engine import Request as EngineRequest
 from fedrouter.serving.gateway import VllmGateway
+from fedrouter.serving.router import Choice, Prompt, PromptTooLong, Route, Router
 
 MAX_BODY = 1 << 20
 DEFAULT_MAX_TOKENS = 128

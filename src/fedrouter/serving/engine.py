@@ -22,7 +22,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from fedrouter.model import decoding
-from fedrouter.router import Choice, Prompt, Route, Router
+from fedrouter.serving.router import Choice, Prompt, Route, Router
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 import httpx
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from fedrouter.router import Choice, Prompt, Route, Router
+from fedrouter.serving.router import Choice, Prompt, Route, Router
 
 
 class VllmGateway:

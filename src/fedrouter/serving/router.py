@@ -26,10 +26,10 @@ import numpy as np
 from fedrouter import discovery
 from fedrouter.algorithm.clustering import squared_distances
 from fedrouter.algorithm.routing import route
-from fedrouter.artifact import ArtifactError, RouterArtifact
 from fedrouter.model import decoding
 from fedrouter.model.loading import BaseModel, load_base_model
 from fedrouter.model.prompts import chat_head, chat_ids
+from fedrouter.serving.artifact import ArtifactError, RouterArtifact
 
 Message = Mapping[str, str]
 Prompt = Union[str, Sequence[Message]]  # noqa: UP007 (a runtime alias: `|` on a string and a generic fails)
