@@ -166,6 +166,32 @@ def test_report_of_a_benchmark_where_fedrouter_has_not_run_a_scenario_yet(result
     assert f"| FedSA | {cells} | {fedsa['rouge1']:.1f} |" in by_task
 
 
+def _table_widths(markdown: str) -> list[set[int]]:
+    """The cell counts of each Markdown table's lines (one set per table: one number when well formed)."""
+    tables, current = [], []
+    for line in [*markdown.splitlines(), ""]:
+        if line.startswith("|"):
+            current.append(line.strip().strip("|").count("|") + 1)
+        elif current:
+            tables.append(set(current))
+            current = []
+    return tables
+
+
+def test_report_of_the_many_task_run_alone_is_well_formed(results):
+    tmp, path, _lines = results
+    records = [
+        dict(r, scenario="flan16-dual", eval_mode="personalized")
+        for r in bench.read_records(path)
+        if r["method"] == "fedsa"
+    ]
+    write_report(records, tmp / "flan16-only", "paper4-raw-cpu-quick", "fedrouter bench --quick")
+    text = (tmp / "flan16-only" / "paper4-raw-cpu-quick.md").read_text()
+    assert "No single-scenario (generalization) results yet." in text and "| method | flan16-dual |" in text
+    widths = _table_widths(text)
+    assert widths and all(len(w) == 1 for w in widths), widths
+
+
 def test_cli_report_only_and_a_truncated_results_line(results, tmp_path):
     _tmp, path, _lines = results
     out = tmp_path / "out"

@@ -184,6 +184,8 @@ def table1_by_task(records: list[dict]) -> str:
 
 
 def table3(records: list[dict]) -> str:
+    if not any(r["scenario"] == "single" and r["eval_mode"] == "generalization" for r in records):
+        return "No single-scenario (generalization) results yet."
     tasks, lines = _per_task(records, "single", "generalization")
     for among, label in _gains(records):
         lines.append(
