@@ -341,6 +341,7 @@ def test_gain_compares_only_the_seeds_every_method_has():
     [
         ("", ["--profile", "paper4-cpu"]),  # v1, retired
         ("paper4-raw-cpu-9d1a341", []),  # v2 runs of an earlier commit
+        ("", []),  # v2, from its frozen commit, as far as it has run
     ],
 )
 def test_committed_tables_remake_unchanged(tmp_path, folder, args):
