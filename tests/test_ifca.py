@@ -61,6 +61,20 @@ def test_equal_losses_are_broken_by_the_seed(tiny_base):
     assert lowest(np.array([2.0, 1.0, 2.0]), 3) == 1
 
 
+def test_identical_adapters_are_drawn_among_without_computing_losses(tiny_base, tmp_path):
+    cfg, _, examples, adapters = _client_and_adapters(tiny_base, tmp_path)
+    method = make_method(cfg)
+    client = ClientClusters(0, 0, np.zeros((1, 0)), np.array([len(examples)]), [], np.zeros((1, 0)), {})
+    jobs = method.jobs(1, client)
+    start = {job.name: dict(adapters["0"]) for job in jobs}  # the first round: all from the common adapter
+    # No model is passed: a loss computation would fail. The pick is the seeded draw among three ties.
+    picks = [method.select_jobs(None, jobs, start, examples, seed)[0].name for seed in range(30)]
+    assert picks == [str(lowest(np.zeros(3), seed)) for seed in range(30)] and set(picks) == {"0", "1", "2"}
+    # Once one adapter differs, the losses decide again.
+    start["2"] = adapters["1"]
+    assert method.select_jobs(tiny_base, jobs, start, examples, 0) == [jobs[2]]
+
+
 @pytest.fixture(scope="module")
 def ifca_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ifca")

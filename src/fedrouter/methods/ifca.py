@@ -14,7 +14,8 @@ Where ours differs from the paper, and why:
 - All k adapters start from the common initial adapter: LoRA's B starts at zero, so they all answer like the
   base model and no loss tells them apart in the first round. Each client then picks one at random (a
   generator seeded by run seed, round and client id): IFCA's random initial partition, drawn by the clients
-  instead of by random model initialisations. From the second round the lowest loss decides.
+  instead of by random model initialisations, without computing the k equal losses. From the second round the
+  lowest loss decides.
 - Training is ``train.local_steps`` optimizer steps, like every other method here (the paper: local epochs).
 - ``ifca.k`` is a setting (the paper tunes k; there is no search for it).
 """
@@ -66,8 +67,12 @@ class IFCA(Method):
         return len(trained) == 1
 
     def select_jobs(self, base, jobs: list[Job], start: dict[str, Arrays], examples: list, seed: int) -> list[Job]:
-        losses = adapter_losses(base, [start[job.name] for job in jobs], examples, self.cfg)
-        return [jobs[lowest(losses, seed)]]
+        adapters = [start[job.name] for job in jobs]
+        if all(identical(adapters[0], other) for other in adapters[1:]):
+            # The first round: identical adapters give identical losses, so computing them is wasted work.
+            # The draw is the one ``lowest`` makes among k tied losses.
+            return [jobs[lowest(np.zeros(len(jobs)), seed)]]
+        return [jobs[lowest(adapter_losses(base, adapters, examples, self.cfg), seed)]]
 
     def serve(self, serving: Serving, samples, modes: list[str]) -> dict[str, list[tuple]]:
         names = sorted(serving.shared, key=int)
@@ -85,6 +90,10 @@ def adapter_losses(base, adapters: list[Arrays], examples: list, cfg) -> np.ndar
         lora.set_adapter(base, adapter)
         losses.append(compute.mean_loss(base, examples, batch_size=cfg["eval.batch_size"]))
     return np.array(losses)
+
+
+def identical(a: Arrays, b: Arrays) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[name], b[name]) for name in a)
 
 
 def lowest(losses: np.ndarray, seed: int) -> int:
