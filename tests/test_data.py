@@ -7,8 +7,9 @@ from conftest import SHARED_DATA
 
 from fedrouter.config import Config
 from fedrouter.data import all_clients, load_source, synthetic
+from fedrouter.data.formats import load_file
 from fedrouter.data.partition import split_clients
-from fedrouter.data.samples import DataError, load_csv, load_file, load_jsonl
+from fedrouter.data.samples import DataError
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -22,17 +23,18 @@ GOOD = {"id": "a", "task": "t", "instruction": "Say hi", "response": "hi"}
 def test_malformed_jsonl_line_names_file_and_line(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [GOOD, '{"instruction": "x", "response": '])
     with pytest.raises(DataError, match=r"d.jsonl:2: invalid JSON"):
-        load_jsonl(path)
+        load_file(path)
 
 
 @pytest.mark.parametrize(
     ("row", "pattern"),
     [
-        ({"id": "b", "instruction": "x"}, r":2: missing field 'response'"),
-        ({"id": "b", "instruction": " ", "response": "y"}, r":2: field 'instruction' is empty"),
-        ({"id": "b", "instruction": 3, "response": "y"}, r":2: field 'instruction' must be a string"),
-        ({"id": "b", "instruction": "x", "response": "y", "task": "a b"}, r":2: field 'task' must be"),
-        ({"id": "b", "instruction": "x", "response": "y", "references": [1]}, r":2: field 'references'"),
+        ({"id": "b", "instruction": "x"}, r" row 2: missing field 'response'"),
+        ({"id": "b", "instruction": " ", "response": "y"}, r" row 2: field 'instruction' is empty"),
+        ({"id": "b", "instruction": 3, "response": "y"}, r" row 2: field 'instruction' must be a string"),
+        ({"id": "b", "instruction": "x", "response": "y", "task": "a b"}, r" row 2: field 'task' \(the task\) must be"),
+        ({"id": "b", "instruction": "x", "response": "y", "references": [1]}, r" row 2: field 'references'"),
+        ({"id": "b", "instruction": "x", "response": "y", "references": [" "]}, r" row 2: field 'references'"),
         (["not", "an", "object"], r":2: expected a JSON object"),
         ({"id": "a", "instruction": "x", "response": "y"}, r"duplicate id 'a'"),
     ],
@@ -40,18 +42,18 @@ def test_malformed_jsonl_line_names_file_and_line(tmp_path):
 def test_bad_records_name_line_and_field(tmp_path, row, pattern):
     path = write_jsonl(tmp_path / "d.jsonl", [GOOD, row])
     with pytest.raises(DataError, match=pattern):
-        load_jsonl(path)
+        load_file(path)
 
 
 def test_empty_and_non_utf8_files(tmp_path):
     empty = tmp_path / "e.jsonl"
     empty.write_text("\n\n")
     with pytest.raises(DataError, match="e.jsonl: no samples"):
-        load_jsonl(empty)
+        load_file(empty)
     latin = tmp_path / "l.jsonl"
     latin.write_bytes(b'{"instruction": "caf\xe9", "response": "x"}\n')
     with pytest.raises(DataError, match="l.jsonl: not UTF-8"):
-        load_jsonl(latin)
+        load_file(latin)
     with pytest.raises(DataError, match="unsupported data file type"):
         load_file(tmp_path / "x.txt")
 
@@ -59,16 +61,16 @@ def test_empty_and_non_utf8_files(tmp_path):
 def test_csv_loading_and_errors(tmp_path):
     good = tmp_path / "d.csv"
     good.write_text('id,task,instruction,response,references\n1,t,"Hello, there",hi,"[""hi"", ""hey""]"\n')
-    (sample,) = load_csv(good)
+    (sample,) = load_file(good)
     assert sample.instruction == "Hello, there" and sample.golds == ("hi", "hey")
     bad = tmp_path / "b.csv"
     bad.write_text("instruction,response\nx,y\nonly-one-column\n")
-    with pytest.raises(DataError, match=r"b.csv:3: expected 2 columns"):
-        load_csv(bad)
+    with pytest.raises(DataError, match=r"b.csv row 2: missing field 'response'"):
+        load_file(bad)
     header = tmp_path / "h.csv"
-    header.write_text("prompt,answer\nx,y\n")
-    with pytest.raises(DataError, match=r"h.csv:1: header lacks column"):
-        load_csv(header)
+    header.write_text("question,answer\nx,y\n")
+    with pytest.raises(DataError, match=r"h.csv: format 'plain' needs a prompt column"):
+        load_file(header)
 
 
 def test_synthetic_is_deterministic_with_disjoint_splits():

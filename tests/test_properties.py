@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fedrouter.config import SETTINGS, Config, load_config
-from fedrouter.data.samples import load_csv, load_jsonl
+from fedrouter.data.formats import load_file
 from fedrouter.errors import ConfigError, DataError
 
 FIELDS = ("id", "task", "instruction", "response", "references")
@@ -36,7 +36,7 @@ def test_jsonl_lines_load_whole_or_fail_with_a_data_error(tmp_path, rows):
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join(rows), encoding="utf-8")
     try:
-        samples = load_jsonl(path)
+        samples = load_file(path)
     except DataError as err:
         assert str(path) in str(err)
         return
@@ -46,7 +46,7 @@ def test_jsonl_lines_load_whole_or_fail_with_a_data_error(tmp_path, rows):
 @checks
 @given(st.binary(max_size=80))
 def test_any_bytes_as_jsonl_or_csv_fail_cleanly(tmp_path, raw):
-    for name, load in (("data.jsonl", load_jsonl), ("data.csv", load_csv)):
+    for name, load in (("data.jsonl", load_file), ("data.csv", load_file)):
         path = tmp_path / name
         path.write_bytes(raw)
         try:
@@ -71,7 +71,7 @@ def test_csv_rows_load_whole_or_fail_with_a_data_error(tmp_path, header, rows):
     path = tmp_path / "data.csv"
     path.write_text(buffer.getvalue(), encoding="utf-8")
     try:
-        samples = load_csv(path)
+        samples = load_file(path)
     except DataError as err:
         assert str(path) in str(err)
         return

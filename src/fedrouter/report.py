@@ -69,6 +69,11 @@ class ProgressFollower:
             self.progress.advance(self.task)
         elif kind == "waiting":
             self.progress.update(self.task, description=f"waiting for clients ({event['connected']}/{event['wanted']})")
+        elif kind == "clustered" and event.get("task_labels", True) is False:
+            self.console.print(
+                f"clustering: local k per client {event['local_k']}, {event['global_k']} global clusters "
+                "(no task labels: no clustering accuracy)"
+            )
         elif kind == "clustered" and event["global_k"] == 1 and event["cluster_acc_global"] is None:
             self.console.print("no clustering (the method trains per client or one shared adapter)")
         elif kind == "clustered":
@@ -109,6 +114,7 @@ def summary_tables(metrics: dict) -> list[Table]:
     """ROUGE-1 per client and task for every (test set, routing mode), then a one-line overview."""
     tables: list[Table] = []
     evaluation = metrics.get("evaluation", {}).get("by_set", {})
+    unlabelled = metrics.get("clustering", {}).get("task_labels", True) is False
     for name, result in evaluation.items():
         tasks = list(result["per_task"])
         table = Table(title=f"ROUGE-1 — {name}", show_lines=False)
@@ -127,17 +133,20 @@ def summary_tables(metrics: dict) -> list[Table]:
         overview.add_row(
             name,
             *(f"{result[k]:.1f}" for k in ("rouge1", "rouge2", "rougeL", "exact_match")),
-            _fraction(result["routing_acc"]),
+            "no task labels" if unlabelled else _fraction(result["routing_acc"]),
         )
     tables.append(overview)
     clustering = metrics.get("clustering", {})
     facts = Table(show_header=False, title="Clustering, time, traffic")
     facts.add_row("local clusters per client", str(clustering.get("local_k")))
     facts.add_row("global clusters", str(clustering.get("global_k")))
-    facts.add_row(
-        "clustering accuracy (local / global)",
-        f"{_fraction(clustering.get('cluster_acc_local'))} / {_fraction(clustering.get('cluster_acc_global'))}",
-    )
+    if clustering.get("task_labels", True) is False:
+        facts.add_row("clustering accuracy (local / global)", "no task labels")
+    else:
+        facts.add_row(
+            "clustering accuracy (local / global)",
+            f"{_fraction(clustering.get('cluster_acc_local'))} / {_fraction(clustering.get('cluster_acc_global'))}",
+        )
     phases = metrics.get("phases", {})
     facts.add_row(
         "time",

@@ -31,6 +31,7 @@ class RoundRecord(TypedDict):
 class Clustering(TypedDict):
     local_k: dict[str, int]  # client -> local clusters
     global_k: int
+    task_labels: NotRequired[bool]  # False: the data names no tasks, so nothing is scored against them
     cluster_acc_local: float | None  # None: the method does not cluster, or no labels were reported
     cluster_acc_global: float | None
     global_cluster_tasks: dict[str, dict[str, int]]  # global cluster -> task -> training samples

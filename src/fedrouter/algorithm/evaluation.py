@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fedrouter.algorithm.metrics import ROUGE_KEYS, routing_accuracy
+from fedrouter.algorithm.metrics import NO_TASK, ROUGE_KEYS, routing_accuracy
 
 SCORES = (*ROUGE_KEYS, "exact_match")
 
@@ -68,7 +68,8 @@ def summarize_evaluation(per_client: dict[int, dict[str, float]], train_table: n
                 per_task[task].append(scores)
         summary = {key: float(np.mean([c[key] for c in cells])) for key in SCORES}
         routing_acc = routing_accuracy(routed[(set_name, mode)], train_table)
-        summary["routing_acc"] = None if np.isnan(routing_acc) else routing_acc
+        unlabelled = set(per_task) <= {NO_TASK}  # no task labels: no right adapter to count
+        summary["routing_acc"] = None if np.isnan(routing_acc) or unlabelled else routing_acc
         summary["per_task"] = {
             task: {key: float(np.mean([c[key] for c in cs])) for key in SCORES} for task, cs in sorted(per_task.items())
         }

@@ -12,6 +12,7 @@ from rouge_score import rouge_scorer
 from scipy.optimize import linear_sum_assignment
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
+NO_TASK = "unknown"  # the task of every sample when the data has no task labels: nothing to score against
 
 
 @lru_cache(maxsize=1)

@@ -1,6 +1,7 @@
-"""Recipes that build task data from Hugging Face datasets, for users with internet access.
+"""Data from the Hugging Face hub, for users with internet access: a dataset id, or a recipe.
 
-``data.source = "hf:paper4"`` builds the paper's four tasks (QQP, WebNLG, SAMSum, GigaWord) with FLAN-style
+``data.source = "hf:OWNER/NAME"`` loads a hub dataset and reads its rows as a local file's (``data.format``,
+``data.columns.*``). ``data.source = "hf:paper4"`` builds the paper's four tasks (QQP, WebNLG, SAMSum, GigaWord) with FLAN-style
 instructions. Not exercised on the offline development machine (no hub access); the JSONL files in
 ``../shared/data/paper4`` were built the same way and are what the tests and benchmarks use.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from fedrouter.data.formats import Reading, Table, table_samples
 from fedrouter.data.samples import DataError, Sample
 
 
@@ -80,3 +82,21 @@ def load_recipe(name: str, per_task: int, seed: int) -> tuple[list[Sample], list
                 target.append(Sample(f"{recipe.task}-{split}{index}", prompt, answer, recipe.task, (answer,)))
                 kept += 1
     return train, test
+
+
+def load_hub(name: str, per_task: int, seed: int, reading: Reading) -> tuple[list[Sample], list[Sample]]:
+    """(train, test) samples of a recipe, or of a hub dataset with a train and a test (or validation) split."""
+    if name in RECIPES or "/" not in name:
+        return load_recipe(name, per_task, seed)
+    import datasets
+
+    try:
+        splits = datasets.load_dataset(name)
+    except Exception as err:  # no network, no such dataset, ...: the hub's own words
+        raise DataError(f"setting 'data.source': could not load hf:{name}: {err}") from None
+    test = "test" if "test" in splits else "validation" if "validation" in splits else None
+    if "train" not in splits or test is None:
+        raise DataError(f"setting 'data.source': hf:{name} has splits {list(splits)}; expected train and test")
+    train_samples, _ = table_samples(Table(f"hf:{name} (split train)", splits["train"], "train"), reading)
+    test_samples, _ = table_samples(Table(f"hf:{name} (split {test})", splits[test], test), reading)
+    return train_samples, test_samples

@@ -114,3 +114,22 @@ def split_clients(
                 chosen += [pool[(start + i) % len(pool)] for i in range(count)]
             client.tests[name] = chosen
     return clients
+
+
+def dirichlet_shares(tasks: list[str], num_clients: int, alpha: float, seed: int) -> list[list[int]]:
+    """Indices of each client's samples: per task, shares drawn from Dirichlet(alpha) (Flower Datasets'
+    ``DirichletPartitioner``; small alpha, few tasks per client). Every client gets at least one sample."""
+    import datasets
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    if num_clients > len(tasks):
+        raise DataError(f"setting 'data.num_clients' = {num_clients} exceeds the {len(tasks)} training samples")
+    rows = datasets.Dataset.from_dict({"task": tasks, "index": list(range(len(tasks)))})
+    partitioner = DirichletPartitioner(
+        num_partitions=num_clients, partition_by="task", alpha=alpha, min_partition_size=1, seed=seed
+    )
+    partitioner.dataset = rows
+    try:
+        return [sorted(partitioner.load_partition(i)["index"]) for i in range(num_clients)]
+    except ValueError as err:  # it gives up when a draw leaves a client below min_partition_size ten times
+        raise DataError(f"setting 'data.dirichlet_alpha' = {alpha}: {err}") from None

@@ -42,7 +42,7 @@ def answer_tests(
     for key in sorted(wanted):
         group = sorted(wanted[key])
         with method.activate(serving, key):
-            texts = compute.generate(base, [ordered[i].instruction for i in group], **generate_args)
+            texts = compute.generate(base, [ordered[i].prompt for i in group], **generate_args)
         for i, text in zip(group, texts, strict=True):
             answers[(key, i)] = text
             generated_tokens += len(base.tokenizer(text, add_special_tokens=False)["input_ids"])

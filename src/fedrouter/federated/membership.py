@@ -7,7 +7,7 @@ import numpy as np
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedrouter.algorithm.metrics import clustering_accuracy, matched_count
+from fedrouter.algorithm.metrics import NO_TASK, clustering_accuracy, matched_count
 from fedrouter.config import Config
 from fedrouter.errors import ReplyError
 from fedrouter.federated import records
@@ -222,11 +222,13 @@ def clustering_summary(state: ServerState, method: Method, global_scores: dict) 
     clients = state.clients
     tasks = tasks_of(clients)
     table = task_matrix(clients, tasks, len(state.centers))
-    scored = bool(tasks) and method.embeds
+    labelled = any(task != NO_TASK for task in tasks)
+    scored = labelled and method.embeds
     local_matched = sum(matched_count(c.task_counts) for c in clients)
     return {
         "local_k": {c.client_id: len(c.centroids) for c in clients},
         "global_k": len(state.centers),
+        "task_labels": labelled,
         "cluster_acc_local": local_matched / sum(c.num_samples for c in clients) if scored else None,
         "cluster_acc_global": clustering_accuracy(table) if scored else None,
         "global_cluster_tasks": {

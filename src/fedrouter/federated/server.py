@@ -167,6 +167,7 @@ class FederatedRun:
             "clustered",
             local_k=clustering["local_k"],
             global_k=clustering["global_k"],
+            task_labels=clustering["task_labels"],
             cluster_acc_local=clustering["cluster_acc_local"],
             cluster_acc_global=clustering["cluster_acc_global"],
             global_cluster_tasks=clustering["global_cluster_tasks"],

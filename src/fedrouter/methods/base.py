@@ -99,7 +99,7 @@ class Serving:
     shared: dict[str, Arrays]  # the server's adapters, validated
     personal: Arrays | None  # the client's own adapter ("local"), or a fresh one where it trained none
     local: Arrays  # the client's local clustering state: labels, and embeddings and centroids for methods that embed
-    train_inputs: list[str]
+    train_inputs: list  # each training sample's prompt (an instruction, or a chat as a list of turns)
     extra: dict = field(default_factory=dict)  # what ``Method.read_serving`` took from the server's message
     # The client's tokenized training examples, made on first call (a method that scores adapters on them)
     train_examples: Callable[[], list] = list

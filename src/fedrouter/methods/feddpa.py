@@ -90,7 +90,7 @@ def instance_weights(serving: Serving, samples) -> np.ndarray:
     lora.set_adapter(serving.base, serving.personal)  # the authors embed with the local adapter loaded
     states = compute.last_token_states(
         serving.base,
-        [s.instruction for s in samples] + [train_inputs[i] for i in needed],
+        [s.prompt for s in samples] + [train_inputs[i] for i in needed],
         batch_size=cfg["eval.batch_size"],
         max_len=cfg["model.max_seq_len"],
     )

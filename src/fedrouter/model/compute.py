@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from fedrouter.model.loading import BaseModel
-from fedrouter.model.prompts import chat_head, chat_tail, embedding_ids, prompt_ids, training_ids
+from fedrouter.model.prompts import Prompt, chat_head, chat_tail, embedding_ids, prompt_ids, training_ids
 
 
 def pad_rows(rows: Sequence[list[int]], value: int, left: bool = False) -> torch.Tensor:
@@ -225,14 +225,14 @@ def _pooled(base: BaseModel, encoded: list[list[int]], batch_size: int, layer: i
 
 @torch.inference_mode()
 def last_token_states(
-    base: BaseModel, instructions: Sequence[str], *, batch_size: int = 16, max_len: int = 256
+    base: BaseModel, prompts: Sequence[Prompt], *, batch_size: int = 16, max_len: int = 256
 ) -> np.ndarray:
     """The last layer's hidden state (after the final norm) at the last token of each formatted prompt (float32).
 
     Unlike ``embed``, the adapter in the slot is active: this is FedDPA's instance embedding, which its authors
     compute with the client's local adapter loaded.
     """
-    encoded = [prompt_ids(base.tokenizer, text, max_len) for text in instructions]
+    encoded = [prompt_ids(base.tokenizer, prompt, max_len) for prompt in prompts]
     out = np.zeros((len(encoded), base.hidden_size), dtype=np.float32)
     backbone = base.model.get_base_model().base_model
     with base.autocast():
@@ -244,10 +244,10 @@ def last_token_states(
 
 
 def encode_training(
-    base: BaseModel, pairs: Sequence[tuple[str, str]], max_len: int
+    base: BaseModel, pairs: Sequence[tuple[Prompt, str]], max_len: int
 ) -> list[tuple[list[int], list[int]]]:
-    """Tokenize (instruction, response) pairs once; reused across rounds."""
-    return [training_ids(base.tokenizer, instruction, response, max_len) for instruction, response in pairs]
+    """Tokenize (prompt, response) pairs once; reused across rounds."""
+    return [training_ids(base.tokenizer, prompt, response, max_len) for prompt, response in pairs]
 
 
 def answer_loss(base: BaseModel, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -371,7 +371,7 @@ def train_adapter(
 @torch.inference_mode()
 def generate(
     base: BaseModel,
-    instructions: Sequence[str],
+    prompts: Sequence[Prompt],
     *,
     max_new_tokens: int,
     batch_size: int = 16,
@@ -379,7 +379,7 @@ def generate(
 ) -> list[str]:
     """Greedy answers for a group of prompts with the adapter in the slot: batched, KV cache, stop at EOS."""
     tokenizer = base.tokenizer
-    encoded = [prompt_ids(tokenizer, text, max(max_len - max_new_tokens, 16)) for text in instructions]
+    encoded = [prompt_ids(tokenizer, prompt, max(max_len - max_new_tokens, 16)) for prompt in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     answers = [""] * len(encoded)
     with base.autocast():

@@ -1,4 +1,4 @@
-"""Turning instructions into token ids: the chat template where the tokenizer has one, bounded in length."""
+"""Turning prompts (instructions or chats) into token ids: the chat template where the tokenizer has one, bounded in length."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from transformers import PreTrainedTokenizerBase
 
 _FALLBACK_HEADINGS = {"system": "### System:", "user": "### Instruction:", "assistant": "### Response:"}
 ROLES = tuple(_FALLBACK_HEADINGS)
+Prompt = str | Sequence[Mapping[str, str]]  # an instruction (one user turn), or a chat ending with a user turn
 
 
 def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, str]]) -> str:
@@ -22,10 +23,6 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[s
         return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
     turns = [f"{_FALLBACK_HEADINGS[m['role']]}\n{m['content']}\n\n" for m in messages]
     return "".join(turns) + _FALLBACK_HEADINGS["assistant"] + "\n"
-
-
-def _render(tokenizer: PreTrainedTokenizerBase, instruction: str) -> str:
-    return render_chat(tokenizer, [{"role": "user", "content": instruction}])
 
 
 def chat_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, str]]) -> list[int]:
@@ -64,30 +61,99 @@ def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, instruction: str, budget: int) -> list[int]:
-    """Token ids of the formatted prompt, at most ``budget`` long.
+def _messages(prompt: Prompt) -> list[Mapping[str, str]]:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
-    A long instruction is cut in its middle (keeping its start and end, where the task is usually stated),
-    so the template's turn markers always survive.
+
+def _fit(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, budget: int) -> tuple[list[Mapping[str, str]], list[int]]:
+    """The turns of a prompt that fit ``budget`` tokens, and their token ids.
+
+    A chat loses its oldest turns first (never its system prompt, and always up to a user turn, so turns still
+    alternate); a last user turn that alone is too long is cut in its middle (keeping its start and end, where
+    the task is usually stated), so the template's turn markers always survive.
     """
-    ids = _ids(tokenizer, _render(tokenizer, instruction))
+    messages = _messages(prompt)
+    ids = chat_ids(tokenizer, messages)
+    system = 0
+    while system < len(messages) - 1 and messages[system]["role"] == "system":
+        system += 1
+    while len(ids) > budget and len(messages) - system > 1:
+        drop = system + 1
+        while drop < len(messages) - 1 and messages[drop]["role"] != "user":
+            drop += 1
+        messages = messages[:system] + messages[drop:]
+        ids = chat_ids(tokenizer, messages)
     if len(ids) <= budget:
-        return ids
+        return messages, ids
+    instruction = messages[-1]["content"]
     inner = _ids(tokenizer, instruction)
     overhead = len(ids) - len(inner)
     keep = max(budget - overhead - 1, 8)
     head = (keep * 3) // 4
     shortened = tokenizer.decode(inner[:head]) + " … " + tokenizer.decode(inner[len(inner) - (keep - head) :])
-    return _ids(tokenizer, _render(tokenizer, shortened))[-budget:]
+    messages = [*messages[:-1], {"role": "user", "content": shortened}]
+    return messages, chat_ids(tokenizer, messages)[-budget:]
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, budget: int) -> list[int]:
+    """Token ids of the formatted prompt (an instruction, or a chat ending with a user turn), at most ``budget``
+    long (see ``_fit`` for what gives way)."""
+    return _fit(tokenizer, prompt, budget)[1]
 
 
 def training_ids(
-    tokenizer: PreTrainedTokenizerBase, instruction: str, response: str, max_len: int
+    tokenizer: PreTrainedTokenizerBase, prompt: Prompt, response: str, max_len: int
 ) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) for one sample: the loss covers answer tokens (and the end token) only."""
+    """(input_ids, labels) for one sample: the loss covers answer tokens (and the end token) only.
+
+    In a chat, the earlier assistant turns that fit are answers too (``_chat_labels``).
+    """
     answer = [*_ids(tokenizer, response)[: max_len // 2], tokenizer.eos_token_id]
-    prompt = prompt_ids(tokenizer, instruction, max_len - len(answer))
-    return prompt + answer, [-100] * len(prompt) + answer
+    messages, prompt = _fit(tokenizer, prompt, max_len - len(answer))
+    labels = [-100] * len(prompt)
+    if any(m["role"] == "assistant" for m in messages):
+        prompt, labels = _chat_labels(tokenizer, messages, prompt)
+    return prompt + answer, labels + answer
+
+
+def _chat_labels(
+    tokenizer: PreTrainedTokenizerBase, messages: list[Mapping[str, str]], joint: list[int]
+) -> tuple[list[int], list[int]]:
+    """A chat's prompt ids with its earlier assistant turns (and the end token after each) as labels.
+
+    The rendered chat is cut where each assistant turn's text starts and ends, and the pieces tokenized apart:
+    the template's markers sit at the cuts, so the ids match the whole chat's (``joint``) for templates whose
+    rendering of a chat's start is the rendering of the shorter chat (ChatML and the fallback headings). For a
+    template that is not, or where the pieces come out longer, the earlier turns stay context only.
+    """
+    text = render_chat(tokenizer, messages)
+    ids: list[int] = []
+    labels: list[int] = []
+    cursor = 0
+    for a, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render_chat(tokenizer, messages[:a])
+        if not text.startswith(before + message["content"]) or len(before) < cursor:
+            return joint, [-100] * len(joint)
+        _append(tokenizer, ids, labels, text[cursor : len(before)], train_end=cursor > 0)
+        answer = _ids(tokenizer, message["content"])
+        ids += answer
+        labels += answer
+        cursor = len(before) + len(message["content"])
+    _append(tokenizer, ids, labels, text[cursor:], train_end=True)
+    if len(ids) > len(joint):
+        return joint, [-100] * len(joint)
+    return ids, labels
+
+
+def _append(tokenizer, ids: list[int], labels: list[int], piece: str, *, train_end: bool) -> None:
+    """Add a piece of template text (context), the end token at its start trained when it closes an answer."""
+    piece_ids = _ids(tokenizer, piece)
+    ids += piece_ids
+    labels += [-100] * len(piece_ids)
+    if train_end and piece_ids and piece_ids[0] == tokenizer.eos_token_id:
+        labels[len(labels) - len(piece_ids)] = piece_ids[0]
 
 
 def embedding_ids(tokenizer: PreTrainedTokenizerBase, text: str, max_len: int) -> list[int]:
