@@ -1,6 +1,7 @@
 """Rewrite pyproject.toml's [tool.flwr.app.config] from fedrouter.config.SETTINGS (run after adding a setting, or a method with settings).
 
-The values are the defaults, except a few that keep a plain `flwr run .` small. A test checks the two agree.
+The values are the defaults, except a few that keep a plain `flwr run .` small, and `data.num_clients = 0` (one
+client per SuperNode of whatever federation `flwr run` is given). A test checks the two agree.
 """
 
 from pathlib import Path
@@ -9,7 +10,7 @@ from fedrouter.config import SETTINGS, Config, toml_value
 
 Config()  # registers the methods, and with them the settings methods bring (ifca.k)
 
-SMALL_RUN = {"run.rounds": 2, "data.num_clients": 4, "data.train_per_client": 32, "data.test_per_task": 2}
+SMALL_RUN = {"run.rounds": 2, "data.num_clients": 0, "data.train_per_client": 32, "data.test_per_task": 2}
 HEADER = "[tool.flwr.app.config]"
 
 path = Path(__file__).resolve().parents[1] / "pyproject.toml"

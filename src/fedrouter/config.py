@@ -101,12 +101,83 @@ SETTINGS: dict[str, Setting] = {
     "data.source": Setting(
         str,
         "synthetic",
-        "'synthetic' (generated), a JSONL/CSV file or folder with train/test files, or 'hf:RECIPE'",
+        "'synthetic' (generated); a data file (.jsonl, .json, .csv, .parquet), a folder (train/test files, a "
+        "`datasets` save_to_disk folder, or with data.partition = 'files' one file or folder per client); "
+        "'hf:RECIPE' or 'hf:OWNER/NAME' (a hub dataset, needs internet)",
         _non_empty,
     ),
-    "data.num_clients": Setting(int, 4, "number of clients (data partitions)", _at_least(1)),
-    "data.scenario": Setting(str, "dual", "task split over clients", _one_of("single", "dual", "all", "iid")),
-    "data.train_per_client": Setting(int, 48, "training samples per client", _at_least(1)),
+    "data.format": Setting(
+        str,
+        "auto",
+        "how a row becomes a sample: 'plain' (prompt, response), 'alpaca' (instruction, input, output: input joined "
+        "to the prompt), 'messages' (a chat: OpenAI messages or ShareGPT conversations), 'auto' (detected, and said)",
+        _one_of("auto", "plain", "alpaca", "messages"),
+    ),
+    "data.columns.prompt": Setting(
+        str, "", "column of the instruction / prompt (known names: instruction, prompt); empty: the known name"
+    ),
+    "data.columns.input": Setting(
+        str,
+        "",
+        "column of alpaca: text joined to the prompt after a blank line (known names: input, context); empty: the known name",
+    ),
+    "data.columns.response": Setting(
+        str,
+        "",
+        "column of the answer trained on and scored (known names: response, output, completion); empty: the known name",
+    ),
+    "data.columns.system": Setting(str, "", "column of a system prompt (known name: system); empty: the known name"),
+    "data.columns.messages": Setting(
+        str,
+        "",
+        "column of a chat: a list of {role, content} or {from, value} turns (known names: messages, conversations); empty: the known name",
+    ),
+    "data.columns.task": Setting(
+        str,
+        "",
+        "column of the true task label, used only to split and to score (known names: task, category); empty: the known name",
+    ),
+    "data.columns.client": Setting(
+        str,
+        "",
+        "column of which client a row belongs to (data.partition = 'column'; known name: client); empty: the known name",
+    ),
+    "data.columns.id": Setting(str, "", "column of a unique sample id (known name: id); empty: the known name"),
+    "data.columns.references": Setting(
+        str,
+        "",
+        "column of every gold answer: a list, or a JSON list in CSV (known name: references); empty: the known name",
+    ),
+    "data.ignore_columns": Setting(
+        str, "", "comma-separated columns read by nothing, on purpose (any other unknown column is an error)"
+    ),
+    "data.partition": Setting(
+        str,
+        "scenario",
+        "how samples are dealt to clients: 'scenario' (data.scenario), 'column' (one client per value of the "
+        "client column, all its samples), 'dirichlet' (by task, Flower Datasets' DirichletPartitioner with "
+        "data.dirichlet_alpha), 'files' (data.source is a folder holding one file or folder per client)",
+        _one_of("scenario", "column", "dirichlet", "files"),
+    ),
+    "data.dirichlet_alpha": Setting(
+        float, 0.5, "data.partition = 'dirichlet': concentration (small: each client holds few tasks)", _at_least(1e-3)
+    ),
+    "data.num_clients": Setting(
+        int,
+        4,
+        "number of clients (data partitions); 0: as many as the federation has, one per SuperNode (only under "
+        "`flwr run`, where the server counts the SuperNodes; `fedrouter run` needs a number)",
+        _at_least(0),
+    ),
+    "data.scenario": Setting(
+        str, "dual", "data.partition = 'scenario': task split over clients", _one_of("single", "dual", "all", "iid")
+    ),
+    "data.train_per_client": Setting(
+        int,
+        48,
+        "training samples per client (data.partition 'scenario'; the others give each client all of its own)",
+        _at_least(1),
+    ),
     "data.test_per_task": Setting(int, 4, "test samples per (client, task)", _at_least(1)),
     "data.test_per_task_overrides": Setting(str, "", "per-task test counts, e.g. 'qqp=64,webnlg=16' (empty: none)"),
     "data.tasks": Setting(str, "", "comma-separated tasks to keep (empty: all tasks in the source)"),

@@ -157,6 +157,11 @@ def check_inputs(cfg: Config) -> None:
     from fedrouter.data import all_clients
     from fedrouter.model.loading import check_model_name
 
+    if cfg["data.num_clients"] == 0:  # 0 sizes the run to a federation; here the run makes the federation
+        raise ConfigError(
+            "setting 'data.num_clients' = 0 (as many clients as the federation has) works only under `flwr run`; "
+            "`fedrouter run` starts one simulated client per data partition: set data.num_clients to a number"
+        )
     all_clients(cfg)
     check_model_name(cfg["model.name"])
 

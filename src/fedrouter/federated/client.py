@@ -19,7 +19,7 @@ from fedrouter import discovery
 from fedrouter.algorithm.clustering import cluster_means
 from fedrouter.algorithm.privacy import private_centroids
 from fedrouter.arrays import Arrays
-from fedrouter.config import Config
+from fedrouter.config import SETTINGS, Config
 from fedrouter.data import ClientData, client_data, node_data
 from fedrouter.errors import ConfigError
 from fedrouter.federated import records, wire
@@ -44,20 +44,34 @@ app = ClientApp()
 
 STATE_KEY = "fedrouter.local"
 PERSONAL_KEY = "fedrouter.personal."
-_DATA_KEYS = (
-    "data.source", "data.num_clients", "data.scenario", "data.train_per_client", "data.test_per_task",
-    "data.test_per_task_overrides", "data.tasks", "data.synthetic_size", "eval.sets", "run.seed",
-)  # fmt: skip
+_DATA_KEYS = (*(key for key in SETTINGS if key.startswith("data.")), "eval.sets", "run.seed")
 _data_cache: dict[tuple, ClientData] = {}
 _encoded_cache: dict[tuple, list] = {}
 
 
 def client_id(context: Context, cfg: Config) -> int:
-    """This node's data partition: ``partition-id`` (simulation) or ``client-id`` (deployment node config)."""
+    """This node's data partition: ``partition-id`` (simulation) or ``client-id`` (deployment node config).
+
+    It must be one of the run's ``data.num_clients`` clients; in simulation, where Flower splits the data into
+    ``num-partitions`` (one per SuperNode), the two numbers must agree (the server checks first, see
+    ``transport.fit_to_federation``; this is the node's own check).
+    """
     node = context.node_config
-    value = node.get("client-id", node.get("partition-id"))
+    key = "client-id" if "client-id" in node else "partition-id"
+    value = node.get(key)
     if not isinstance(value, int) or isinstance(value, bool):
         raise ValueError("node config needs an integer 'client-id' (or 'partition-id' in simulation)")
+    clients, partitions = cfg["data.num_clients"], node.get("num-partitions")
+    if key == "partition-id" and isinstance(partitions, int) and partitions != clients:
+        raise ReplyError(
+            f"this SuperNode holds partition {value} of {partitions} (node config 'num-partitions'), but setting "
+            f"'data.num_clients' is {clients}: set data.num_clients = {partitions}, or 0 for one client per SuperNode"
+        )
+    if not 0 <= value < clients:
+        raise ReplyError(
+            f"this SuperNode is client {value} (node config '{key}'), beyond setting 'data.num_clients' = {clients} "
+            f"(clients 0..{clients - 1}): it takes no part; raise data.num_clients or give the node a lower '{key}'"
+        )
     return value
 
 
@@ -75,7 +89,7 @@ def my_data(cfg: Config, context: Context) -> ClientData:
 def _training_examples(cfg: Config, base: BaseModel, data: ClientData) -> list:
     key = (id(data), cfg["model.name"], cfg["model.max_seq_len"])  # ``data`` lives in _data_cache: ids are not reused
     if key not in _encoded_cache:
-        pairs = [(s.instruction, s.response) for s in data.train]
+        pairs = [(s.prompt, s.response) for s in data.train]
         _encoded_cache[key] = compute.encode_training(base, pairs, cfg["model.max_seq_len"])
     return _encoded_cache[key]
 
@@ -265,7 +279,7 @@ def evaluate(message: Message, context: Context) -> Message:
         shared,
         personal,
         local,
-        [s.instruction for s in data.train],
+        [s.prompt for s in data.train],
         method.read_serving(message.content, keys, local, who),
         lambda: _training_examples(cfg, base, data),
     )

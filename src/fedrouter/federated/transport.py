@@ -8,12 +8,16 @@ import time
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from fedrouter.errors import RunError
+from fedrouter.config import Config
+from fedrouter.errors import ConfigError, RunError
 from fedrouter.runlog import RunFolder
 
 log = logging.getLogger("fedrouter")
 
 NODE_CHECK_S = 5.0  # how often a phase checks that the nodes it waits for are still connected
+# How long the set of connected nodes must stay the same before ``fit_to_federation`` counts it: Flower's
+# simulation registers every SuperNode at once, a deployment's SuperNodes connect as they start.
+SETTLE_S = {"simulation": 1.0, "deployment": 10.0}
 
 
 def reject(run: RunFolder, phase: str, who: str, reason: str) -> None:
@@ -84,3 +88,59 @@ def wait_for_nodes(grid: Grid, wanted: int, timeout: float, run: RunFolder) -> l
             raise RunError(f"only {len(nodes)} of {wanted} clients connected within {timeout:.0f}s")
         run.event("waiting", connected=len(nodes), wanted=wanted)
         time.sleep(1.0)
+
+
+def _is_simulation(grid: Grid) -> bool:
+    """Flower's simulation runtime (its in-memory Grid) has a fixed set of SuperNodes, all registered at once."""
+    try:
+        from flwr.superlink.grid import InMemoryGrid
+    except ImportError:  # another Flower version: treat the federation as a deployment, which may still grow
+        return False
+    return isinstance(grid, InMemoryGrid)
+
+
+def settled_nodes(grid: Grid, settle_s: float, timeout: float) -> list[int]:
+    """The connected nodes, once at least one is and none has connected or left for ``settle_s`` seconds."""
+    deadline = time.time() + timeout
+    nodes, since = sorted(grid.get_node_ids()), time.time()
+    while not nodes or time.time() - since < settle_s:
+        if time.time() > deadline:
+            if not nodes:
+                raise RunError(f"no SuperNode connected within {timeout:.0f}s ('run.reply_timeout_s')")
+            break  # nodes keep coming and going: count the ones there now
+        time.sleep(0.2)
+        now = sorted(grid.get_node_ids())
+        if now != nodes:
+            nodes, since = now, time.time()
+    return nodes
+
+
+def fit_to_federation(grid: Grid, cfg: Config) -> Config:
+    """Under ``flwr run`` the federation exists before the run: size the run to it, or refuse a mismatch at once.
+
+    ``data.num_clients = 0`` becomes the number of SuperNodes once their set stops changing (``SETTLE_S``). In
+    Flower's simulation every SuperNode holds one of ``num-partitions`` partitions, and ``num-partitions`` is the
+    number of SuperNodes, which never changes during the run: so a set ``data.num_clients`` that differs is an
+    error now, not a wait for nodes that will never come (fewer) or a node without data (more). A deployment's
+    nodes may still be connecting: with a set number, ``wait_for_nodes`` waits for them as before.
+    """
+    wanted = cfg["data.num_clients"]
+    kind = "simulation" if _is_simulation(grid) else "deployment"
+    if wanted and kind == "deployment":
+        return cfg
+    count = len(settled_nodes(grid, SETTLE_S[kind], cfg["run.reply_timeout_s"]))
+    if wanted == 0:
+        log.info("data.num_clients = 0: %d clients, one per SuperNode of the %s", count, kind)
+        cfg = cfg.replace(data__num_clients=count)
+    elif count != wanted:  # a simulation (a deployment with a set number returned above)
+        raise ConfigError(
+            f"setting 'data.num_clients' = {wanted}, but the simulation has {count} SuperNodes (one client each): "
+            f"set data.num_clients = {count}, or 0 for as many clients as the federation has (or run "
+            f'with --federation-config "num-supernodes={wanted}")'
+        )
+    if cfg["run.min_clients"] > cfg["data.num_clients"]:
+        raise ConfigError(
+            f"setting 'run.min_clients' = {cfg['run.min_clients']} waits for more clients than the "
+            f"{kind}'s {cfg['data.num_clients']}: lower it (0: every client)"
+        )
+    return cfg
