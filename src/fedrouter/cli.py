@@ -107,6 +107,18 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--vllm-model", help="the base model's name on the vLLM server (default: the recorded one)")
     serve.add_argument("--precision", choices=("auto", "bf16", "fp32"), help="instead of the recorded one")
 
+    data = commands.add_parser("data", help="look at a data source before training on it")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    inspect = data_commands.add_parser(
+        "inspect",
+        help="what was read: format, columns, rows per split, task and client, token lengths, a rendered example",
+    )
+    inspect.add_argument("data.source", metavar="PATH", help="the data file or folder (data.source=PATH)")
+    inspect.add_argument("--config", type=Path, help="TOML file of settings (see `fedrouter config`)")
+    for flag in ("clients", "model", "seed", "scenario"):
+        inspect.add_argument(f"--{flag}", dest=SHORTCUTS[flag], help=f"same as {SHORTCUTS[flag]}=VALUE")
+    inspect.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="any setting, e.g. data.format=alpaca")
+
     show = commands.add_parser("config", help="print every setting with its resolved value and meaning")
     show.add_argument("--config", type=Path)
     show.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -161,20 +173,33 @@ def _config(args: argparse.Namespace) -> Config:
     return load_config(args.config, overrides)
 
 
+def _partition(cfg) -> str:
+    partition = cfg["data.partition"]
+    if partition == "scenario":
+        return f"scenario {cfg['data.scenario']}"
+    if partition == "dirichlet":
+        return f"dirichlet partition (alpha {cfg['data.dirichlet_alpha']})"
+    return f"partition by {partition}"
+
+
 def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from fedrouter.data import source_layouts
     from fedrouter.report import ProgressFollower, summary_tables
     from fedrouter.runlog import default_run_dir
-    from fedrouter.simulation import run_experiment
+    from fedrouter.simulation import check_inputs, run_experiment
 
     cfg = _config(args)
     console = Console(stderr=True)
     run_dir = Path(cfg["run.resume"]) if cfg["run.resume"] else default_run_dir(cfg)
     console.print(
-        f"{cfg['run.method']}: {cfg['data.num_clients']} clients, scenario {cfg['data.scenario']}, {cfg['run.rounds']} rounds, "
+        f"{cfg['run.method']}: {cfg['data.num_clients']} clients, {_partition(cfg)}, {cfg['run.rounds']} rounds, "
         f"model {cfg['model.name']}, data {cfg['data.source']} -> {run_dir}"
     )
+    check_inputs(cfg)  # a data or model error, before Ray or any model starts
+    for where, layout in source_layouts(cfg):
+        console.print(f"data: {where}: {layout.describe()}")
     if args.quiet:
         run_dir, metrics = run_experiment(cfg, run_dir)
     else:
@@ -299,6 +324,13 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data(args: argparse.Namespace) -> int:
+    from fedrouter.data.inspect import inspect_report, print_report
+
+    print_report(inspect_report(_config(args)))
+    return 0
+
+
 def _show_config(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, parse_overrides(args.overrides))
     for key, value in cfg.items():
@@ -407,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": _show_config,
         "bench": _bench,
         "prepare-model": _prepare_model,
+        "data": _data,
     }
     try:
         return handlers[args.command](args)
