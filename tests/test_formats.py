@@ -2,6 +2,11 @@
 no field dropped without being told; a column map; chats; clients from the data."""
 
 import json
+import os
+import re
+import subprocess
+import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -304,3 +309,68 @@ def test_benchmark_data_reads_as_the_v2_records_read_it(source):
         assert [(s.id, s.instruction, s.response, s.task, s.references, s.context) for s in samples] == [
             (r["id"], r["instruction"], r["response"], r["task"], tuple(r.get("references", ())), ()) for r in lines
         ]
+
+
+# --- through the real CLI ---------------------------------------------------------------------------------------
+
+
+def _cli(*args):
+    env = dict(os.environ, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+    return subprocess.run(
+        [sys.executable, "-m", "fedrouter.cli", *args], capture_output=True, text=True, timeout=900, env=env
+    )
+
+
+@pytest.mark.slow
+def test_every_format_trains_through_fedrouter_run_one_client_each(tmp_path):
+    """Five clients, each holding its own file in another shape and file type (data.partition = 'files'):
+    written by `datasets`, read, clustered, trained and evaluated by `fedrouter run` on the tiny model."""
+    clients = tmp_path / "clients"
+    placed = [
+        ("plain", "parquet", "c0.parquet"),
+        ("alpaca", "json", "c1.json"),
+        ("dolly", "csv", "c2.csv"),
+        ("messages", "saved", "c3"),
+        ("sharegpt", "jsonl", "c4.jsonl"),
+    ]
+    clients.mkdir()
+    for shape, kind, name in placed:
+        write(SHAPES[shape](), tmp_path / f"w-{name}", kind).rename(clients / name)
+    done = _cli(
+        "run", "--quiet", "--model", "tiny-random", "--clients", "5", "--rounds", "1", "--data", str(clients),
+        "--output", str(tmp_path / "runs"), "--name", "formats", "data.partition=files", "data.test_per_task=1",
+        "train.local_steps=1", "eval.max_new_tokens=2",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = re.sub(r"\s+", "", done.stderr)
+    for (_, _, name), detected in zip(placed, ("plain", "alpaca", "alpaca", "messages", "messages"), strict=True):
+        assert f"{name}:format'{detected}'(detected)" in said, done.stderr[-3000:]
+    metrics = json.loads((tmp_path / "runs" / "formats" / "metrics.json").read_text())
+    assert sorted(metrics["clustering"]["local_k"]) == ["0", "1", "2", "3", "4"]
+    assert metrics["rounds"][0]["accepted"] >= 5
+    per_client = metrics["evaluation"]["by_set"]["personalized/global"]["per_client"]
+    assert sorted(per_client) == ["0", "1", "2", "3", "4"]
+    assert all(set(by_task) == set(TASKS) for by_task in per_client.values())
+
+
+@pytest.mark.slow
+def test_dolly_context_reaches_the_prompt_and_an_unknown_field_stops_the_run_before_it_starts(tmp_path):
+    rows = dolly_rows()
+    path = write(rows, tmp_path, "jsonl")
+    from fedrouter.data.inspect import inspect_report
+
+    report = inspect_report(
+        Config(
+            {"data.source": str(path), "model.name": "tiny-random", "data.num_clients": 2, "data.train_per_client": 4}
+        )
+    )
+    joined = {r["instruction"] + INPUT_JOIN + r["context"] for r in rows}
+    asked = report["example"]["eval_prompt"]
+    assert any(text in asked for text in joined) and any(text in report["example"]["training_text"] for text in joined)
+    bad = write([dict(r, source="web") for r in rows], tmp_path / "bad", "jsonl")
+    started = time.perf_counter()
+    done = _cli("run", "--quiet", "--model", "tiny-random", "--data", str(bad), "--output", str(tmp_path / "runs"))
+    assert done.returncode == 2 and "column(s) ['source'] are read by nothing" in done.stderr
+    assert "data.ignore_columns=source" in done.stderr and "Traceback" not in done.stderr
+    assert time.perf_counter() - started < 15  # refused before Ray or any model starts
+    assert not (tmp_path / "runs").exists()

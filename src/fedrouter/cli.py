@@ -199,7 +199,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     check_inputs(cfg)  # a data or model error, before Ray or any model starts
     for where, layout in source_layouts(cfg):
-        console.print(f"data: {where}: {layout.describe()}")
+        console.print(f"data: {where}: {layout.describe()}", soft_wrap=True)
     if args.quiet:
         run_dir, metrics = run_experiment(cfg, run_dir)
     else:
