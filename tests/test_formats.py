@@ -374,3 +374,20 @@ def test_dolly_context_reaches_the_prompt_and_an_unknown_field_stops_the_run_bef
     assert "data.ignore_columns=source" in done.stderr and "Traceback" not in done.stderr
     assert time.perf_counter() - started < 15  # refused before Ray or any model starts
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_unlabelled_data_runs_and_says_no_task_labels_instead_of_a_number(tmp_path):
+    rows = [{"prompt": f"{h}: {x}", "completion": r} for _, h, x, r in _pairs(8)]
+    path = write(rows, tmp_path, "parquet")
+    done = _cli(
+        "run", "--quiet", "--model", "tiny-random", "--clients", "2", "--rounds", "1", "--data", str(path),
+        "--output", str(tmp_path / "runs"), "--name", "plain", "data.train_per_client=8", "train.local_steps=1",
+        "eval.max_new_tokens=2",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "no task labels" in done.stdout and "data.scenario 'dual' deals samples at random" in done.stderr
+    metrics = json.loads((tmp_path / "runs" / "plain" / "metrics.json").read_text())
+    clustering = metrics["clustering"]
+    assert clustering["task_labels"] is False and clustering["cluster_acc_global"] is None
+    assert all(result["routing_acc"] is None for result in metrics["evaluation"]["overall"].values())

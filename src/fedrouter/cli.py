@@ -185,7 +185,7 @@ def _partition(cfg) -> str:
 def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from fedrouter.data import source_layouts
+    from fedrouter.data import data_notes
     from fedrouter.report import ProgressFollower, summary_tables
     from fedrouter.runlog import default_run_dir
     from fedrouter.simulation import check_inputs, run_experiment
@@ -198,8 +198,8 @@ def _run(args: argparse.Namespace) -> int:
         f"model {cfg['model.name']}, data {cfg['data.source']} -> {run_dir}"
     )
     check_inputs(cfg)  # a data or model error, before Ray or any model starts
-    for where, layout in source_layouts(cfg):
-        console.print(f"data: {where}: {layout.describe()}", soft_wrap=True)
+    for note in data_notes(cfg):
+        console.print(f"data: {note}", soft_wrap=True)
     if args.quiet:
         run_dir, metrics = run_experiment(cfg, run_dir)
     else:

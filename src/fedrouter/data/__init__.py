@@ -110,6 +110,15 @@ def source_layouts(cfg: Config) -> list[tuple[str, Layout]]:
     ]
 
 
+def data_notes(cfg: Config) -> list[str]:
+    """What the user should know about how their data is read: each table's format and column map, and a
+    scenario that cannot apply."""
+    notes = [f"{where}: {layout.describe()}" for where, layout in source_layouts(cfg)]
+    if cfg["data.partition"] == "scenario" and cfg["data.scenario"] != "iid" and not labelled(load_source(cfg)[0]):
+        notes.append(f"no task labels, so data.scenario {cfg['data.scenario']!r} deals samples at random (as 'iid')")
+    return notes
+
+
 def labelled(samples: list[Sample]) -> bool:
     """Whether the data names tasks (clustering and routing accuracy, per-task tables and scenarios need it)."""
     return any(s.task != NO_TASK for s in samples)
