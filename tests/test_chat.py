@@ -47,6 +47,17 @@ def test_a_long_chat_loses_its_oldest_turns_first_never_the_system_prompt(tiny_b
     assert text.startswith(render_chat(tokenizer, [CHAT[0]]).split("Answer briefly.")[0])
 
 
+def test_a_chat_whose_last_turn_alone_is_too_long_keeps_its_template_whole(tiny_base):
+    tokenizer = tiny_base.tokenizer
+    chat = [CHAT[0], {"role": "user", "content": "Summarize: " + "the cat sat on a long mat, and went on. " * 40}]
+    head = render_chat(tokenizer, [CHAT[0]]).split("Answer briefly.")[0]
+    for budget in (48, 64, 100, 200):
+        ids = prompt_ids(tokenizer, chat, budget)
+        text = tokenizer.decode(ids)
+        assert len(ids) <= budget and text.startswith(head + "Answer briefly.") and "Summarize: the cat" in text
+        assert text.endswith(render_chat(tokenizer, [{"role": "user", "content": "x"}]).split("x")[-1])
+
+
 def _v2_prompt_ids(tokenizer, instruction: str, budget: int) -> list[int]:
     """The prompt of a single-turn sample as the commit of the v2 benchmark records built it (frozen copy)."""
 

@@ -30,8 +30,8 @@ def read_samples(source: str, reading: Reading, synthetic_size: int, seed: int) 
     if source.startswith("hf:"):
         from fedrouter.data.hub import load_hub
 
-        train, test = load_hub(source[3:], synthetic_size, seed, reading)
-        return {"train": tuple(train), "test": tuple(test), "layouts": ()}
+        parts = load_hub(source[3:], synthetic_size, seed, reading)
+        return {**{part: tuple(samples) for part, samples in parts.items()}, "layouts": ()}
     path = Path(source).expanduser()
     if not path.exists():
         raise DataError(

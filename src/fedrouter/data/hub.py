@@ -70,7 +70,10 @@ def load_recipe(name: str, per_task: int, seed: int) -> tuple[list[Sample], list
             (recipe.train_split, train, per_task),
             (recipe.test_split, test, per_task),
         ):
-            rows = datasets.load_dataset(recipe.path, recipe.name, split=split).shuffle(seed=seed)
+            try:
+                rows = datasets.load_dataset(recipe.path, recipe.name, split=split).shuffle(seed=seed)
+            except Exception as err:  # no network, or the hub moved the dataset: the hub's own words
+                raise DataError(f"setting 'data.source': hf:{name} could not load {recipe.path}: {err}") from None
             kept = 0
             for index, row in enumerate(rows):
                 if kept == count:
@@ -84,10 +87,12 @@ def load_recipe(name: str, per_task: int, seed: int) -> tuple[list[Sample], list
     return train, test
 
 
-def load_hub(name: str, per_task: int, seed: int, reading: Reading) -> tuple[list[Sample], list[Sample]]:
-    """(train, test) samples of a recipe, or of a hub dataset with a train and a test (or validation) split."""
+def load_hub(name: str, per_task: int, seed: int, reading: Reading) -> dict[str, list[Sample]]:
+    """Samples per split of a recipe (``train``, ``test``), or of a hub dataset: its train and test (or
+    validation) splits, or ``all`` for a dataset with a single split (held out like a single file)."""
     if name in RECIPES or "/" not in name:
-        return load_recipe(name, per_task, seed)
+        train, test = load_recipe(name, per_task, seed)
+        return {"train": train, "test": test}
     import datasets
 
     try:
@@ -95,8 +100,13 @@ def load_hub(name: str, per_task: int, seed: int, reading: Reading) -> tuple[lis
     except Exception as err:  # no network, no such dataset, ...: the hub's own words
         raise DataError(f"setting 'data.source': could not load hf:{name}: {err}") from None
     test = "test" if "test" in splits else "validation" if "validation" in splits else None
-    if "train" not in splits or test is None:
+    if "train" in splits and test:
+        chosen = {"train": "train", "test": test}
+    elif len(splits) == 1:
+        chosen = {"all": next(iter(splits))}
+    else:
         raise DataError(f"setting 'data.source': hf:{name} has splits {list(splits)}; expected train and test")
-    train_samples, _ = table_samples(Table(f"hf:{name} (split train)", splits["train"], "train"), reading)
-    test_samples, _ = table_samples(Table(f"hf:{name} (split {test})", splits[test], test), reading)
-    return train_samples, test_samples
+    return {
+        part: table_samples(Table(f"hf:{name} (split {split})", splits[split], split), reading)[0]
+        for part, split in chosen.items()
+    }
