@@ -10,15 +10,31 @@ Layout of ``RUN_DIR/router/``::
                                  loadable with ``PeftModel.from_pretrained(base, path)``
 
 No pickle anywhere. The folder is written beside and renamed into place.
+
+Loading checks every file before anything is routed or generated, and refuses the artifact with an
+``ArtifactError`` of one line naming the file and what was expected: router.json's settings of the right type and
+range; the centroids and adapters readable, float and finite; cluster counts, client ids and widths that agree
+across the files; each adapter's tensors of rank ``lora.r`` and the same in every cluster, its adapter_config.json
+agreeing with router.json. ``check_model`` (called by ``Router``) then checks the artifact against the loaded base
+model: the width its embeddings have, and every LoRA tensor its modules take, with its shape.
+
+Symbolic links are refused, wherever they point (inside the folder or not): ``save`` never writes one, so a link
+is something copied or placed there since, and the folder may come from elsewhere. Refusing them keeps the checked
+files the files of this folder (no resolve-then-open race, no file of another run or of the system read as part
+of the artifact, nothing that changes when the link's target changes). A file that is no regular file (a pipe, a
+device) is refused as well.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
@@ -27,10 +43,26 @@ from fedrouter.discovery import KINDS, EmbeddingSettings
 from fedrouter.errors import ArtifactError
 from fedrouter.model import LoraSettings
 
+if TYPE_CHECKING:
+    from fedrouter.model.loading import BaseModel
+
 FORMAT_VERSION = 1
 ROUTER_DIR = "router"
 # How an artifact written before the embedding settings existed embedded prompts: the raw text, last layer, unscaled.
 LEGACY_EMBEDDING = EmbeddingSettings("text", 1.0, "none")
+# What router.json must hold (``embedding`` may be missing: an artifact written before it existed).
+REQUIRED = (
+    "format_version",
+    "base_model",
+    "model_name",
+    "precision",
+    "max_seq_len",
+    "num_global_clusters",
+    "hidden_size",
+    "lora",
+)
+PRECISIONS = ("auto", "bf16", "fp32")  # the model.precision setting's values
+MIN_SEQ_LEN = 16  # the model.max_seq_len setting's least value
 
 
 @dataclass
@@ -46,6 +78,7 @@ class RouterArtifact:
     max_seq_len: int = 256
     # How prompts are embedded (the run's cluster.embedding / embed_* / edge_* settings).
     embedding: EmbeddingSettings = LEGACY_EMBEDDING
+    folder: Path | None = None  # where it was loaded from (None: built in memory); named in error messages
 
     @property
     def num_global(self) -> int:
@@ -102,37 +135,37 @@ class RouterArtifact:
 
     @classmethod
     def load(cls, run_dir: str | Path) -> RouterArtifact:
+        """Read ``RUN_DIR/router`` (or a router folder itself), checking every file: see the module's docstring."""
         run_dir = Path(run_dir)
-        folder = run_dir / ROUTER_DIR if (run_dir / ROUTER_DIR).is_dir() else run_dir
+        folder = _entry(run_dir, ROUTER_DIR, folder=True) if os.path.lexists(run_dir / ROUTER_DIR) else run_dir
         meta_path = folder / "router.json"
-        if not meta_path.is_file():
+        if not os.path.lexists(meta_path):
             raise ArtifactError(f"{run_dir}: no router artifact (expected {meta_path})")
-        try:
-            meta = json.loads(meta_path.read_text())
-            centroids = np.load(folder / "global_centroids.npy", allow_pickle=False)
-            local = {int(k.split("_", 1)[1]): v for k, v in load_file(folder / "local_centroids.safetensors").items()}
-            cluster_map = {
-                int(c): [int(g) for g in m] for c, m in json.loads((folder / "cluster_map.json").read_text()).items()
-            }
-            adapters = {
-                g: load_file(folder / "adapters" / f"cluster_{g}" / "adapter_model.safetensors")
-                for g in range(int(meta["num_global_clusters"]))
-            }
-            lora = LoraSettings.from_peft_fields(meta["lora"])
-        except (OSError, KeyError, ValueError) as err:
-            raise ArtifactError(f"{folder}: incomplete or unreadable router artifact: {err}") from err
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ArtifactError(f"{meta_path}: format_version {meta.get('format_version')} (expected {FORMAT_VERSION})")
-        if centroids.ndim != 2 or len(centroids) != meta["num_global_clusters"]:
-            raise ArtifactError(f"{folder}: global_centroids.npy has shape {centroids.shape}")
-        embedding = _embedding(meta.get("embedding", {"depth": 1.0, "scale": "none"}), meta_path)
-        for client, mapping in cluster_map.items():
-            if (
-                client not in local
-                or len(mapping) != len(local[client])
-                or not all(0 <= g < len(centroids) for g in mapping)
-            ):
-                raise ArtifactError(f"{folder}: cluster_map.json entry for client {client} is inconsistent")
+        meta = _meta(_json(_entry(folder, "router.json")), meta_path)
+        num_global, width = meta["num_global_clusters"], meta["hidden_size"]
+        lora = _lora(meta["lora"], meta_path)
+
+        centroids = _centroids(_entry(folder, "global_centroids.npy"), num_global)
+        cluster_map = _cluster_map(_entry(folder, "cluster_map.json"), num_global)
+        local_path = _entry(folder, "local_centroids.safetensors")
+        local = _local_centroids(local_path, cluster_map)
+        _check_widths(folder, width, centroids, local)
+
+        adapters_dir = _entry(folder, "adapters", folder=True)
+        expected = {f"cluster_{g}" for g in range(num_global)}
+        extra = sorted(
+            name for name in os.listdir(adapters_dir) if name.startswith("cluster_") and name not in expected
+        )
+        if extra:
+            raise ArtifactError(
+                f"{adapters_dir}: holds {_show(extra[0])}, but router.json has num_global_clusters {num_global} "
+                f"(expected cluster_0 to cluster_{num_global - 1} only)"
+            )
+        adapters: dict[int, dict[str, np.ndarray]] = {}
+        for g in range(num_global):
+            path = _entry(folder, f"adapters/cluster_{g}/adapter_model.safetensors")
+            adapters[g] = _adapter(path, lora, adapters.get(0), folder)
+            _adapter_config(_entry(folder, f"adapters/cluster_{g}/adapter_config.json"), lora)
         return cls(
             base_model=meta["base_model"],
             model_name=meta["model_name"],
@@ -141,13 +174,323 @@ class RouterArtifact:
             local_centroids=local,
             cluster_map=cluster_map,
             adapters=adapters,
-            precision=meta.get("precision", "auto"),
-            max_seq_len=int(meta.get("max_seq_len", 256)),
-            embedding=embedding,
+            precision=meta["precision"],
+            max_seq_len=meta["max_seq_len"],
+            embedding=meta["embedding"],
+            folder=folder,
         )
+
+    def check_model(self, base: BaseModel) -> None:
+        """Refuse a base model this artifact does not fit: the width its embeddings have must be the centroids',
+        its LoRA settings the recorded ones, and its LoRA modules those the adapters hold, tensor for tensor."""
+        from fedrouter.model import lora as lora_weights
+
+        width = base.hidden_size * self.embedding.num_parts
+        if width != self.global_centroids.shape[1]:
+            raise ArtifactError(
+                f"{self._where('global_centroids.npy')}: centroids are {self.global_centroids.shape[1]} wide, but "
+                f"model {_show(base.name)} embeds prompts in {width} dimensions ({self.embedding.num_parts} x hidden size "
+                f"{base.hidden_size}, embedding kind {self.embedding.kind!r}): load the router with the model it "
+                "was trained on"
+            )
+        config = base.lora
+        loaded = (int(config.r), float(config.lora_alpha), tuple(sorted(config.target_modules or ())))
+        recorded = (self.lora.r, self.lora.alpha, tuple(sorted(self.lora.target_modules)))
+        if loaded != recorded:
+            raise ArtifactError(
+                f"{self._where('router.json')}: LoRA r, alpha and modules {recorded} (the model was loaded with "
+                f"{loaded}: load it with the artifact's LoRA settings)"
+            )
+        shapes = lora_weights.adapter_shapes(base)
+        for g, arrays in sorted(self.adapters.items()):
+            path = self._where(f"adapters/cluster_{g}/adapter_model.safetensors")
+            missing = [key for key in shapes if key not in arrays]
+            if missing:
+                raise ArtifactError(
+                    f"{path}: no tensor {missing[0]!r} ({len(missing)} of the {len(shapes)} LoRA tensors model "
+                    f"{_show(base.name)} has for {', '.join(recorded[2])} are missing)"
+                )
+            for key, array in arrays.items():
+                if key not in shapes:
+                    raise ArtifactError(
+                        f"{path}: tensor {_show(key)} is no LoRA weight of model {_show(base.name)} "
+                        f"(expected keys such as {next(iter(shapes))!r})"
+                    )
+                if tuple(array.shape) != shapes[key]:
+                    raise ArtifactError(
+                        f"{path}: tensor {_show(key)} has shape {tuple(array.shape)}, expected {shapes[key]} "
+                        f"(LoRA r={self.lora.r} on model {_show(base.name)})"
+                    )
+
+    def _where(self, name: str) -> str:
+        return str(self.folder / name) if self.folder is not None else f"router artifact {name}"
 
     def adapter_path(self, run_dir: str | Path, g: int) -> Path:
         return Path(run_dir) / ROUTER_DIR / "adapters" / f"cluster_{g}"
+
+
+# --- reading and checking the files (each failure: an ArtifactError of one line naming the file) ---
+
+
+def _line(err: BaseException) -> str:
+    """A library's message about a damaged file, on one line and short."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _show(value: object) -> str:
+    """A value read from a file, for a message: its repr (control characters escaped), cut short."""
+    text = repr(value)
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def _kind(value: object) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+def _entry(root: Path, relative: str, *, folder: bool = False) -> Path:
+    """``root/relative``, each part of it checked: present, not a symbolic link, a folder (every part but the last,
+    and the last if ``folder``) or else a regular file."""
+    path = root
+    parts = Path(relative).parts
+    for i, part in enumerate(parts):
+        path = path / part
+        is_last = i == len(parts) - 1
+        directory = folder or not is_last
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            raise ArtifactError(
+                f"{path}: missing (expected the router artifact's {'folder' if directory else 'file'} {relative})"
+            ) from None
+        except OSError as err:
+            raise ArtifactError(f"{path}: cannot be read ({_line(err)})") from None
+        if stat.S_ISLNK(mode):
+            raise ArtifactError(
+                f"{path}: a symbolic link (a router artifact holds its own files and folders: copy the target in)"
+            )
+        if directory and not stat.S_ISDIR(mode):
+            raise ArtifactError(f"{path}: not a folder (expected the router artifact's folder {part})")
+        if not directory and not stat.S_ISREG(mode):
+            raise ArtifactError(f"{path}: not a regular file (expected the router artifact's file {relative})")
+    return path
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
+    except (OSError, ValueError, RecursionError) as err:
+        raise ArtifactError(f"{path}: not readable JSON ({_line(err)})") from None
+
+
+def _integer(value: object, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _meta(meta: object, path: Path) -> dict:
+    """router.json's settings, each of the right type and range (``embedding`` replaced by its settings)."""
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{path}: {_kind(meta)} at the top (expected an object of the router's settings)")
+    if meta.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
+        raise ArtifactError(f"{path}: format_version {_show(meta['format_version'])} (expected {FORMAT_VERSION})")
+    missing = [key for key in REQUIRED if key not in meta]
+    if missing:
+        raise ArtifactError(f"{path}: no {', '.join(missing)} (expected {', '.join(REQUIRED)})")
+    for key in ("base_model", "model_name"):
+        if not isinstance(meta[key], str) or not meta[key].strip():
+            raise ArtifactError(f"{path}: {key} {_show(meta[key])} (expected a model name)")
+    if meta["precision"] not in PRECISIONS:
+        raise ArtifactError(f"{path}: precision {_show(meta['precision'])} (expected one of {', '.join(PRECISIONS)})")
+    least = {"max_seq_len": MIN_SEQ_LEN, "num_global_clusters": 1, "hidden_size": 1}
+    for key, bound in least.items():
+        if not _integer(meta[key], bound):
+            raise ArtifactError(f"{path}: {key} {_show(meta[key])} (expected a whole number >= {bound})")
+    return meta | {"embedding": _embedding(meta.get("embedding", {"depth": 1.0, "scale": "none"}), path)}
+
+
+def _lora(fields: object, path: Path) -> LoraSettings:
+    names = ("r", "lora_alpha", "lora_dropout", "target_modules")
+    if not isinstance(fields, dict) or any(name not in fields for name in names):
+        raise ArtifactError(
+            f"{path}: unreadable router artifact: LoRA settings 'lora' {_show(fields)}: expected r, lora_alpha, "
+            "lora_dropout, target_modules"
+        )
+    modules = fields["target_modules"]
+    number = (int, float)
+    if not (
+        isinstance(modules, list)
+        and all(isinstance(m, str) for m in modules)
+        and all(isinstance(fields[n], number) and not isinstance(fields[n], bool) for n in names[1:3])
+    ):
+        raise ArtifactError(
+            f"{path}: unreadable router artifact: LoRA settings: lora_alpha and lora_dropout must be numbers and "
+            "target_modules a list of module names"
+        )
+    try:
+        return LoraSettings.from_peft_fields(fields)
+    except (ValueError, OverflowError) as err:
+        raise ArtifactError(f"{path}: unreadable router artifact: {_line(err)}") from None
+
+
+def _matrix(path: Path, what: str, array: np.ndarray) -> np.ndarray:
+    """A float array as float32, refused when of another dtype or not finite."""
+    if array.dtype.kind != "f" or array.dtype.itemsize not in (2, 4, 8):
+        raise ArtifactError(f"{path}: {what} holds {_show(str(array.dtype))} values (expected float32)")
+    with np.errstate(over="ignore"):  # a float64 too large for float32 becomes infinite, refused below
+        values = np.array(array, dtype=np.float32)
+    bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+    if bad:
+        raise ArtifactError(
+            f"{path}: {what} has {bad} of {values.size} values not finite (NaN or infinite as float32; expected "
+            "finite numbers)"
+        )
+    return values
+
+
+def _centroids(path: Path, rows: int) -> np.ndarray:
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)  # a truncated file fails here, before any copy
+    except Exception as err:  # whatever NumPy raises on a damaged file: the file is at fault
+        raise ArtifactError(f"{path}: not a readable .npy array ({_line(err)})") from None
+    if not isinstance(array, np.ndarray):
+        array.close()
+        raise ArtifactError(f"{path}: not a .npy array (expected one (num_global_clusters, hidden_size) array)")
+    if array.ndim != 2 or array.shape[0] != rows or array.shape[1] < 1:
+        raise ArtifactError(
+            f"{path}: shape {array.shape} (expected ({rows}, hidden_size): num_global_clusters of router.json)"
+        )
+    return _matrix(path, "the array", array)
+
+
+def _tensors(path: Path) -> dict[str, np.ndarray]:
+    try:
+        return load_file(path)
+    except Exception as err:  # SafetensorError and the like on a damaged file: the file is at fault
+        raise ArtifactError(f"{path}: not a readable safetensors file ({_line(err)})") from None
+
+
+def _client_id(text: object) -> int | None:
+    """The client of a 'client_<id>' or '<id>' key: a canonical whole number, or None."""
+    if isinstance(text, str) and text.isascii() and text.isdigit() and str(int(text)) == text:
+        return int(text)
+    return None
+
+
+def _cluster_map(path: Path, num_global: int) -> dict[int, list[int]]:
+    entries = _json(path)
+    if not isinstance(entries, dict) or not entries:
+        raise ArtifactError(
+            f"{path}: {_kind(entries)} at the top (expected an object of each client's global clusters: "
+            '{"<client>": [g, ...]})'
+        )
+    cluster_map = {}
+    for key, mapping in entries.items():
+        client = _client_id(key)
+        if client is None:
+            raise ArtifactError(f"{path}: key {_show(key)} (expected client ids: '0', '1', ...)")
+        if not (isinstance(mapping, list) and mapping and all(_integer(g, 0) and g < num_global for g in mapping)):
+            raise ArtifactError(
+                f"{path}: client {client}: {_show(mapping)} (expected a list of global clusters, each 0 to "
+                f"{num_global - 1}: num_global_clusters of router.json is {num_global})"
+            )
+        cluster_map[client] = list(mapping)
+    return cluster_map
+
+
+def _local_centroids(path: Path, cluster_map: dict[int, list[int]]) -> dict[int, np.ndarray]:
+    local = {}
+    for key, array in _tensors(path).items():
+        client = _client_id(key[len("client_") :]) if key.startswith("client_") else None
+        if client is None or client not in cluster_map:
+            raise ArtifactError(
+                f"{path}: tensor {_show(key)} (expected one 'client_<id>' tensor per client of cluster_map.json)"
+            )
+        rows = len(cluster_map[client])
+        if array.ndim != 2 or array.shape[0] != rows or array.shape[1] < 1:
+            raise ArtifactError(
+                f"{path}: tensor {_show(key)} has shape {array.shape} (expected ({rows}, hidden_size): client {client} "
+                f"has {rows} local clusters in cluster_map.json)"
+            )
+        local[client] = _matrix(path, f"tensor {_show(key)}", array)
+    missing = sorted(set(cluster_map) - set(local))
+    if missing:
+        raise ArtifactError(f"{path}: no tensor 'client_{missing[0]}' (cluster_map.json has client {missing[0]})")
+    return local
+
+
+def _check_widths(folder: Path, width: int, centroids: np.ndarray, local: dict[int, np.ndarray]) -> None:
+    """router.json's hidden_size, the global and the local centroids: one width; the odd one out is named."""
+    found = centroids.shape[1]
+    wrong_local = [c for c, v in sorted(local.items()) if v.shape[1] != found]
+    if found != width and not wrong_local:
+        raise ArtifactError(
+            f"{folder / 'router.json'}: hidden_size {width}, but global_centroids.npy and "
+            f"local_centroids.safetensors are {found} wide"
+        )
+    if found != width:
+        raise ArtifactError(
+            f"{folder / 'global_centroids.npy'}: centroids are {found} wide (expected {width}: hidden_size of "
+            "router.json)"
+        )
+    if wrong_local:
+        c = wrong_local[0]
+        raise ArtifactError(
+            f"{folder / 'local_centroids.safetensors'}: tensor 'client_{c}' is {local[c].shape[1]} wide (expected "
+            f"{width}: hidden_size of router.json)"
+        )
+
+
+def _adapter(
+    path: Path, lora: LoraSettings, first: dict[str, np.ndarray] | None, folder: Path
+) -> dict[str, np.ndarray]:
+    """One cluster's LoRA weights: float, finite, of rank lora.r, and the same tensors as cluster 0's."""
+    tensors = _tensors(path)
+    if not tensors:
+        raise ArtifactError(f"{path}: no tensors (expected the cluster's LoRA weights)")
+    arrays = {}
+    for key, array in tensors.items():
+        rank_axis = 0 if key.endswith("lora_A.weight") else 1 if key.endswith("lora_B.weight") else None
+        if rank_axis is not None and (array.ndim != 2 or array.shape[rank_axis] != lora.r):
+            raise ArtifactError(
+                f"{path}: tensor {_show(key)} has shape {array.shape} (expected rank {lora.r}, the lora.r of router.json, "
+                f"on axis {rank_axis})"
+            )
+        arrays[key] = _matrix(path, f"tensor {_show(key)}", array)
+    if first is not None:
+        reference = folder / "adapters" / "cluster_0" / "adapter_model.safetensors"
+        missing = sorted(first.keys() - arrays.keys())
+        if missing:
+            raise ArtifactError(f"{path}: no tensor {_show(missing[0])} (cluster 0's adapter {reference} has it)")
+        for key, array in arrays.items():
+            if key not in first or first[key].shape != array.shape:
+                raise ArtifactError(
+                    f"{path}: tensor {_show(key)} of shape {array.shape} is not in cluster 0's adapter "
+                    "(expected the same tensors and shapes in every cluster)"
+                )
+    return arrays
+
+
+def _adapter_config(path: Path, lora: LoraSettings) -> None:
+    """PEFT's config beside the weights (what ``PeftModel.from_pretrained`` reads) must agree with router.json."""
+    config = _json(path)
+    if not isinstance(config, dict):
+        raise ArtifactError(f"{path}: {_kind(config)} at the top (expected PEFT's LoRA config object)")
+    modules = config.get("target_modules")
+    found = (
+        config.get("peft_type"),
+        config.get("r"),
+        config.get("lora_alpha"),
+        sorted(modules) if isinstance(modules, list) and all(isinstance(m, str) for m in modules) else modules,
+    )
+    expected = ("LORA", lora.r, lora.alpha, sorted(lora.target_modules))
+    for name, got, want in zip(("peft_type", "r", "lora_alpha", "target_modules"), found, expected, strict=True):
+        if got != want or isinstance(got, bool):
+            raise ArtifactError(f"{path}: {name} {_show(got)} (expected {want!r}, as router.json records)")
 
 
 def _embedding(entry: object, meta_path: Path) -> EmbeddingSettings:
@@ -170,8 +513,10 @@ def _embedding(entry: object, meta_path: Path) -> EmbeddingSettings:
     if not (
         settings.kind in KINDS
         and isinstance(settings.depth, fraction)
+        and not isinstance(settings.depth, bool)
         and 0 <= settings.depth <= 1
         and isinstance(settings.edge_depth, fraction)
+        and not isinstance(settings.edge_depth, bool)
         and 0 <= settings.edge_depth <= 1
         and settings.scale in ("reference", "none")
         and isinstance(settings.edge_tokens, int)

@@ -26,10 +26,11 @@ import numpy as np
 from fedrouter import discovery
 from fedrouter.algorithm.clustering import squared_distances
 from fedrouter.algorithm.routing import route
+from fedrouter.errors import ConfigError, ModelError
 from fedrouter.model import decoding
 from fedrouter.model.loading import BaseModel, load_base_model
 from fedrouter.model.prompts import chat_head, chat_ids
-from fedrouter.serving.artifact import ArtifactError, RouterArtifact
+from fedrouter.serving.artifact import PRECISIONS, ArtifactError, RouterArtifact
 
 Message = Mapping[str, str]
 Prompt = Union[str, Sequence[Message]]  # noqa: UP007 (a runtime alias: `|` on a string and a generic fails)
@@ -88,12 +89,7 @@ class Router:
     """A loaded router artifact plus the base model it was trained on (loaded once)."""
 
     def __init__(self, artifact: RouterArtifact, base: BaseModel) -> None:
-        width = base.hidden_size * artifact.embedding.num_parts
-        if width != artifact.global_centroids.shape[1]:
-            raise ArtifactError(
-                f"model {base.name!r} embeds in {width} dimensions, the router's centroids have "
-                f"{artifact.global_centroids.shape[1]}: load the router with the model it was trained on"
-            )
+        artifact.check_model(base)  # the centroids' width and every adapter tensor fit this model, or ArtifactError
         self.artifact = artifact
         self.base = base
         self._slots: list[str] | None = None
@@ -102,11 +98,21 @@ class Router:
 
     @classmethod
     def load(cls, run_dir: str | Path, *, model: str | None = None, precision: str | None = None) -> Router:
-        """Load ``RUN_DIR/router`` and its base model (``model`` overrides the recorded model name)."""
+        """Load ``RUN_DIR/router`` and its base model (``model`` overrides the recorded model name); a damaged
+        artifact, or one the model does not fit, is an ``ArtifactError`` naming the file."""
+        if precision is not None and precision not in PRECISIONS:
+            raise ConfigError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
         artifact = RouterArtifact.load(run_dir)
-        base = load_base_model(
-            model or artifact.model_name, precision=precision or artifact.precision, lora=artifact.lora
-        )
+        name = model or artifact.model_name
+        try:
+            base = load_base_model(name, precision=precision or artifact.precision, lora=artifact.lora)
+        except ModelError as err:
+            if model:  # the caller's model, not the artifact's
+                raise
+            message = " ".join(str(err).split())
+            raise ArtifactError(
+                f"{artifact.folder / 'router.json'}: model_name {name!r:.100} cannot be loaded ({message[:300]})"
+            ) from None
         return cls(artifact, base)
 
     @property
