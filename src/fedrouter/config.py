@@ -27,31 +27,51 @@ class Setting:
     check: Callable[[Any], str | None] | None = None  # returns a reason when the value is invalid
 
 
-def _at_least(low: float) -> Callable[[Any], str | None]:
-    return lambda v: None if v >= low else f"at least {low}"
+def _between(low: float, high: float, why: str = "") -> Callable[[Any], str | None]:
+    reason = f" ({why})" if why else ""
+    return lambda v: None if low <= v <= high else f"between {low} and {high}{reason}"
 
 
-def _between(low: float, high: float) -> Callable[[Any], str | None]:
-    return lambda v: None if low <= v <= high else f"between {low} and {high}"
+def _within(low: float, high: float, why: str) -> Callable[[Any], str | None]:
+    """At least ``low`` and at most ``high``; ``why`` says why a larger value is nonsense or dangerous."""
+
+    def check(v: Any) -> str | None:
+        if v < low:
+            return f"at least {low}"
+        if v > high:
+            return f"at most {high} ({why})"
+        return None
+
+    return check
 
 
 def _one_of(*choices: str) -> Callable[[Any], str | None]:
     return lambda v: None if v in choices else "one of " + ", ".join(repr(c) for c in choices)
 
 
+# Upper bounds shared by several settings (each is far beyond any real run; beyond it a value is a typo).
+MAX_CLIENTS = 10_000  # every client is a data partition held in memory (and a Ray actor while it works)
+MAX_TOKENS = 131_072  # the longest context of current models (128k tokens)
+MAX_K = 1024  # a K-Means fit per k tried, an adapter per global cluster
+MAX_CORES = 1024  # more cores than any one machine has
+MAX_TEST = 100_000  # every test sample is a generated answer
+# Data limits (``data.max_*``), in the units users count in.
+KIB, MIB, GIB = 1024, 1024**2, 1024**3
+
+
 def _k_setting(v: str) -> str | None:
-    if v == "auto" or (v.isdigit() and int(v) >= 1):
+    if v == "auto" or (v.isascii() and v.isdigit() and len(v) <= 6 and 1 <= int(v) <= MAX_K):
         return None
-    return "'auto' or a whole number of clusters >= 1"
+    return f"'auto' or a whole number of clusters from 1 to {MAX_K}"
 
 
 def _gpus_setting(v: str) -> str | None:
     try:
-        if v == "auto" or float(v) >= 0:
+        if v == "auto" or 0 <= float(v) <= 64:
             return None
     except ValueError:
         pass
-    return "'auto' or a number of GPUs >= 0 (fractions allowed: 0.5 puts two clients on one GPU)"
+    return "'auto' or a number of GPUs from 0 to 64 (fractions allowed: 0.5 puts two clients on one GPU)"
 
 
 def _non_empty(v: Any) -> str | None:
@@ -66,24 +86,44 @@ SETTINGS: dict[str, Setting] = {
         "method: fedrouter, oracle (routes by true task label), local, fedit, feddpa, fedsa, ifca, zeroshot (the "
         "base model, no adapter), or one registered as a plugin (FEDROUTER_PLUGINS)",
     ),
-    "run.seed": Setting(int, 0, "seed for data split, clustering, initialisation and training"),
-    "run.rounds": Setting(int, 3, "federated training rounds (0: cluster only)", _at_least(0)),
+    "run.seed": Setting(
+        int,
+        0,
+        "seed for data split, clustering, initialisation and training",
+        _within(0, 2**31 - 1, "numpy and scikit-learn take seeds below 2**32"),
+    ),
+    "run.rounds": Setting(
+        int,
+        3,
+        "federated training rounds (0: cluster only)",
+        _within(0, 10_000, "more than any run needs: the paper runs 25"),
+    ),
     "run.output_dir": Setting(str, "runs", "folder under which each run writes its own run folder"),
     "run.name": Setting(str, "", "run folder name (default: time stamp and scenario)"),
     "run.resume": Setting(str, "", "a run folder to go on from (its checkpoint); empty: a new run"),
-    "run.min_clients": Setting(int, 0, "wait for this many clients (0: data.num_clients)", _at_least(0)),
-    "run.reply_timeout_s": Setting(float, 3600.0, "seconds to wait for client replies per phase", _at_least(1)),
+    "run.min_clients": Setting(
+        int,
+        0,
+        "wait for this many clients (0: data.num_clients)",
+        _within(0, MAX_CLIENTS, "the most clients data.num_clients allows"),
+    ),
+    "run.reply_timeout_s": Setting(
+        float,
+        3600.0,
+        "seconds to wait for client replies per phase",
+        _within(1, 7 * 86_400, "a week: a client silent for longer is gone"),
+    ),
     "run.min_replies": Setting(
         int,
         1,
         "a phase counts only with this many valid client replies (a round below it keeps its adapters)",
-        _at_least(1),
+        _within(1, MAX_CLIENTS, "the most clients data.num_clients allows"),
     ),
     "run.client_cpus": Setting(
         float,
         0.0,
         "CPU cores per simulated client (0: all of them, one client at a time); fewer lets clients train in parallel",
-        _at_least(0),
+        _within(0, MAX_CORES, "more cores than any machine has"),
     ),
     "run.client_gpus": Setting(
         str,
@@ -160,14 +200,17 @@ SETTINGS: dict[str, Setting] = {
         _one_of("scenario", "column", "dirichlet", "files"),
     ),
     "data.dirichlet_alpha": Setting(
-        float, 0.5, "data.partition = 'dirichlet': concentration (small: each client holds few tasks)", _at_least(1e-3)
+        float,
+        0.5,
+        "data.partition = 'dirichlet': concentration (small: each client holds few tasks)",
+        _within(1e-3, 1e6, "beyond it every client holds the same task mix: use data.scenario = 'iid'"),
     ),
     "data.num_clients": Setting(
         int,
         4,
         "number of clients (data partitions); 0: as many as the federation has, one per SuperNode (only under "
         "`flwr run`, where the server counts the SuperNodes; `fedrouter run` needs a number)",
-        _at_least(0),
+        _within(0, MAX_CLIENTS, "each client is a data partition held in memory and a Ray actor"),
     ),
     "data.scenario": Setting(
         str, "dual", "data.partition = 'scenario': task split over clients", _one_of("single", "dual", "all", "iid")
@@ -176,12 +219,57 @@ SETTINGS: dict[str, Setting] = {
         int,
         48,
         "training samples per client (data.partition 'scenario'; the others give each client all of its own)",
-        _at_least(1),
+        _within(1, 10_000_000, "more than a client can embed and train on"),
     ),
-    "data.test_per_task": Setting(int, 4, "test samples per (client, task)", _at_least(1)),
+    "data.test_per_task": Setting(
+        int, 4, "test samples per (client, task)", _within(1, MAX_TEST, "each test sample is a generated answer")
+    ),
     "data.test_per_task_overrides": Setting(str, "", "per-task test counts, e.g. 'qqp=64,webnlg=16' (empty: none)"),
     "data.tasks": Setting(str, "", "comma-separated tasks to keep (empty: all tasks in the source)"),
-    "data.synthetic_size": Setting(int, 240, "samples per task generated by the synthetic source", _at_least(8)),
+    "data.synthetic_size": Setting(
+        int,
+        240,
+        "samples per task generated by the synthetic source",
+        _within(8, 100_000, "generated in memory; a large dataset belongs in a file"),
+    ),
+    # Limits on what a data file may hold, checked as it is read (docs/data.md). The defaults hold real datasets:
+    # instruction and chat sets (Alpaca 22 MB / 52k rows, Dolly 13 MB / 15k rows, ShareGPT ~0.7 GB / 94k chats,
+    # SlimOrca 518k rows) have texts of at most tens of KB, long-document summarization (arXiv, GovReport, BookSum
+    # chapters) of a few hundred KB. A text of 1 MiB is ~250k tokens, longer than any model.max_seq_len reads, so
+    # one beyond it is a broken row (a whole document dumped into a field) rather than a long sample; it would cost
+    # minutes and GBs in tokenization and evaluation before being cut to model.max_seq_len tokens anyway.
+    "data.max_file_bytes": Setting(
+        int,
+        GIB,
+        "largest data file read, in bytes (1073741824 = 1 GiB), checked before the file is opened: a file is read "
+        "into memory whole (its text, rows and samples: several times its size), in every process that reads it",
+        _within(KIB, 1024 * GIB, "more memory than any machine has"),
+    ),
+    "data.max_rows": Setting(
+        int,
+        1_000_000,
+        "most rows of one data file (or saved split): more is an error naming the file; raise it, or split the file "
+        "(rows are never dropped: cutting a file sorted by task would drop whole tasks)",
+        _within(1, 1_000_000_000, "every row is a sample held in memory and embedded"),
+    ),
+    "data.max_sample_bytes": Setting(
+        int,
+        MIB,
+        "longest text of a sample, in UTF-8 bytes (1048576 = 1 MiB), per field: a prompt, input, system prompt, "
+        "answer, reference or chat turn (an id or client name too); data.on_too_long says what happens beyond. "
+        "Token lengths are bounded apart from this: at tokenization every sample is shortened to "
+        "model.max_seq_len tokens (a prompt keeps its start and end, an answer its start)",
+        _within(KIB, GIB, "a text this long is never read whole: model.max_seq_len tokens are"),
+    ),
+    "data.on_too_long": Setting(
+        str,
+        "refuse",
+        "a text longer than data.max_sample_bytes: 'refuse' (an error naming file, row and field) or 'truncate' "
+        "(cut to that many bytes: a prompt, input, system prompt or user turn keeps its start and end around ' … ', "
+        "as model.max_seq_len shortening does, an answer or reference its start; the count of samples cut is "
+        "logged per file); ids and client names are never cut",
+        _one_of("refuse", "truncate"),
+    ),
     # --- model ---
     "model.name": Setting(
         str,
@@ -195,10 +283,20 @@ SETTINGS: dict[str, Setting] = {
         "'auto' (bf16 compute where the hardware has it), 'bf16' or 'fp32'",
         _one_of("auto", "bf16", "fp32"),
     ),
-    "model.max_seq_len": Setting(int, 256, "tokens per training sample (prompt + answer)", _at_least(16)),
-    "model.embed_batch_size": Setting(int, 32, "samples per embedding forward pass", _at_least(1)),
+    "model.max_seq_len": Setting(
+        int,
+        256,
+        "tokens per training sample (prompt + answer); longer samples are shortened to it",
+        _within(16, MAX_TOKENS, "the longest context of current models"),
+    ),
+    "model.embed_batch_size": Setting(
+        int, 32, "samples per embedding forward pass", _within(1, 4096, "one pass holds the whole batch in memory")
+    ),
     "model.threads": Setting(
-        int, 0, "torch CPU threads (0: run.client_cpus where set, else the library default)", _at_least(0)
+        int,
+        0,
+        "torch CPU threads (0: run.client_cpus where set, else the library default)",
+        _within(0, MAX_CORES, "more cores than any machine has"),
     ),
     "model.quantization": Setting(
         str,
@@ -210,13 +308,22 @@ SETTINGS: dict[str, Setting] = {
         bool, False, "recompute activations in the backward pass: less memory for longer sequences, slower steps"
     ),
     # --- lora ---
-    "lora.r": Setting(int, 8, "LoRA rank", _at_least(1)),
-    "lora.alpha": Setting(float, 16.0, "LoRA alpha", _at_least(0)),
+    "lora.r": Setting(int, 8, "LoRA rank", _within(1, 1024, "a rank this high is no longer low-rank")),
+    "lora.alpha": Setting(
+        float, 16.0, "LoRA alpha", _within(0, 10_000, "the update is scaled by alpha / r: usually 1 to 4 x r")
+    ),
     "lora.dropout": Setting(float, 0.05, "LoRA dropout", _between(0.0, 0.9)),
     "lora.target_modules": Setting(str, "q_proj,v_proj", "comma-separated module names to adapt", _non_empty),
     # --- train ---
-    "train.local_steps": Setting(int, 4, "optimizer steps per scheduled adapter per round", _at_least(1)),
-    "train.batch_size": Setting(int, 8, "samples per step", _at_least(1)),
+    "train.local_steps": Setting(
+        int,
+        4,
+        "optimizer steps per scheduled adapter per round",
+        _within(1, 100_000, "one round would train for days"),
+    ),
+    "train.batch_size": Setting(
+        int, 8, "samples per step", _within(1, 4096, "one step holds the whole batch in memory")
+    ),
     "train.lr": Setting(float, 5e-4, "learning rate", _between(0.0, 1.0)),
     "train.lr_schedule": Setting(str, "cosine", "learning rate over rounds", _one_of("constant", "cosine")),
     "train.lr_min_ratio": Setting(float, 0.1, "cosine schedule's final lr / lr", _between(0.0, 1.0)),
@@ -251,7 +358,10 @@ SETTINGS: dict[str, Setting] = {
         _between(0.0, 1.0),
     ),
     "cluster.edge_tokens": Setting(
-        int, 32, "embedding 'prompt': how many of the input's first and last tokens the second part pools", _at_least(1)
+        int,
+        32,
+        "embedding 'prompt': how many of the input's first and last tokens the second part pools",
+        _within(1, MAX_TOKENS, "the longest context of current models"),
     ),
     "cluster.embed_scale": Setting(
         str,
@@ -261,7 +371,9 @@ SETTINGS: dict[str, Setting] = {
         _one_of("reference", "none"),
     ),
     "cluster.local_k": Setting(str, "auto", "local clusters per client: 'auto' (silhouette) or a number", _k_setting),
-    "cluster.local_k_max": Setting(int, 6, "largest k tried by the local silhouette search", _at_least(1)),
+    "cluster.local_k_max": Setting(
+        int, 6, "largest k tried by the local silhouette search", _within(1, 256, "K-Means is fitted for every k")
+    ),
     "cluster.local_space": Setting(
         str,
         "centred",
@@ -286,7 +398,9 @@ SETTINGS: dict[str, Setting] = {
     "cluster.global_threshold": Setting(
         float, 0.4, "agglomerative: groups closer than this cosine distance merge", _between(0.01, 2.0)
     ),
-    "cluster.global_k_max": Setting(int, 16, "largest k tried by the global silhouette search", _at_least(1)),
+    "cluster.global_k_max": Setting(
+        int, 16, "largest k tried by the global silhouette search", _within(1, MAX_K, "K-Means is fitted for every k")
+    ),
     "cluster.global_metric": Setting(
         str,
         "cosine",
@@ -319,28 +433,77 @@ SETTINGS: dict[str, Setting] = {
         1.5,
         "a client joining after global clustering opens a new global cluster when its centroid is farther than "
         "this factor x the widest global cluster's radius from every global centroid",
-        _at_least(0),
+        _within(0, 1000, "1000 radii away already never opens one"),
+    ),
+    # --- aggregate (per global cluster; on updates = uploaded adapter minus the adapter sent that round) ---
+    "aggregate.rule": Setting(
+        str,
+        "mean",
+        "how each global cluster's updates combine: 'mean' (weighted by local cluster sample counts), 'median' "
+        "(coordinate-wise, Flower's FedMedian), 'trimmed-mean' (Flower's, cutting aggregate.trim), 'krum' / "
+        "'multi-krum' (Flower's selection, assuming aggregate.byzantine malicious clients, then the weighted mean)",
+        _one_of("mean", "median", "trimmed-mean", "krum", "multi-krum"),
+    ),
+    "aggregate.trim": Setting(
+        float,
+        0.2,
+        "trimmed-mean: fraction of the largest and of the smallest values cut per coordinate",
+        _between(0.0, 0.49, "half or more would cut everything"),
+    ),
+    "aggregate.byzantine": Setting(
+        int, 0, "krum / multi-krum: how many clients are assumed malicious", _within(0, MAX_CLIENTS, "clients")
+    ),
+    "aggregate.krum_select": Setting(
+        int,
+        0,
+        "multi-krum: how many updates are selected and averaged (0: all but aggregate.byzantine)",
+        _within(0, MAX_CLIENTS, "clients"),
+    ),
+    "aggregate.max_samples": Setting(
+        int,
+        0,
+        "cap on the sample count (weight) of one update, on top of the count the client reported at clustering "
+        "(0: no cap)",
+        _within(0, 2**62, "int64"),
+    ),
+    "aggregate.norm_bound": Setting(
+        float,
+        0.0,
+        "bound on each update's L2 norm, as a multiple of its global cluster's median update norm that round; needs "
+        "a few updates per cluster (0: off)",
+        _within(0, 1e6, "a bound a million times the median bounds nothing"),
+    ),
+    "aggregate.norm_action": Setting(
+        str,
+        "clip",
+        "an update above aggregate.norm_bound: 'clip' (scaled down to the bound) or 'reject' (the reply is rejected)",
+        _one_of("clip", "reject"),
     ),
     # --- privacy ---
     "privacy.centroid_clip": Setting(
         float,
         0.0,
         "clip each sample embedding to this L2 norm before uploaded centroids are averaged (0: off)",
-        _at_least(0),
+        _within(0, 1e6, "larger than any embedding's norm: 0 turns clipping off"),
     ),
     "privacy.centroid_noise": Setting(
         float,
         0.0,
         "Gaussian noise on uploaded centroids: std = this x centroid_clip / cluster size (0: off)",
-        _at_least(0),
+        _within(0, 10_000, "noise this large erases every centroid"),
     ),
     "privacy.update_clip": Setting(
         float,
         0.0,
         "Flower's LocalDpMod: clip each uploaded adapter update to this L2 norm and add noise (0: off)",
-        _at_least(0),
+        _within(0, 1e6, "larger than any update's norm: 0 turns LocalDpMod off"),
     ),
-    "privacy.update_epsilon": Setting(float, 0.0, "LocalDpMod's privacy budget epsilon per round", _at_least(0)),
+    "privacy.update_epsilon": Setting(
+        float,
+        0.0,
+        "LocalDpMod's privacy budget epsilon per round",
+        _within(0, 1e6, "an epsilon this large protects nothing: privacy.update_clip = 0 turns LocalDpMod off"),
+    ),
     "privacy.update_delta": Setting(float, 1e-5, "LocalDpMod's delta", _between(0.0, 1.0)),
     # --- evaluation ---
     "eval.sets": Setting(
@@ -351,15 +514,20 @@ SETTINGS: dict[str, Setting] = {
     ),
     "eval.routing": Setting(str, "both", "router mode(s) to evaluate", _one_of("local", "global", "both")),
     "eval.max_new_tokens": Setting(
-        int, 48, "longest generated answer, in tokens, the same for every test sample", _at_least(1)
+        int,
+        48,
+        "longest generated answer, in tokens, the same for every test sample",
+        _within(1, 32_768, "an answer this long is a runaway generation"),
     ),
-    "eval.batch_size": Setting(int, 16, "prompts per generation batch", _at_least(1)),
+    "eval.batch_size": Setting(
+        int, 16, "prompts per generation batch", _within(1, 4096, "one batch holds every prompt in memory")
+    ),
     "eval.round_samples": Setting(
         int,
         0,
         "after every round, score this many personalized test samples per (client, task) for a learning curve "
         "(0: only the final evaluation)",
-        _at_least(0),
+        _within(0, MAX_TEST, "each test sample is a generated answer"),
     ),
     "eval.report_labels": Setting(
         bool,
@@ -399,20 +567,45 @@ def _coerce(key: str, value: Any, setting: Setting, where: str) -> Any:
             else:
                 value = expected(text)
         except ValueError:
-            raise ConfigError(f"{where}: setting '{key}' expects {expected.__name__}, got {value!r}") from None
+            raise ConfigError(
+                f"{where}: setting '{key}' expects {expected.__name__}, got {_shown(value)}{_whole_hint(expected, text)}"
+            ) from None
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ConfigError(f"{where}: setting '{key}' must be a finite number, got {_shown(value)}") from None
     if expected is str and isinstance(value, int | float) and not isinstance(value, bool):
         value = str(value)  # e.g. cluster.local_k = 3 in TOML
     if expected is str and isinstance(value, list):
         value = ",".join(str(v) for v in value)  # e.g. lora.target_modules = ["q_proj", "v_proj"]
     if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
-        raise ConfigError(f"{where}: setting '{key}' expects {expected.__name__}, got {type(value).__name__} {value!r}")
+        hint = _whole_hint(expected, value) if isinstance(value, float) else ""
+        raise ConfigError(
+            f"{where}: setting '{key}' expects {expected.__name__}, got {type(value).__name__} {_shown(value)}{hint}"
+        )
     if expected is float and not math.isfinite(value):
         raise ConfigError(f"{where}: setting '{key}' must be a finite number, got {value!r}")
     if setting.check is not None and (reason := setting.check(value)):
-        raise ConfigError(f"{where}: setting '{key}' must be {reason}, got {value!r}")
+        raise ConfigError(f"{where}: setting '{key}' must be {reason}, got {_shown(value)}")
     return value
+
+
+def _shown(value: Any) -> str:
+    """A value as an error message quotes it: its repr, cut in the middle when long (one line, readable)."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:40]}...{text[-12:]} ({len(text)} characters)"
+
+
+def _whole_hint(expected: type, value: Any) -> str:
+    """Why a number such as '1e20' or 8.0 is not an int: whole numbers are written in digits."""
+    if expected is not int:
+        return ""
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return ""
+    return " (a whole number is written in digits, without a decimal point or exponent)"
 
 
 _methods_registered = False
@@ -523,10 +716,13 @@ class Config(Mapping[str, Any]):
         """Parse 'task=number,task=number' settings."""
         result: dict[str, int] = {}
         for item in self.list(key):
-            task, sep, number = item.partition("=")
-            if not sep or not task.strip() or not number.strip().isdigit() or int(number) < 1:
-                raise ConfigError(f"{where}: setting '{key}' expects 'task=number' items (number >= 1), got {item!r}")
-            result[task.strip()] = int(number)
+            task, sep, number = (part.strip() for part in item.partition("="))
+            whole = number.isascii() and number.isdigit() and len(number) <= 6
+            if not sep or not task or not whole or not 1 <= int(number) <= MAX_TEST:
+                raise ConfigError(
+                    f"{where}: setting '{key}' expects 'task=number' items (number from 1 to {MAX_TEST}), got {item!r}"
+                )
+            result[task] = int(number)
         return result
 
     def cluster_k(self, key: str) -> int | str:

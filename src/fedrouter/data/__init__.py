@@ -39,7 +39,7 @@ def read_samples(source: str, reading: Reading, synthetic_size: int, seed: int) 
         )
     split: dict[str, tuple] = {}
     layouts: list[tuple[str, Layout]] = []
-    for name, tables in read_source(path).items():
+    for name, tables in read_source(path, reading).items():
         samples: list[Sample] = []
         for table in tables:
             rows, layout = table_samples(table, reading)
