@@ -1,17 +1,27 @@
-"""What a client accepts from the server: the real handlers, fed oversized, mis-shaped and non-finite payloads.
+"""What a client accepts from the server: the real handlers, fed oversized, mis-shaped and non-finite payloads;
+and what the server accepts from clients: exact metrics, and poisoned updates (``benchmarks/attacks.py``) that the
+``aggregate.*`` guards keep out of the shared adapter.
 
-(The server's side, replies from misbehaving clients, is exercised end to end in test_faults.py.)
+(Crashes and malformed arrays from clients are exercised end to end in test_faults.py.)
 """
+
+import sys
 
 import numpy as np
 import pytest
-from conftest import tiny_settings
+from conftest import ROOT, tiny_settings
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedrouter.config import Config
 from fedrouter.errors import ReplyError
 from fedrouter.federated import client
-from fedrouter.federated.records import config_record, from_record, to_record
+from fedrouter.federated.checkpoint import load_checkpoint
+from fedrouter.federated.records import check_evaluation, check_metric_keys, config_record, from_record, to_record
+from fedrouter.simulation import run_experiment
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from attacks import INFLATED_CONSTANT, Attack, attack_app
 
 
 @pytest.fixture
@@ -121,3 +131,69 @@ def test_client_refines_with_the_servers_centroids_and_refuses_ones_that_do_not_
     for pattern, centers in cases.items():
         with pytest.raises(ReplyError, match=pattern):
             refine(centers)
+
+
+def test_server_rejects_metrics_that_are_missing_unexpected_or_out_of_range():
+    check_metric_keys({"a": 1.0, "b": 2.0}, "client 1", ["a", "b"])
+    for values, pattern in (({"a": 1.0}, r"missing \['b'\]"), ({"a": 1.0, "b": 2.0, "c": 0.0}, r"unexpected \['c'\]")):
+        with pytest.raises(ReplyError, match=pattern):
+            check_metric_keys(values, "client 1", ["a", "b"])
+    # Scores are percentages per sample: two samples sum to at most 200.
+    scores = {f"personalized.local.sorting.{s}": 150.0 for s in ("rouge1", "rouge2", "rougeL", "exact_match")}
+    good = scores | {"personalized.local.sorting.n": 2.0, "personalized.local.sorting.route.0": 2.0}
+    good |= {"answers_crc32": 7.0, "eval_s": 0.1, "model_loads": 1.0, "generated_tokens": 8.0}
+    check_evaluation(good, "client 1", ["personalized"], ["local", "global"])
+    bad = {
+        "unexpected metric 'generalization": good | {"generalization.local.sorting.n": 2.0},
+        "unexpected metric 'personalized.other": good | {"personalized.other.sorting.n": 2.0},
+        "unexpected metric 'x'": good | {"x": 1.0},
+        "needs a whole count": {k: v for k, v in good.items() if not k.endswith(".rouge2")},
+        "score sum is outside": good | {"personalized.local.sorting.rouge1": 200.5},
+        "score sum is outside ": good | {"personalized.local.sorting.rouge1": -0.5},
+        "route counts add up to more": good | {"personalized.local.sorting.route.1": 1.0},
+        "missing \\['eval_s'\\]": {k: v for k, v in good.items() if k != "eval_s"},
+    }
+    for pattern, values in bad.items():
+        with pytest.raises(ReplyError, match=pattern.strip()):
+            check_evaluation(values, "client 1", ["personalized"], ["local", "global"])
+
+
+def _max_abs(run_dir) -> float:
+    state, _ = load_checkpoint(run_dir)
+    return max(float(np.abs(v).max()) for arrays in state.shared.values() for v in arrays.values())
+
+
+@pytest.mark.slow
+def test_a_reply_without_its_loss_is_rejected_and_a_poisoned_client_is_outvoted_by_the_median(tmp_path):
+    """Client 3 leaves out ``loss.*`` in round 1; client 1 claims a million times its samples and uploads an adapter
+    of 1000.0 every round (the weighted mean would end at about 1000 in every weight)."""
+    settings = tiny_settings(tmp_path, **{"data.num_clients": 4, "run.method": "fedit", "aggregate.rule": "median"})
+    app = attack_app({1: INFLATED_CONSTANT, 3: Attack(drop_loss=True, rounds=(1,))})
+    run_dir, metrics = run_experiment(Config(settings), tmp_path / "poisoned", client_app=app)
+    first, second = metrics["rounds"]
+    assert list(first["rejected"]) == ["client 3"] and "missing ['loss.global']" in first["rejected"]["client 3"]
+    assert second["rejected"] == {} and first["counted"] and second["robust"]["rule"] == "median"
+    assert (run_dir / "metrics.json").is_file() and metrics["evaluation"]["missing_clients"] == {}
+    assert _max_abs(run_dir) < 10
+
+
+@pytest.mark.slow
+def test_an_update_far_above_the_median_norm_is_rejected_by_name(tmp_path):
+    settings = tiny_settings(
+        tmp_path,
+        **{
+            "data.num_clients": 4,
+            "run.method": "fedit",
+            "run.rounds": 1,
+            "eval.sets": "none",
+            "aggregate.norm_bound": 3.0,
+            "aggregate.norm_action": "reject",
+        },
+    )
+    run_dir, metrics = run_experiment(
+        Config(settings), tmp_path / "scaled", client_app=attack_app({2: Attack(scale=100.0)})
+    )
+    (record,) = metrics["rounds"]
+    assert list(record["rejected"]) == ["client 2"] and "above the bound" in record["rejected"]["client 2"]
+    assert list(record["robust"]["rejected"]) == ["client 2"] and record["counted"] and record["accepted"] == 3
+    assert _max_abs(run_dir) < 10

@@ -39,8 +39,8 @@ def parse_clusters(reply: Message, cfg: Config, method: Method, hidden: int | No
     if not 1 <= k <= k_limit:
         raise ReplyError(f"{who}: sent {k} local clusters (expected 1..{k_limit})")
     counts = check_array(clusters.get("counts"), f"{who} counts", shape=(k,), kind="i")
-    if (counts < 1).any():
-        raise ReplyError(f"{who}: every local cluster must count at least one sample")
+    if (counts < 1).any() or (counts > records.MAX_METRIC).any():  # bounded: sums of counts cannot wrap around
+        raise ReplyError(f"{who}: every local cluster must count at least one sample (and at most 1e15)")
     spreads = None
     if "spreads" in clusters:
         spreads = check_array(clusters["spreads"], f"{who} spreads", shape=(k,))
@@ -80,7 +80,10 @@ def cluster_clients(
         figures["bytes_up"] += record_bytes(*reply.content.array_records.values())
         try:
             values = get_metrics(reply.content, "metrics", who)
+            records.check_metric_keys(values, who, records.CLUSTER_METRICS)
             parsed = parse_clusters(reply, cfg, method, hidden)
+            if values["num_samples"] != parsed.num_samples:
+                raise ReplyError(f"{who}: reports {values['num_samples']:g} samples, its clusters {parsed.num_samples}")
             if parsed.client_id in taken:
                 raise ReplyError(f"{who}: client id {parsed.client_id} is already taken by another node")
         except ReplyError as err:

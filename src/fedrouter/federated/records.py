@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
+from fedrouter.algorithm.evaluation import SCORES, parse_eval_key
 from fedrouter.arrays import Arrays
 from fedrouter.config import Config, ConfigError
 from fedrouter.errors import ReplyError
@@ -25,6 +26,11 @@ TRAIN = "train"
 EVALUATE = "evaluate"
 
 MAX_ADAPTER_ELEMENTS = 200_000_000  # far above any LoRA adapter, far below a leaked embedding matrix x 10
+MAX_METRIC = 1e15  # far above any count, time or loss; a million such values still sum to a finite float
+# The metrics each reply carries besides its per-job (training) or per-test-set (evaluation) figures.
+CLUSTER_METRICS = ("embed_s", "cluster_s", "num_samples", "model_loads")
+TRAIN_METRICS = ("train_s", "model_loads")
+EVALUATION_METRICS = ("answers_crc32", "eval_s", "model_loads", "generated_tokens")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 
 
@@ -56,14 +62,66 @@ def get_arrays(content, key: str, who: str) -> Arrays:
 
 
 def get_metrics(content, key: str, who: str) -> dict[str, float]:
+    """A reply's metric record: numbers only, finite and below ``MAX_METRIC`` (sums of them stay finite)."""
     if key not in content.metric_records:
         raise ReplyError(f"{who}: missing metric record '{key}'")
     values: dict[str, float] = {}
     for name, value in content.metric_records[key].items():
         if isinstance(value, list) or not isinstance(value, int | float) or not math.isfinite(value):
             raise ReplyError(f"{who}: metric '{name}' must be a finite number, got {value!r}")
+        if abs(value) > MAX_METRIC:
+            raise ReplyError(f"{who}: metric '{name}' = {value!r} is beyond {MAX_METRIC:g}")
         values[name] = float(value)
     return values
+
+
+def check_metric_keys(values: Mapping[str, float], who: str, expected: Iterable[str]) -> None:
+    """A reply's metrics must be exactly ``expected``: one missing, or one nobody asked for, rejects the reply."""
+    expected = set(expected)
+    missing, extra = sorted(expected - set(values)), sorted(set(values) - expected)
+    if missing or extra:
+        raise ReplyError(
+            f"{who}: metrics differ from the expected ones (missing {missing[:3]}, unexpected {extra[:3]})"
+        )
+
+
+SCORE_MAX = 100.0  # ROUGE and exact match are percentages per sample (algorithm.metrics)
+
+
+def check_evaluation(values: Mapping[str, float], who: str, sets: Iterable[str], modes: Iterable[str]) -> None:
+    """An evaluation reply: ``EVALUATION_METRICS`` and, per (test set asked for, mode, task), a whole count
+    ``n`` >= 1, every score's sum within [0, 100 n], and (routers) whole route counts that add up to at most n."""
+    sets, modes = set(sets), set(modes)
+    groups: dict[tuple[str, str, str], dict[str, float]] = {}
+    routes: dict[tuple[str, str, str], float] = {}
+    for key, value in values.items():
+        if key in EVALUATION_METRICS:
+            continue
+        parsed = parse_eval_key(key)
+        if parsed is None or parsed.set_name not in sets or parsed.mode not in modes:
+            raise ReplyError(f"{who}: unexpected metric '{key}'")
+        check_name(parsed.task, f"{who} metric '{key}'")
+        group = (parsed.set_name, parsed.mode, parsed.task)
+        if parsed.adapter is not None:
+            if value < 0 or value != int(value):
+                raise ReplyError(f"{who}: metric '{key}' must be a whole count >= 0, got {value!r}")
+            routes[group] = routes.get(group, 0.0) + value
+        elif parsed.metric in (*SCORES, "n"):
+            groups.setdefault(group, {})[parsed.metric] = value
+        else:
+            raise ReplyError(f"{who}: unexpected metric '{key}'")
+    check_metric_keys({k: v for k, v in values.items() if k in EVALUATION_METRICS}, who, EVALUATION_METRICS)
+    for group, sums in groups.items():
+        n = sums.get("n", 0.0)
+        where = f"{who}: test set {'/'.join(group)}"
+        if n < 1 or n != int(n) or set(sums) != {*SCORES, "n"}:
+            raise ReplyError(f"{where}: needs a whole count n >= 1 and every score ({', '.join(SCORES)})")
+        if any(not 0 <= sums[score] <= SCORE_MAX * n for score in SCORES):
+            raise ReplyError(f"{where}: a score sum is outside [0, {SCORE_MAX:g} x n = {SCORE_MAX * n:g}]")
+        if routes.get(group, 0.0) > n:
+            raise ReplyError(f"{where}: route counts add up to more than n = {n:g}")
+    if set(routes) - set(groups):
+        raise ReplyError(f"{who}: route counts for a test set without scores")
 
 
 def check_array(value: np.ndarray, what: str, *, shape: tuple[int | None, ...], kind: str = "f") -> np.ndarray:

@@ -17,16 +17,17 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedrouter import discovery
-from fedrouter.algorithm.aggregation import aggregate_clusters
+from fedrouter.algorithm.aggregation import Update
 from fedrouter.algorithm.evaluation import summarize_evaluation
 from fedrouter.algorithm.scheduling import learning_rate
 from fedrouter.arrays import Arrays
 from fedrouter.config import Config
 from fedrouter.errors import ReplyError, RunError
-from fedrouter.federated import membership, records, wire
+from fedrouter.federated import membership, records, robust, wire
 from fedrouter.federated.checkpoint import ServerState, load_checkpoint, save_checkpoint
 from fedrouter.federated.records import (
     check_adapter,
+    check_metric_keys,
     check_new_adapter,
     config_record,
     get_arrays,
@@ -246,30 +247,35 @@ class FederatedRun:
         phase = f"training round {r + 1}"
         names = {node: f"client {c.client_id}" for node, c in by_node.items()}
         replies, rejected = exchange(self.grid, messages, run, phase, cfg["run.reply_timeout_s"], names)
-        updates, losses = [], defaultdict(list)
-        bytes_up = 0
+        updates, reported, bytes_up = [], {}, 0
         for reply in replies:
             node = reply.metadata.src_node_id
             who = names[node]
             bytes_up += record_bytes(*reply.content.array_records.values())
             try:  # every part of a reply is checked before any of it is used
                 values = get_metrics(reply.content, "metrics", who)
-                mine, my_losses = self._read_update(reply, by_node[node], plan[node], values, who)
+                mine, reported[who] = self._read_update(reply, by_node[node], plan[node], values, who)
             except ReplyError as err:
                 rejected[who] = str(err)
                 reject(run, phase, who, str(err))
                 continue
             updates += mine
-            for key, loss in my_losses.items():
-                losses[key].append(loss)
             state.metrics["model_loads_per_process"] = max(
-                state.metrics.get("model_loads_per_process", 0), int(values.get("model_loads", 0))
+                state.metrics.get("model_loads_per_process", 0), int(values["model_loads"])
             )
+        updates, guarded = robust.screen(cfg, state.shared, updates)  # weight caps, update-norm bounds
+        for who, why in guarded["rejected"].items():
+            rejected[who] = why
+            reject(run, phase, who, why)
+        losses = defaultdict(list)  # of the replies still accepted
+        for mine in (reported[who] for who in reported if who not in rejected):
+            for key, loss in mine.items():
+                losses[key].append(loss)
         accepted = len(active) - len(rejected)
         counted = accepted >= cfg["run.min_replies"]
         weights: dict = {}
         if counted:
-            state.shared, weights = aggregate_clusters(state.shared, updates)
+            state.shared, weights, guarded["selected"] = robust.combine(cfg, state.shared, updates)
         else:
             run.event("round_not_counted", round=r + 1, accepted=accepted, min_replies=cfg["run.min_replies"])
         return {
@@ -287,30 +293,35 @@ class FederatedRun:
             },
             "bytes_up": bytes_up,
             "bytes_down": bytes_down,
+            "robust": guarded,  # what aggregate.* capped, clipped, rejected and selected
         }
 
     def _read_update(
         self, reply: Message, client: ClientClusters, offered: list[Job], values: dict, who: str
-    ) -> tuple[list[tuple[str, Arrays, float]], dict[str, float]]:
+    ) -> tuple[list[Update], dict[str, float]]:
         """A client's trained jobs, checked: the jobs the method accepts, on the expected samples, adapters of
-        the right shapes. The updates (shared adapter, arrays, weight) and the loss per adapter."""
+        the right shapes, exactly the expected metrics. The updates (shared adapter, arrays, weight, who) and the
+        loss per adapter."""
         shapes = {key: value.shape for key, value in self.state.initial.items()}
         trained = [job for job in offered if wire.samples_key(job.name) in values]
         if not self.method.accepts(offered, trained):
             names = [job.name for job in trained]
             raise ReplyError(f"{who}: trained jobs {names}, not what method {self.method.name!r} asked for")
+        per_job = (key(job.name) for job in trained for key in (wire.loss_key, wire.samples_key))
+        check_metric_keys(values, who, [*records.TRAIN_METRICS, *per_job])
         updates, losses = [], {}
         for job in trained:
             count = values[wire.samples_key(job.name)]
             expected = client.num_samples if job.local_cluster is None else client.counts[job.local_cluster]
             if count != expected:
                 raise ReplyError(f"{who}: trained job '{job.name}' on {count} samples, expected {expected}")
-            losses[job.shared or f"personal:{job.name}"] = values.get(wire.loss_key(job.name), float("nan"))
+            losses[job.shared or f"personal:{job.name}"] = values[wire.loss_key(job.name)]
             if job.shared is None or job.part == "none":
                 continue
             reference = {key: shapes[key] for key in part_of(self.state.initial, job.part)}
             arrays = get_arrays(reply.content, wire.adapter_key(job.name), who)
-            updates.append((job.shared, check_adapter(arrays, reference, f"{who} adapter {job.name}"), float(count)))
+            adapter = check_adapter(arrays, reference, f"{who} adapter {job.name}")
+            updates.append(Update(job.shared, adapter, float(count), who))
         return updates, losses
 
     # --- 7: evaluation ---
@@ -350,7 +361,9 @@ class FederatedRun:
             client = next(c for c in active if c.node_id == reply.metadata.src_node_id)
             who = f"client {client.client_id}"
             try:
-                per_client[client.client_id] = get_metrics(reply.content, "metrics", who)
+                values = get_metrics(reply.content, "metrics", who)
+                records.check_evaluation(values, who, subset.get("sets", cfg.eval_sets), method.modes(cfg))
+                per_client[client.client_id] = values
             except ReplyError as err:
                 missing[who] = str(err)
                 reject(run, phase, who, str(err))
