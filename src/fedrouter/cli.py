@@ -15,6 +15,13 @@ from fedrouter.config import SETTINGS, Config, load_config, parse_overrides
 from fedrouter.errors import ConfigError, FedRouterError
 
 DEFAULT_BENCH_OUT = Path("benchmarks/results")
+LOST_CLIENTS = 3  # the exit status of a run that finished without some client
+EXIT_STATUS = (
+    "exit status: 0 the run finished and every client took part through the end; 3 it finished, but some client "
+    "was lost (never joined, crashed, its node died, no reply in time, or a reply was rejected): the summary names "
+    "each one and the phases it missed; 1 the run failed; 2 a setting or input error"
+)
+ALLOW_LOST = "exit 0 also when the run finished without some client (the summary still names them)"
 
 # Shortcuts for the most used settings; every setting is also reachable as KEY=VALUE.
 SHORTCUTS = {
@@ -33,12 +40,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedrouter", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="run a federated experiment in Flower's simulation")
+    run = commands.add_parser("run", help="run a federated experiment in Flower's simulation", epilog=EXIT_STATUS)
     run.add_argument("--config", type=Path, help="TOML file of settings (see `fedrouter config`)")
     for flag, key in SHORTCUTS.items():
         run.add_argument(f"--{flag}", dest=key, help=f"same as {key}=VALUE")
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="any setting, e.g. train.lr=1e-4")
     run.add_argument("--quiet", action="store_true", help="no progress display")
+    run.add_argument("--allow-lost-clients", action="store_true", help=ALLOW_LOST)
     run.add_argument(
         "--resume", type=Path, metavar="RUN_DIR", help="go on with an interrupted run from its last checkpoint"
     )
@@ -46,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     deploy = commands.add_parser(
         "deploy-local",
         help="run on a real Flower deployment on this machine: a SuperLink and N SuperNodes on loopback",
+        epilog=EXIT_STATUS,
     )
     deploy.add_argument(
         "--nodes", type=int, required=True, help="SuperNodes to start, one client each (sets data.num_clients)"
@@ -62,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
         deploy.add_argument(f"--{flag}", dest=key, help=f"same as {key}=VALUE")
     deploy.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="any setting, e.g. train.lr=1e-4")
     deploy.add_argument("--quiet", action="store_true", help="no progress display")
+    deploy.add_argument("--allow-lost-clients", action="store_true", help=ALLOW_LOST)
 
     gen = commands.add_parser("generate", help="route prompts to a trained run's adapters and generate answers")
     gen.add_argument("--run", required=True, type=Path, help="run folder (holds router/)")
@@ -210,7 +220,7 @@ def _run(args: argparse.Namespace) -> int:
         out.print(table)
     router = ", router/" if (run_dir / "router").is_dir() else ""
     out.print(f"run folder: {run_dir} (metrics.json, config.toml, log.txt{router})")
-    return 0
+    return _exit_status(metrics, args.allow_lost_clients)
 
 
 def _deploy_local(args: argparse.Namespace) -> int:
@@ -251,7 +261,22 @@ def _deploy_local(args: argparse.Namespace) -> int:
     for table in summary_tables(metrics):
         out.print(table)
     out.print(f"run folder: {run_dir}; every SuperLink and SuperNode process has been stopped")
-    return 0
+    return _exit_status(metrics, args.allow_lost_clients)
+
+
+def _exit_status(metrics: dict, allow_lost: bool) -> int:
+    """0 when every client took part through the end (or ``allow_lost``), else LOST_CLIENTS (see EXIT_STATUS)."""
+    from fedrouter.report import describe_lost, lost_clients
+
+    lost = lost_clients(metrics)
+    if not lost or allow_lost:
+        return 0
+    print(
+        f"fedrouter: the run finished without {len(lost)} client(s), exit status {LOST_CLIENTS} "
+        f"(--allow-lost-clients: 0):\n{describe_lost(lost)}",
+        file=sys.stderr,
+    )
+    return LOST_CLIENTS
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -110,6 +110,66 @@ def _fraction(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def lost_clients(metrics: dict) -> dict[str, dict]:
+    """The clients that did not take part through the end: ``{"client 2": {"phases": [...], "reason": ...}}``.
+
+    A client is lost when it never got into the run (no valid clustering reply, never connected, or it did not
+    come back on a resume), when a training round rejected it (a crash, a lost node, no reply in time, an invalid
+    or screened-out update), or when it is missing from the evaluation. ``reason``: the first one recorded.
+    """
+    lost: dict[str, dict] = {}
+
+    def add(who: str, phase: str | int, why: str) -> None:
+        entry = lost.setdefault(who, {"phases": [], "reason": why})
+        if phase not in entry["phases"]:
+            entry["phases"].append(phase)
+
+    clustering = metrics.get("clustering", {})
+    present = {str(c) for c in clustering.get("local_k", {})}
+    rejected = "; ".join(f"{who}: {why}" for who, why in metrics.get("clustering_rejected", {}).items())
+    for i in range(int(metrics.get("config", {}).get("data.num_clients") or 0)):
+        if str(i) not in present:
+            add(
+                f"client {i}",
+                "clustering",
+                f"no valid clustering reply ({rejected})" if rejected else "never connected",
+            )
+    for resume in metrics.get("resumed", []):
+        for who, why in resume.get("lost", {}).items():
+            add(who, f"resume after round {resume['after_round']}", why)
+    for record in metrics.get("rounds", []):
+        for who, why in record.get("rejected", {}).items():
+            add(who, int(record["round"]), why)
+    for who, why in metrics.get("evaluation", {}).get("missing_clients", {}).items():
+        add(who, "evaluation", why)
+    return dict(sorted(lost.items(), key=lambda item: _client_order(item[0])))
+
+
+def _client_order(who: str) -> tuple:
+    name, _, number = who.rpartition(" ")
+    return (name, int(number)) if number.isdigit() else (who, 0)
+
+
+def describe_lost(lost: dict[str, dict]) -> str:
+    """One line per lost client: the phases it missed (runs of rounds shortened) and the first reason."""
+    lines = []
+    for who, entry in lost.items():
+        rounds = [p for p in entry["phases"] if isinstance(p, int)]
+        spans: list[list[int]] = []
+        for r in rounds:
+            if spans and r == spans[-1][1] + 1:
+                spans[-1][1] = r
+            else:
+                spans.append([r, r])
+        shown = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+        phases = [p for p in entry["phases"] if p != "evaluation" and not isinstance(p, int)]
+        phases += [f"round{'s' if len(rounds) > 1 else ''} {shown}"] if rounds else []
+        phases += ["evaluation"] if "evaluation" in entry["phases"] else []
+        reason = entry["reason"] if len(entry["reason"]) <= 160 else entry["reason"][:157] + "..."
+        lines.append(f"{who}: {', '.join(phases)} ({reason})")
+    return "\n".join(lines)
+
+
 def summary_tables(metrics: dict) -> list[Table]:
     """ROUGE-1 per client and task for every (test set, routing mode), then a one-line overview."""
     tables: list[Table] = []
@@ -159,5 +219,7 @@ def summary_tables(metrics: dict) -> list[Table]:
         f"{sent.get('up_total', 0) / 1e6:.1f} MB up, {sent.get('down_total', 0) / 1e6:.1f} MB down "
         f"(one adapter: {sent.get('adapter_bytes', 0) / 1e6:.2f} MB)",
     )
+    lost = lost_clients(metrics)
+    facts.add_row("clients lost", describe_lost(lost) if lost else "none: every client took part through the end")
     tables.append(facts)
     return tables

@@ -1,10 +1,28 @@
-"""Running a FedRouter experiment in Flower's simulation runtime, on this machine, in this process."""
+"""Running a FedRouter experiment in Flower's simulation runtime, on this machine, in this process.
+
+Ray's processes end with the run, however it ends. Ray gives its GCS server, raylet, dashboard, monitor and log
+monitor the kernel's parent-death signal, so they die with the run's process even on SIGKILL; but the raylet's
+own children (the dashboard agent, the runtime-env agent, and any worker still starting) are then orphaned and
+stay. So a run that starts a Ray of its own gives it a fresh temporary root (``ray.init(_temp_dir=...)``,
+``/tmp/fedrouter-ray-XXXX``) and a *watcher*: a small process that waits for the run's process to end, by any
+exit (its pipe closes, its PID goes), then ends every process that holds a file in, or names in its command
+line, that root (every Ray process of the run holds its logs there) and removes the root. The root is recorded in
+``RUN_DIR/ray-processes.json`` until then; should the watcher die too, the next run started in the same output
+folder (or ``reap_leftovers(OUTPUT_DIR)``) ends those processes. Nothing else is ever signalled: the root is
+unique to the run (``mkdtemp``), so a process that uses it provably belongs to it.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -108,6 +126,144 @@ def _gpus_hidden_from_cpu_clients():
             os.environ[name] = before
 
 
+RAY_RECORD = "ray-processes.json"  # in the run folder while its Ray may be running: the root its processes use
+_RAY_ROOT_PREFIX = "fedrouter-ray-"
+
+
+@contextlib.contextmanager
+def _ray_ends_with_run(backend: dict, run_dir: Path):
+    """Give the run's own Ray (``address = "local"``) a fresh root and a watcher that ends its processes when
+    this process ends, however (see the module's docstring). A run that joins a cluster starts no Ray process."""
+    if backend["init_args"].get("address") != "local" or os.name != "posix":
+        yield
+        return
+    import psutil
+
+    # Short and in /tmp (or RAY_TMPDIR): Ray's Unix sockets live below it and their paths are limited to ~107 bytes.
+    root = tempfile.mkdtemp(prefix=_RAY_ROOT_PREFIX, dir=os.environ.get("RAY_TMPDIR") or "/tmp")
+    backend["init_args"]["_temp_dir"] = root
+    me = psutil.Process()
+    watcher = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from fedrouter.simulation import watch; watch(*sys.argv[1:])",
+         str(run_dir / RAY_RECORD), str(me.pid), repr(me.create_time()), root],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    from fedrouter.runlog import write_json
+
+    try:
+        watcher_started = psutil.Process(watcher.pid).create_time()
+    except psutil.Error:  # it ended at once: the record below still lets the next run clean up
+        watcher_started = None
+    record = {"pid": me.pid, "started": me.create_time(), "ray_root": root}
+    write_json(run_dir / RAY_RECORD, record | {"watcher": watcher.pid, "watcher_started": watcher_started})
+    try:
+        yield
+    finally:
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():  # Flower shuts Ray down when the run ends; not on every error
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+        with contextlib.suppress(OSError):
+            watcher.stdin.write(b"done\n")
+            watcher.stdin.close()
+        try:
+            watcher.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            log.warning("the Ray watcher (pid %d) did not finish within 60s; it goes on alone", watcher.pid)
+
+
+def watch(record: str, pid: str, started: str, root: str) -> None:
+    """The watcher process: waits until the run's process ``pid`` ends (or says it is done on stdin), then ends
+    every process using the run's Ray root, removes the root and the record. Ctrl-C and a closed terminal, which
+    reach the run's whole process group, leave it running: it must outlive the run to clean up after it."""
+    import select
+
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    while not select.select([sys.stdin], [], [], 1.0)[0] and _alive(int(pid), float(started)):
+        pass
+    reap_ray_root(root, exclude={int(pid)})
+    Path(record).unlink(missing_ok=True)
+
+
+def _alive(pid: int | None, started: float | None) -> bool:
+    """Whether process ``pid`` (started at ``started``, so a reused PID does not count) still runs."""
+    import psutil
+
+    if not isinstance(pid, int) or not isinstance(started, int | float):
+        return False
+    try:
+        proc = psutil.Process(pid)
+        return abs(proc.create_time() - started) < 0.01 and proc.status() != psutil.STATUS_ZOMBIE
+    except (psutil.Error, TypeError, ValueError):
+        return False
+
+
+def _is_ray_root(root: str) -> bool:
+    path = Path(root)
+    return path.is_absolute() and path.name.startswith(_RAY_ROOT_PREFIX) and len(path.parts) > 2
+
+
+def ray_root_processes(root: str, exclude: set[int] = frozenset()) -> list:
+    """This user's processes that hold a file below ``root`` or name it in their command line (psutil)."""
+    import psutil
+
+    below = root.rstrip(os.sep) + os.sep
+    found = []
+    for proc in psutil.process_iter():
+        if proc.pid in exclude or proc.pid == os.getpid():
+            continue
+        try:
+            if any(below in arg or arg == root for arg in proc.cmdline()) or any(
+                f.path.startswith(below) for f in proc.open_files()
+            ):
+                found.append(proc)
+        except psutil.Error:  # gone, a zombie, or another user's (which this user could not signal anyway)
+            continue
+    return found
+
+
+def reap_ray_root(root: str, exclude: set[int] = frozenset()) -> list[int]:
+    """End the processes that use the Ray root ``root`` (SIGTERM, SIGKILL after 5 s), then remove it; their PIDs."""
+    import psutil
+
+    if not _is_ray_root(root):  # only a root this module made: never signal by what a record claims elsewhere
+        return []
+    ended: list[int] = []
+    for _ in range(3):  # a raylet still alive may start a process while the others end
+        procs = ray_root_processes(root, exclude)
+        if not procs:
+            break
+        ended += [proc.pid for proc in procs]
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for proc in procs:
+                with contextlib.suppress(psutil.Error):
+                    proc.send_signal(sig)
+            _, procs = psutil.wait_procs(procs, timeout=5)
+            if not procs:
+                break
+    shutil.rmtree(root, ignore_errors=True)
+    return ended
+
+
+def reap_leftovers(folder: Path) -> list[int]:
+    """End the Ray processes of killed runs in ``folder``'s run folders whose watcher is gone too; their PIDs.
+
+    A record whose run or watcher still runs is left alone (that run, or its watcher, is in charge)."""
+    ended: list[int] = []
+    for record in Path(folder).glob(f"*/{RAY_RECORD}"):
+        try:
+            info = json.loads(record.read_text())
+            root = str(info["ray_root"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if _alive(info.get("pid"), info.get("started")) or _alive(info.get("watcher"), info.get("watcher_started")):
+            continue
+        ended += reap_ray_root(root, exclude={os.getpid()})
+        record.unlink(missing_ok=True)
+    return ended
+
+
 def run_experiment(cfg: Config, run_dir: Path | None = None, on_start=None, client_app=None) -> tuple[Path, dict]:
     """Run a whole experiment in simulation; returns the run folder and its metrics.
 
@@ -132,9 +288,12 @@ def run_experiment(cfg: Config, run_dir: Path | None = None, on_start=None, clie
         if (run_dir / METRICS).exists():
             raise FileExistsError(f"run folder {run_dir} already holds a run; choose another run.name")
     run_dir.mkdir(parents=True, exist_ok=True)
+    reaped = reap_leftovers(run_dir.parent)  # Ray processes of an earlier run here that was killed with its watcher
+    if reaped:
+        log.warning("ended %d leftover Ray processes of killed runs in %s", len(reaped), run_dir.parent)
     if on_start is not None:
         on_start(run_dir)
-    with _gpus_hidden_from_cpu_clients(), warnings.catch_warnings():
+    with _ray_ends_with_run(backend, run_dir), _gpus_hidden_from_cpu_clients(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         # `run_simulation` is Flower's deprecated Python entry point. It is the one that runs the simulation
         # inside this process: `flwr run .` (also supported, see pyproject.toml) needs a packaged app and

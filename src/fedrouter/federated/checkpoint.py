@@ -3,7 +3,8 @@
 ``RUN_DIR/checkpoint.safetensors`` holds the arrays (every shared adapter, the initial adapter, the global
 centroids and those each refinement round sent, each client's local centroids, counts, task histogram and
 cluster map) and, as safetensors
-metadata, a JSON document with the completed round number, the seed and the metrics so far. No pickle.
+metadata, a JSON document with the completed round number, the seed, the metrics so far and each adapter's array
+names in order. No pickle.
 
 There is no other random state to keep: the server draws nothing at random, and every client derives each
 round's training seed from ``run.seed``, the round, its id and the local cluster, so a resumed run repeats
@@ -58,6 +59,9 @@ def save_checkpoint(run_dir: Path, state: ServerState, seed: int) -> Path:
         "rounds_done": state.rounds_done,
         "seed": seed,
         "shared_keys": list(state.shared),
+        # Each adapter's array names in their order in memory: a file lists them in its own order, and sums
+        # over an adapter (its norm in the metrics) must add in the same order after a resume.
+        "array_names": {"initial": list(state.initial)} | {f"shared/{k}": list(v) for k, v in state.shared.items()},
         "clients": [
             {
                 "client_id": c.client_id,
@@ -92,8 +96,12 @@ def load_checkpoint(run_dir: Path) -> tuple[ServerState, int]:
     if document.get("format") != FORMAT:
         raise ArtifactError(f"{path}: checkpoint format {document.get('format')!r}, expected {FORMAT}")
 
+    names = document.get("array_names", {})
+
     def group(prefix: str) -> Arrays:
-        return {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
+        found = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
+        order = [name for name in names.get(prefix.rstrip("/"), []) if name in found]
+        return {name: found[name] for name in order} | found
 
     clients = []
     for info in document["clients"]:

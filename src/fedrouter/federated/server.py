@@ -191,12 +191,18 @@ class FederatedRun:
         fresh = membership.replay_refinements(grid, cfg, run, method, state, fresh)
         state.refused = set(nodes) - {c.node_id for c in fresh}
         membership.match_returning(run, method, cfg, state, "resume", fresh)
-        scores = state.metrics["clustering"]["silhouette_global"]
-        state.metrics["clustering"] = membership.clustering_summary(state, method, scores)
+        # Recomputed for the clients matched again; what only the first clustering knew (local k before the
+        # refinement) is kept from the checkpoint, so a resumed run's metrics equal an uninterrupted run's.
+        saved = state.metrics["clustering"]
+        state.metrics["clustering"] = saved | membership.clustering_summary(state, method, saved["silhouette_global"])
         active = [c for c in state.clients if c.node_id >= 0]
         if len(active) < cfg["run.min_replies"]:
             raise RunError(f"resume: {len(active)} clients match the checkpoint, 'run.min_replies' asks for more")
-        state.metrics.setdefault("resumed", []).append({"after_round": state.rounds_done})
+        resumed = {"after_round": state.rounds_done}
+        gone = [c.client_id for c in state.clients if c.node_id < 0]  # saved, but not back: no part in what follows
+        if gone:
+            resumed["lost"] = {f"client {c}": "did not come back (not connected, or new clusters)" for c in gone}
+        state.metrics.setdefault("resumed", []).append(resumed)
         return state
 
     def initial_adapter(self, clients: list[ClientClusters]) -> tuple[Arrays, int]:
