@@ -202,8 +202,8 @@ def admit_late_clients(grid: Grid, cfg: Config, run: RunFolder, method: Method, 
     clients = replay_refinements(grid, cfg, run, method, state, clients)
     state.refused |= set(new) - {c.node_id for c in clients}  # a rejected node takes no further part
     match_returning(run, method, cfg, state, "join", clients)
-    scores = state.metrics["clustering"].get("silhouette_global", {})
-    state.metrics["clustering"] = clustering_summary(state, method, scores)
+    saved = state.metrics["clustering"]  # fields only the first clustering knows (local_k_before_refinement) stay
+    state.metrics["clustering"] = saved | clustering_summary(state, method, saved.get("silhouette_global", {}))
 
 
 def task_matrix(clients: list[ClientClusters], tasks: list[str], num: int) -> np.ndarray:
