@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -132,3 +133,30 @@ class Server:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+
+
+# Debian's chromium and chromedriver, driven by selenium: the pages people read, rendered as they see them.
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+NO_BROWSER = "needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)"
+
+
+def require_browser(*, allow_module_level: bool = False) -> None:
+    """Skip without a browser, unless FEDROUTER_REQUIRE_BROWSER says it must be there (CI)."""
+    if CHROMIUM and CHROMEDRIVER:
+        return
+    if os.environ.get("FEDROUTER_REQUIRE_BROWSER"):
+        raise RuntimeError("FEDROUTER_REQUIRE_BROWSER is set but chromium or chromedriver is missing")
+    pytest.skip(NO_BROWSER, allow_module_level=allow_module_level)
+
+
+def headless_browser(width: int = 1100, height: int = 800):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    options.add_argument(f"--window-size={width},{height}")
+    return webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)

@@ -6,20 +6,18 @@ import importlib.util
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import headless_browser, require_browser
 
 from fedrouter.config import SETTINGS, Config
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 FEDROUTER = Path(sys.executable).with_name("fedrouter")
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-DRIVER = shutil.which("chromedriver")
 
 
 def _gen_docs():
@@ -117,32 +115,12 @@ def test_the_site_builds_strictly_with_every_page(site):
         assert "../shared" not in page.read_text(), page
 
 
-def _browser():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--window-size=1100,800",
-    ):
-        options.add_argument(flag)
-    return webdriver.Chrome(service=Service(executable_path=DRIVER), options=options)
-
-
 def test_the_home_and_settings_pages_render_in_chromium(site, tmp_path):
-    if not (CHROMIUM and DRIVER):
-        if os.environ.get("FEDROUTER_REQUIRE_BROWSER"):
-            raise RuntimeError("FEDROUTER_REQUIRE_BROWSER is set but chromium or chromedriver is missing")
-        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+    require_browser()
     from selenium.webdriver.common.by import By
 
     Config()
-    driver = _browser()
+    driver = headless_browser()
     try:
         driver.get((site / "index.html").as_uri())
         assert "FedRouter" in driver.title

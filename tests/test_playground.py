@@ -2,42 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import openai
 import pytest
-from conftest import ANCHORS, Server, write_tiny_router
+from conftest import ANCHORS, Server, headless_browser, require_browser, write_tiny_router
 
 from fedrouter.model.loading import load_base_model
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-DRIVER = shutil.which("chromedriver")
-
-if not (CHROMIUM and DRIVER):
-    if os.environ.get("FEDROUTER_REQUIRE_BROWSER"):
-        raise RuntimeError("FEDROUTER_REQUIRE_BROWSER is set but chromium or chromedriver is missing")
-    pytest.skip(
-        "needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)",
-        allow_module_level=True,
-    )
-
-
-def browser(width: int = 1100, height: int = 800):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        f"--window-size={width},{height}",
-    ):
-        options.add_argument(flag)
-    return webdriver.Chrome(service=Service(executable_path=DRIVER), options=options)
+require_browser(allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +28,7 @@ def test_the_playground_chats_and_shows_the_routing(server, tmp_path):
     expected = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0).chat.completions.create(
         model="fedrouter", messages=[{"role": "user", "content": ANCHORS[1]}], max_tokens=64
     )
-    driver = browser()
+    driver = headless_browser()
     try:
         driver.get(server.url + "/")
         wait = WebDriverWait(driver, 60)
