@@ -59,7 +59,7 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 
 def cli_page() -> str:
-    from fedrouter.cli import _parser
+    from fedrouter.cli import build_parser
 
     os.environ["COLUMNS"] = "110"  # argparse wraps help at the terminal's width: make it fixed
     lines = [
@@ -73,7 +73,7 @@ def cli_page() -> str:
         for sub, child in _subparsers(parser).items():
             add(child, f"{name} {sub}", min(depth + 1, 4))
 
-    add(_parser(), "fedrouter", 2)
+    add(build_parser(), "fedrouter", 2)
     return "\n".join(lines) + "\n"
 
 

@@ -36,7 +36,7 @@ SHORTCUTS = {
 }
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedrouter", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -162,6 +162,14 @@ def _parser() -> argparse.ArgumentParser:
         help="change a setting of every run: a variant of the protocol, so it needs an --out of its own",
     )
 
+    report = commands.add_parser(
+        "report", help="an HTML page and PNG charts of one or more finished runs (opens from disk)"
+    )
+    report.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run folders (with metrics.json)")
+    report.add_argument(
+        "--out", type=Path, help="the report's folder (default: RUN/report for one run; needed for several)"
+    )
+
     cache = commands.add_parser("prepare-model", help="dequantize and cache the embedded model (or another)")
     cache.add_argument("--model", default="smollm2")
     return parser
@@ -220,7 +228,25 @@ def _run(args: argparse.Namespace) -> int:
         out.print(table)
     router = ", router/" if (run_dir / "router").is_dir() else ""
     out.print(f"run folder: {run_dir} (metrics.json, config.toml, log.txt{router})")
+    write_run_report(run_dir, console)
     return _exit_status(metrics, args.allow_lost_clients)
+
+
+def write_run_report(run_dir: Path, console) -> None:
+    """Best effort: the run's report in RUN/report; a failure warns and never changes the run's exit status."""
+    try:
+        from fedrouter.run_report import write_report
+
+        console.print(f"report: {write_report([run_dir])}")
+    except Exception as err:  # the run itself succeeded: the report is extra
+        console.print(f"[yellow]warning: no run report ({type(err).__name__}: {err})")
+
+
+def _report(args: argparse.Namespace) -> int:
+    from fedrouter.run_report import write_report
+
+    print(write_report(args.runs, args.out))
+    return 0
 
 
 def _deploy_local(args: argparse.Namespace) -> int:
@@ -455,7 +481,7 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     handlers = {
         "run": _run,
         "deploy-local": _deploy_local,
@@ -463,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         "serve": _serve,
         "config": _show_config,
         "bench": _bench,
+        "report": _report,
         "prepare-model": _prepare_model,
         "data": _data,
     }

@@ -20,7 +20,7 @@ class ProgressFollower:
         self.path = Path(run_dir) / EVENTS
         self._offset = self.path.stat().st_size if self.path.exists() else 0  # a resumed run: only new events
         self.console = console
-        self.total = clients * (rounds + 2)  # clustering, each round, evaluation: one reply per client
+        self.counter = ReplyCounter()  # replies counted per phase and round: the bar never shows more than it waits for
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -32,7 +32,9 @@ class ProgressFollower:
             console=console,
             transient=False,
         )
-        self.task = self.progress.add_task("starting (loading data and model)", total=self.total)
+        self.task = self.progress.add_task("starting (loading data and model)", total=clients)
+        self._key: tuple | None = None
+        self.clients, self.rounds = clients, rounds
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._follow, daemon=True)
 
@@ -59,14 +61,23 @@ class ProgressFollower:
 
     def _show(self, event: dict) -> None:
         kind = event["event"]
+        counted = self.counter.add(event)
+        if counted is not None:
+            if counted["key"] != self._key:  # a new phase or round: its own count from 0
+                self._key = counted["key"]
+                label = counted["label"]
+                if label.startswith("training round"):
+                    label = f"round {counted['round']}/{self.rounds}: training"
+                self.progress.reset(self.task, total=counted["total"], completed=0, description=label)
+            self.progress.update(self.task, total=counted["total"], completed=counted["done"])
+            return
         if kind == "phase":
             name = event["name"]
             label = f"round {event['round']}/{event['rounds']}: training" if name == "training" else name
             if name == "clustering":
                 label = "embedding and local clustering"
-            self.progress.update(self.task, description=label)
-        elif kind == "reply" and event.get("phase") != "round check":  # the learning-curve check is not counted
-            self.progress.advance(self.task)
+            self._key = None  # no reply of this phase yet: 0 of one per client
+            self.progress.reset(self.task, total=self.clients, completed=0, description=label)
         elif kind == "waiting":
             self.progress.update(self.task, description=f"waiting for clients ({event['connected']}/{event['wanted']})")
         elif kind == "clustered" and event.get("task_labels", True) is False:
@@ -104,6 +115,55 @@ class ProgressFollower:
                 f"client {event['client']} joined: global clusters {event['assignment']}"
                 + (f" (opened {event['new_clusters']})" if event["new_clusters"] else "")
             )
+
+
+class ReplyCounter:
+    """Replies counted per phase and round, from ``reply`` events (``phase``, ``done``, ``total``).
+
+    One run sends several batches of messages (clustering, the initial adapter, refinement, each training round,
+    its learning-curve check, the evaluation): each batch is counted on its own, ``done`` capped at its ``total``.
+    A batch starts at a ``phase`` event, at a reply of another phase label, or when ``done`` starts again.
+    """
+
+    def __init__(self) -> None:
+        self.round = 0
+        self.batch = 0
+        self.current: dict | None = None
+        self.counts: list[dict] = []
+
+    def add(self, event: dict) -> dict | None:
+        """The count ``event`` changes (key, label, phase, round, done, total), or None for another event."""
+        kind = event.get("event")
+        if kind == "phase":
+            self.round = int(event.get("round") or 0)
+            self.batch += 1
+            return None
+        if kind != "reply":
+            return None
+        phase = str(event.get("phase", "replies"))
+        total = max(int(event.get("total") or 0), 0)
+        done = max(int(event.get("done") or 0), 0)
+        current = self.current
+        if current is None or current["phase"] != phase or current["batch"] != self.batch or done <= current["done"]:
+            if current is not None and current["phase"] == phase and current["batch"] == self.batch:
+                self.batch += 1  # the same phase sent again (a retry): a new batch
+            label = f"round {self.round}: {phase}" if phase == "round check" else phase
+            key = (self.batch, phase, self.round)
+            current = {"key": key, "label": label, "phase": phase, "round": self.round, "done": 0, "total": total}
+            current["batch"] = self.batch
+            self.counts.append(current)
+            self.current = current
+        current["total"] = max(current["total"], total)
+        current["done"] = min(max(current["done"], done), current["total"])
+        return current
+
+
+def reply_counts(events: list[dict]) -> list[dict]:
+    """Every batch of replies of a run's events, in order: ``{"phase", "round", "done", "total", ...}``."""
+    counter = ReplyCounter()
+    for event in events:
+        counter.add(event)
+    return counter.counts
 
 
 def _fraction(value: float | None) -> str:

@@ -202,8 +202,7 @@ def admit_late_clients(grid: Grid, cfg: Config, run: RunFolder, method: Method, 
     clients = replay_refinements(grid, cfg, run, method, state, clients)
     state.refused |= set(new) - {c.node_id for c in clients}  # a rejected node takes no further part
     match_returning(run, method, cfg, state, "join", clients)
-    saved = state.metrics["clustering"]  # fields only the first clustering knows (local_k_before_refinement) stay
-    state.metrics["clustering"] = saved | clustering_summary(state, method, saved.get("silhouette_global", {}))
+    refresh_clustering_summary(state, method)
 
 
 def task_matrix(clients: list[ClientClusters], tasks: list[str], num: int) -> np.ndarray:
@@ -218,6 +217,13 @@ def task_matrix(clients: list[ClientClusters], tasks: list[str], num: int) -> np
 
 def tasks_of(clients: list[ClientClusters]) -> list[str]:
     return sorted({t for c in clients for t in c.tasks})
+
+
+def refresh_clustering_summary(state: ServerState, method: Method) -> None:
+    """The clustering summary recomputed for the clients known now (a resume, late clients). What only the
+    first clustering knew (local k before the refinement) is kept, so the metrics equal an uninterrupted run's."""
+    saved = state.metrics["clustering"]
+    state.metrics["clustering"] = saved | clustering_summary(state, method, saved.get("silhouette_global", {}))
 
 
 def clustering_summary(state: ServerState, method: Method, global_scores: dict) -> dict:

@@ -191,10 +191,7 @@ class FederatedRun:
         fresh = membership.replay_refinements(grid, cfg, run, method, state, fresh)
         state.refused = set(nodes) - {c.node_id for c in fresh}
         membership.match_returning(run, method, cfg, state, "resume", fresh)
-        # Recomputed for the clients matched again; what only the first clustering knew (local k before the
-        # refinement) is kept from the checkpoint, so a resumed run's metrics equal an uninterrupted run's.
-        saved = state.metrics["clustering"]
-        state.metrics["clustering"] = saved | membership.clustering_summary(state, method, saved["silhouette_global"])
+        membership.refresh_clustering_summary(state, method)
         active = [c for c in state.clients if c.node_id >= 0]
         if len(active) < cfg["run.min_replies"]:
             raise RunError(f"resume: {len(active)} clients match the checkpoint, 'run.min_replies' asks for more")
