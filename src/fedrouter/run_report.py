@@ -156,16 +156,21 @@ def plot_loss(curves: dict, path: Path, title: str) -> str:
     return _save(plt, fig, path)
 
 
+def _grouped_bars(ax, groups: list[str], series: dict[str, list[float]], *, rotation: int) -> None:
+    """One bar per series in each group, side by side, the groups named under them."""
+    width = 0.8 / max(len(series), 1)
+    x = np.arange(len(groups))
+    for i, (name, values) in enumerate(series.items()):
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width, label=name)
+    ax.set_xticks(x, groups, rotation=rotation, fontsize=8)
+
+
 def plot_rouge1(table: dict, path: Path, title: str) -> str:
     plt = _pyplot()
     modes = list(table)
     tasks = list(dict.fromkeys(t for row in table.values() for t in row))
     fig, ax = plt.subplots(figsize=(max(5.5, 1.1 * len(tasks) + 2), 3.4))
-    width = 0.8 / max(len(modes), 1)
-    x = np.arange(len(tasks))
-    for i, mode in enumerate(modes):
-        ax.bar(x + (i - (len(modes) - 1) / 2) * width, [table[mode].get(t, 0.0) for t in tasks], width, label=mode)
-    ax.set_xticks(x, tasks, rotation=20, fontsize=8)
+    _grouped_bars(ax, tasks, {mode: [table[mode].get(t, 0.0) for t in tasks] for mode in modes}, rotation=20)
     ax.set(title=f"{title}: ROUGE-1 per task and routing mode", ylabel="ROUGE-1", ylim=(0, _top(table)))
     if modes:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
@@ -229,12 +234,7 @@ def plot_runs(rows: dict[str, dict[str, float]], path: Path) -> str:
     runs = list(rows)
     modes = list(dict.fromkeys(m for row in rows.values() for m in row))
     fig, ax = plt.subplots(figsize=(max(5.5, 1.2 * len(runs) + 3), 3.4))
-    width = 0.8 / max(len(modes), 1)
-    x = np.arange(len(runs))
-    for i, mode in enumerate(modes):
-        values = [rows[r].get(mode, np.nan) for r in runs]
-        ax.bar(x + (i - (len(modes) - 1) / 2) * width, values, width, label=mode)
-    ax.set_xticks(x, runs, rotation=15, fontsize=8)
+    _grouped_bars(ax, runs, {mode: [rows[r].get(mode, np.nan) for r in runs] for mode in modes}, rotation=15)
     ax.set(title="ROUGE-1 per run", ylabel="ROUGE-1", ylim=(0, _top(rows)))
     if modes:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
