@@ -1,20 +1,26 @@
-"""The run report (``fedrouter report``) and the live progress counts, on one real run of the tiny model."""
+"""The run report (``fedrouter report``), in files and in Chromium, and the live progress (reply counts, time
+left), on one real run of the tiny model."""
 
 import html
+import itertools
 import json
 import re
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from conftest import headless_browser, require_browser
 
-from fedrouter.report import ProgressFollower, reply_counts
+from fedrouter.algorithm.evaluation import eval_key, summarize_evaluation
+from fedrouter.report import ProgressFollower, ReplyCounter, TimeLeftColumn, reply_counts, time_left
 from fedrouter.run_report import loss_curves, write_report
 from fedrouter.runlog import read_events
 
 CLI = (sys.executable, "-m", "fedrouter.cli")
 CHARTS = ("loss.png", "rouge1.png", "routing.png", "centroids.png", "cost.png")
+ROUTED = ("routed-personalized-global.png", "routed-personalized-local.png")  # a router's two modes
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +91,13 @@ def _check_run_tables(tables: dict, metrics: dict, prefix: str = "") -> None:
         column = routing["__header__"].index(f"adapter {cluster}")
         for task, n in mix.items():
             assert routing[task][column] == str(n)
+    for mode, result in by_set.items():
+        routed = tables[f"{prefix}routed-{mode}"]
+        for task, by_adapter in result["routed"].items():
+            for adapter, n in by_adapter.items():
+                assert routed[task][routed["__header__"].index(f"adapter {adapter}")] == str(n)
+            tested = sum(by_task[task]["n"] for by_task in result["per_client"].values() if task in by_task)
+            assert sum(int(c) for c in routed[task][1:]) == tested  # every test sample went to one adapter
     cost = tables[f"{prefix}cost"]
     assert cost["training"][2] == str(sum(r["bytes_up"] for r in metrics["rounds"]))
     assert cost["clustering"][1] == f"{metrics['phases']['clustering_s']:.1f}"
@@ -94,9 +107,81 @@ def test_the_run_writes_a_self_contained_report(run_dir):
     folder = run_dir / "report"
     page = (folder / "index.html").read_text()
     images = _check_self_contained(page, folder)
-    assert sorted(images) == sorted(CHARTS)
+    assert sorted(images) == sorted(CHARTS + ROUTED)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     _check_run_tables(_tables(page), metrics)
+
+
+def test_a_run_without_route_counts_still_reports(run_dir, tmp_path):
+    """Runs written before ``routed`` was recorded: the same page, without the per-mode routing charts."""
+    old = tmp_path / "old"
+    shutil.copytree(run_dir, old, ignore=shutil.ignore_patterns("report", "checkpoint*"))
+    metrics = json.loads((old / "metrics.json").read_text())
+    for result in metrics["evaluation"]["by_set"].values():
+        del result["routed"]
+    (old / "metrics.json").write_text(json.dumps(metrics))
+    page = write_report([old]).read_text()
+    assert sorted(_check_self_contained(page, old / "report")) == sorted(CHARTS)
+
+
+def test_routes_are_counted_per_routing_mode_after_routing():
+    """``routed``: each client's route counts summed per (set/mode, true task, adapter); none for non-routers."""
+
+    def client(routes: dict[tuple[str, str], dict[str, int]]) -> dict[str, float]:
+        values = {}
+        for (mode, task), by_adapter in routes.items():
+            n = sum(by_adapter.values()) or 1
+            values |= {eval_key("personalized", mode, task, k): 0.0 for k in ("rouge1", "rouge2", "rougeL")}
+            values |= {eval_key("personalized", mode, task, "exact_match"): 0.0}
+            values |= {eval_key("personalized", mode, task, "n"): float(n)}
+            values |= {eval_key("personalized", mode, task, "route", a): float(c) for a, c in by_adapter.items()}
+        return values
+
+    per_client = {
+        0: client({("global", "qa"): {"0": 2, "1": 1}, ("local", "qa"): {"0": 3}}),
+        1: client({("global", "qa"): {"0": 1}, ("global", "sum"): {"1": 2}, ("local", "sum"): {"1": 2}}),
+        2: client({("fedit", "qa"): {}}),  # a method that does not route sends no route counts
+    }
+    train_table = np.array([[5, 0], [0, 5]])  # global cluster x task (qa, sum)
+    by_set = summarize_evaluation(per_client, train_table, ["qa", "sum"])["by_set"]
+    assert by_set["personalized/global"]["routed"] == {"qa": {"0": 3, "1": 1}, "sum": {"1": 2}}
+    assert by_set["personalized/local"]["routed"] == {"qa": {"0": 3}, "sum": {"1": 2}}
+    assert by_set["personalized/global"]["routing_acc"] == 5 / 6
+    assert "routed" not in by_set["personalized/fedit"]
+
+
+def _dom_tables(driver) -> dict[str, dict[str, list[str]]]:
+    """``{table id: {row key: [cells], "__header__": [...]}}`` as the browser renders the page."""
+    return driver.execute_script(
+        """const out = {};
+        for (const table of document.querySelectorAll("table[id]")) {
+          const rows = {__header__: [...table.querySelectorAll("th")].map(th => th.textContent)};
+          for (const tr of table.querySelectorAll("tr[data-key]"))
+            rows[tr.dataset.key] = [...tr.querySelectorAll("td")].map(td => td.textContent);
+          out[table.id] = rows;
+        }
+        return out;"""
+    )
+
+
+def test_the_report_renders_in_chromium_with_every_chart_and_the_run_s_numbers(run_dir, tmp_path):
+    require_browser()
+    out = tmp_path / "page"
+    done = subprocess.run([*CLI, "report", str(run_dir), "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    driver = headless_browser(1200, 900)
+    try:
+        driver.get((out / "index.html").as_uri())
+        images = driver.execute_script(
+            "return [...document.images].map(i => [i.getAttribute('src'), i.complete, i.naturalWidth]);"
+        )
+        tables = _dom_tables(driver)
+    finally:
+        driver.quit()
+    assert sorted(src for src, _, _ in images) == sorted(CHARTS + ROUTED)
+    assert all(complete and width > 0 for _, complete, width in images), images
+    _check_run_tables(tables, metrics)
 
 
 def test_two_runs_side_by_side(run_dir, tmp_path):
@@ -145,10 +230,56 @@ def test_progress_counts_never_exceed_their_totals(run_dir):
     counts = reply_counts(events)
     phases = [c["phase"] for c in counts]
     assert phases[0] == "clustering" and "training round 2" in phases and phases[-1] == "evaluation"
+    by_phase_and_round = {(c["phase"], c["round"]) for c in counts}
+    assert {
+        ("clustering", 0),
+        ("training round 1", 1),
+        ("training round 2", 2),
+        ("evaluation", 2),
+    } <= by_phase_and_round
     assert all(0 < c["done"] <= c["total"] for c in counts)
+    counter = ReplyCounter()  # every count as the bar showed it, not only the final ones
+    for event in events:
+        count = counter.add(event)
+        assert count is None or 0 < count["done"] <= count["total"], (event, count)
     assert all(c["done"] == c["total"] for c in counts)  # every client replied in every phase
     replays = events + [e for e in events if e["event"] == "reply"]  # the same replies again (a retry, a re-read)
     assert all(c["done"] <= c["total"] for c in reply_counts(replays))
+
+
+def test_time_left_from_measured_steps():
+    events = [
+        {"t": 0.0, "event": "start", "rounds": 3},
+        {"t": 1.0, "event": "phase", "name": "clustering", "round": 0},
+        {"t": 10.0, "event": "phase", "name": "training", "round": 1, "rounds": 3},
+    ]
+    assert time_left(events, now=15.0) is None  # no round has finished: nothing measured
+    events += [{"t": 20.0, "event": "round", "round": 1}, {"t": 20.0, "event": "phase", "name": "training"}]
+    assert time_left(events) == 20.0  # two rounds of 10 s left
+    assert time_left(events, now=25.0) == 15.0  # 5 s into the second
+    assert time_left(events, now=45.0) == 0.0  # a slow round: never below 0
+    events += [{"t": 30.0, "event": "round", "round": 2}, {"t": 30.0, "event": "phase", "name": "training"}]
+    events += [{"t": 40.0, "event": "round", "round": 3}]
+    assert time_left(events) is None  # training is over; the evaluation is not measured yet
+    events += [{"t": 40.0, "event": "phase", "name": "evaluation"}]
+    assert time_left(events, now=50.0) is None
+    events += [{"t": 44.0, "event": "reply", "phase": "evaluation", "done": 1, "total": 4}]
+    assert time_left(events) == 12.0  # 4 s per reply, 3 replies out
+    events += [{"t": 45.0, "event": "done"}]
+    assert time_left(events) == 0.0
+
+
+def test_time_left_over_a_real_run_shrinks_to_zero(run_dir):
+    events, _ = read_events(run_dir / "events.jsonl")
+    estimates = [time_left(events[: i + 1]) for i in range(len(events))]
+    first_round = next(i for i, e in enumerate(events) if e["event"] == "round")
+    evaluation = next(i for i, e in enumerate(events) if e["event"] == "phase" and e["name"] == "evaluation")
+    assert all(e is None for e in estimates[:first_round])  # nothing measured: nothing said
+    assert all(e is None or e >= 0 for e in estimates)
+    training = [e for e in estimates[first_round:evaluation] if e is not None]
+    assert training and training[0] > 0 and all(a >= b for a, b in itertools.pairwise(training))
+    replies = [estimates[i] for i, e in enumerate(events) if e["event"] == "reply" and e["phase"] == "evaluation"]
+    assert replies[-1] == 0.0 and estimates[-1] == 0.0 and events[-1]["event"] == "done"
 
 
 def test_progress_bar_shows_each_phase_in_its_own_count(run_dir, tmp_path):
@@ -161,6 +292,8 @@ def test_progress_bar_shows_each_phase_in_its_own_count(run_dir, tmp_path):
         follower._show(event)
         task = follower.progress.tasks[0]
         seen.append((task.completed, task.total))
+    follower.estimate()
     follower.console.file.close()
     assert all(done <= total for done, total in seen)
     assert seen[-1][0] == seen[-1][1] == 2
+    assert str(TimeLeftColumn().render(follower.progress.tasks[0])) == "~0:00 left"  # the run is done

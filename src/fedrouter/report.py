@@ -7,8 +7,9 @@ import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from fedrouter.runlog import EVENTS, read_events
 
@@ -27,14 +28,15 @@ class ProgressFollower:
             MofNCompleteColumn(),
             TextColumn("replies"),
             TimeElapsedColumn(),
-            TextColumn("left"),
-            TimeRemainingColumn(),
+            TimeLeftColumn(),
             console=console,
             transient=False,
         )
         self.task = self.progress.add_task("starting (loading data and model)", total=clients)
         self._key: tuple | None = None
         self.clients, self.rounds = clients, rounds
+        self.events: list[dict] = []  # what ``time_left`` estimates from
+        self._phase = ""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._follow, daemon=True)
 
@@ -58,9 +60,18 @@ class ProgressFollower:
         events, self._offset = read_events(self.path, self._offset)
         for event in events:
             self._show(event)
+        if events:
+            self.estimate()
+
+    def estimate(self) -> None:
+        """Time left from the events so far (``time_left``); the column counts it down until the next events."""
+        seconds = time_left(self.events)
+        where = " in training" if self._phase == "training" else ""  # the evaluation counts once it is measured
+        self.progress.update(self.task, left=None if seconds is None else (seconds, time.monotonic(), where))
 
     def _show(self, event: dict) -> None:
         kind = event["event"]
+        self.events.append(event)
         counted = self.counter.add(event)
         if counted is not None:
             if counted["key"] != self._key:  # a new phase or round: its own count from 0
@@ -72,7 +83,7 @@ class ProgressFollower:
             self.progress.update(self.task, total=counted["total"], completed=counted["done"])
             return
         if kind == "phase":
-            name = event["name"]
+            name = self._phase = event["name"]
             label = f"round {event['round']}/{event['rounds']}: training" if name == "training" else name
             if name == "clustering":
                 label = "embedding and local clustering"
@@ -115,6 +126,58 @@ class ProgressFollower:
                 f"client {event['client']} joined: global clusters {event['assignment']}"
                 + (f" (opened {event['new_clusters']})" if event["new_clusters"] else "")
             )
+
+
+class TimeLeftColumn(ProgressColumn):
+    """The task's ``left`` field (seconds, when estimated, what it covers), counting down; blank without one."""
+
+    def render(self, task: Task) -> Text:
+        estimate = task.fields.get("left")
+        if estimate is None:
+            return Text("")
+        seconds, at, where = estimate
+        left = int(max(seconds - (time.monotonic() - at), 0.0))
+        return Text(f"~{left // 60}:{left % 60:02d} left{where}", style="progress.remaining")
+
+
+def time_left(events: list[dict], now: float | None = None) -> float | None:
+    """Estimated seconds until the run ends, from the step times measured in ``events`` (``t``: seconds since start).
+
+    Training: the mean time of the finished rounds (from a round's ``phase`` event to its ``round`` event, its round
+    check included) times the rounds left, less what the current round has taken. Evaluation, once replies are in:
+    the time per reply so far times the replies still out. None when what is left has not been measured (before
+    the first round ends, between the last round and the evaluation's first reply); 0 once the run is done or
+    failed. ``now``: the time on the events' clock (default: the last event's).
+    """
+    rounds = done = 0
+    spans: list[float] = []  # seconds of each finished round
+    started: float | None = None  # when the current round, or the evaluation, began
+    evaluating, replies = False, (0, 0)
+    for event in events:
+        kind, t = event.get("event"), float(event.get("t", 0.0))
+        if kind in ("done", "failed"):
+            return 0.0
+        if kind == "start":  # a new process (a resume): what came before is not this run's clock
+            rounds, done, spans, started, evaluating = int(event.get("rounds") or 0), 0, [], None, False
+        elif kind == "resumed":
+            done = int(event["rounds_done"])
+        elif kind == "phase" and event.get("name") in ("training", "evaluation"):
+            started, evaluating, replies = t, event["name"] == "evaluation", (0, 0)
+            rounds = int(event.get("rounds") or rounds)
+        elif kind == "round" and started is not None:
+            spans.append(t - started)
+            done, started = int(event["round"]), None
+        elif kind == "reply" and evaluating and event.get("phase") == "evaluation":
+            replies = (int(event.get("done") or 0), int(event.get("total") or 0))
+    if now is None:
+        now = float(events[-1].get("t", 0.0)) if events else 0.0
+    running = now - started if started is not None else 0.0
+    if evaluating:
+        got, total = replies
+        return max(running / got * (total - got), 0.0) if got > 0 else None
+    if not spans or done >= rounds:
+        return None
+    return max(sum(spans) / len(spans) * (rounds - done) - running, 0.0)
 
 
 class ReplyCounter:

@@ -58,6 +58,7 @@ class SetSummary(TypedDict):
     routing_acc: float | None
     per_task: dict[str, dict[str, float]]
     per_client: dict[str, dict[str, dict[str, float]]]
+    routed: NotRequired[dict[str, dict[str, int]]]  # routers: true task -> adapter -> test samples routed to it
 
 
 class Evaluation(TypedDict):

@@ -2,9 +2,10 @@
 
 Per run: training loss per adapter over rounds (``rounds[].train_loss``), ROUGE-1 per task and routing mode
 (``evaluation.by_set[...].per_task``), the clustering's true task x adapter matrix
-(``clustering.global_cluster_tasks``: training samples per global cluster, the adapter each one trains; the
-metrics hold no per-mode route counts of the test samples), the centroids in 2-D (PCA of ``router/``'s global and
-local centroids) and time and bytes per phase. Several runs: one table and one chart side by side. The page
+(``clustering.global_cluster_tasks``: training samples per global cluster, the adapter each one trains), per
+routing mode the test samples' true task x the adapter they were routed to (``evaluation.by_set[...].routed``;
+runs written before it was recorded have none), the centroids in 2-D (PCA of ``router/``'s global and local
+centroids) and time and bytes per phase. Several runs: one table and one chart side by side. The page
 links its PNGs relatively and loads nothing from the network: it opens from disk.
 """
 
@@ -85,6 +86,24 @@ def task_adapter_matrix(metrics: dict) -> tuple[list[str], list[str], np.ndarray
         for task, n in clusters[adapter].items():
             counts[tasks.index(task), j] = int(n)
     return tasks, adapters, counts
+
+
+def routed_matrices(metrics: dict) -> dict[str, tuple[list[str], list[str], np.ndarray]]:
+    """Per ``<set>/<mode>`` that recorded its routes: (tasks, adapters, test samples[task, adapter]).
+
+    The columns are every global cluster (``clustering.global_k``), so an adapter no sample went to shows as 0.
+    """
+    global_k = int(metrics.get("clustering", {}).get("global_k") or 0)
+    matrices = {}
+    for name, result in metrics.get("evaluation", {}).get("by_set", {}).items():
+        routed = result.get("routed")
+        if not routed:
+            continue
+        tasks = sorted(routed)
+        adapters = sorted({str(g) for g in range(global_k)} | {a for row in routed.values() for a in row}, key=_order)
+        counts = np.array([[int(routed[t].get(a, 0)) for a in adapters] for t in tasks], dtype=int)
+        matrices[name] = (tasks, adapters, counts)
+    return matrices
 
 
 def phase_times(metrics: dict) -> dict[str, float]:
@@ -177,7 +196,7 @@ def plot_rouge1(table: dict, path: Path, title: str) -> str:
     return _save(plt, fig, path)
 
 
-def plot_matrix(matrix: tuple, path: Path, title: str) -> str:
+def plot_matrix(matrix: tuple, path: Path, title: str, counted: str) -> str:
     plt = _pyplot()
     tasks, adapters, counts = matrix
     fig, ax = plt.subplots(figsize=(max(4.0, 0.7 * len(adapters) + 2.5), max(3.0, 0.45 * len(tasks) + 1.5)))
@@ -188,7 +207,8 @@ def plot_matrix(matrix: tuple, path: Path, title: str) -> str:
             ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=8, color="white" if dark else "black")
     ax.set_xticks(range(len(adapters)), adapters)
     ax.set_yticks(range(len(tasks)), tasks, fontsize=8)
-    ax.set(title=f"{title}: true task x adapter (training samples)", xlabel="adapter (global cluster)")
+    ax.set_title(f"{title}:\ntrue task x adapter ({counted})", fontsize=10)  # two lines: a narrow chart
+    ax.set_xlabel("adapter (global cluster)")
     return _save(plt, fig, path)
 
 
@@ -269,6 +289,23 @@ def _img(name: str, alt: str) -> str:
     return f'<img src="{_e(name)}" alt="{_e(alt)}">'
 
 
+def _matrix_section(
+    heading: str, note: str, matrix: tuple, path: Path, title: str, counted: str, table_id: str | None = None
+) -> list[str]:
+    """A task x adapter heatmap and its table (rows: tasks; ``table_id`` defaults to the PNG's name)."""
+    tasks, adapters, counts = matrix
+    return [
+        f"<h3>{_e(heading)}</h3>",
+        f"<p>{_e(note)}</p>",
+        _img(plot_matrix(matrix, path, title, counted), path.stem),
+        _table(
+            ["task", *(f"adapter {a}" for a in adapters)],
+            [(t, [t, *(str(n) for n in counts[i])]) for i, t in enumerate(tasks)],
+            table_id or path.stem,
+        ),
+    ]
+
+
 def _run_section(run_dir: Path, metrics: dict, out: Path, prefix: str, title: str) -> str:
     parts = [f"<h2>{_e(title)}</h2>", f"<p>{_e(run_dir)}; method {_e(metrics.get('method', '?'))}</p>"]
     curves = loss_curves(metrics)
@@ -298,17 +335,24 @@ def _run_section(run_dir: Path, metrics: dict, out: Path, prefix: str, title: st
         ]
     matrix = task_adapter_matrix(metrics)
     if matrix is not None:
-        tasks, adapters, counts = matrix
-        parts += [
-            "<h3>Routing: true task x adapter</h3>",
-            "<p>Training samples per true task and global cluster (the adapter they train), from the clustering.</p>",
-            _img(plot_matrix(matrix, out / f"{prefix}routing.png", title), "routing"),
-            _table(
-                ["task", *(f"adapter {a}" for a in adapters)],
-                [(t, [t, *(str(n) for n in counts[i])]) for i, t in enumerate(tasks)],
-                f"{prefix}routing",
-            ),
-        ]
+        parts += _matrix_section(
+            "Clustering: true task x adapter",
+            "Training samples per true task and global cluster (the adapter they train), from the clustering.",
+            matrix,
+            out / f"{prefix}routing.png",
+            title,
+            "training samples",
+        )
+    for mode, routed in routed_matrices(metrics).items():
+        parts += _matrix_section(
+            f"Routing of the test samples: {mode}",
+            "Test samples per true task and the adapter the router chose for them (the label only counts).",
+            routed,
+            out / f"{prefix}routed-{mode.replace('/', '-')}.png",
+            f"{title}, {mode}",
+            "test samples",
+            f"{prefix}routed-{mode}",
+        )
     try:
         points = centroids_2d(run_dir)
     except (OSError, ValueError) as err:

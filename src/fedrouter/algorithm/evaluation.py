@@ -41,10 +41,12 @@ def parse_eval_key(key: str) -> EvalKey | None:
 def summarize_evaluation(per_client: dict[int, dict[str, float]], train_table: np.ndarray, tasks: list[str]) -> dict:
     """Per (test set, routing mode): ROUGE and exact match per client and task, macro averages, routing accuracy.
 
-    Macro averages weight every (client, task) pair equally.
+    Macro averages weight every (client, task) pair equally. Routers also get ``routed``: test samples per true
+    task and the adapter they were routed to, summed over clients (the label only counts where a sample went; it never picks the adapter).
     """
     table: dict[tuple[str, str], dict[int, dict[str, dict[str, float]]]] = defaultdict(lambda: defaultdict(dict))
     routed: dict[tuple[str, str], np.ndarray] = defaultdict(lambda: np.zeros_like(train_table))
+    route_counts: dict[tuple[str, str], dict[str, dict[str, int]]] = defaultdict(lambda: defaultdict(dict))
     for client, values in per_client.items():
         grouped: dict[tuple[str, str, str], dict[str, float]] = defaultdict(dict)
         for key, value in values.items():
@@ -53,7 +55,10 @@ def summarize_evaluation(per_client: dict[int, dict[str, float]], train_table: n
                 continue
             if parsed.adapter is None:
                 grouped[parsed[:3]][parsed.metric] = value
-            elif parsed.task in tasks and 0 <= parsed.adapter < len(train_table):
+                continue
+            by_adapter = route_counts[parsed[:2]][parsed.task]
+            by_adapter[str(parsed.adapter)] = by_adapter.get(str(parsed.adapter), 0) + int(value)
+            if parsed.task in tasks and 0 <= parsed.adapter < len(train_table):
                 routed[parsed[:2]][parsed.adapter, tasks.index(parsed.task)] += int(value)
         for (set_name, mode, task), sums in grouped.items():
             n = sums.get("n", 0)
@@ -77,6 +82,11 @@ def summarize_evaluation(per_client: dict[int, dict[str, float]], train_table: n
             client: {task: dict(scores) for task, scores in sorted(by_task.items())}
             for client, by_task in sorted(clients.items())
         }
+        if (set_name, mode) in route_counts:
+            summary["routed"] = {
+                task: dict(sorted(counts.items(), key=lambda item: int(item[0])))
+                for task, counts in sorted(route_counts[(set_name, mode)].items())
+            }
         result["by_set"][f"{set_name}/{mode}"] = summary
         result["overall"][f"{set_name}/{mode}"] = {
             k: summary[k] for k in ("rouge1", "rouge2", "rougeL", "exact_match", "routing_acc")
