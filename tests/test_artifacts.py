@@ -280,6 +280,38 @@ CASES = [
         "router.json",
         "'embedding' must be",
     ),
+    # router.json's cluster names (absent: the ids; present: one valid, unique name per adapter)
+    Case("cluster_names a list", _meta(cluster_names=["a", "b", "c"]), "router.json", "cluster_names is a list"),
+    Case(
+        "cluster_names without cluster_2",
+        _meta(cluster_names={"cluster_0": "a", "cluster_1": "b"}),
+        "router.json",
+        "expected an object with one name for each of cluster_0 to cluster_2",
+    ),
+    Case(
+        "a cluster name over two lines",
+        _meta(cluster_names={"cluster_0": "a", "cluster_1": "b\nc", "cluster_2": "d"}),
+        "router.json",
+        "cluster_1: name 'b\\nc': holds a control character",
+    ),
+    Case(
+        "two clusters of one name",
+        _meta(cluster_names={"cluster_0": "sums", "cluster_1": "b", "cluster_2": "Sums"}),
+        "router.json",
+        "cluster_2: name 'Sums' is cluster_0's name too",
+    ),
+    Case(
+        "a cluster named after another's id",
+        _meta(cluster_names={"cluster_0": "cluster_1", "cluster_1": "b", "cluster_2": "c"}),
+        "router.json",
+        "another adapter's id",
+    ),
+    Case(
+        "a cluster name not a string",
+        _meta(cluster_names={"cluster_0": 5, "cluster_1": "b", "cluster_2": "c"}),
+        "router.json",
+        "not a string",
+    ),
     # cluster_map.json
     Case("cluster map a list", _cluster_map([[0, 1], [2]]), "cluster_map.json", "a list at the top"),
     Case("cluster out of range", _cluster_map({"0": [0, 7], "1": [2]}), "cluster_map.json", "each 0 to 2"),

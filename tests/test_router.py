@@ -194,6 +194,14 @@ def test_sampling_settings_are_checked():
         decoding.Sampling(stop=("",))
 
 
+def test_each_answer_names_its_adapter(router):
+    # The tiny router was written without names: each cluster's name is its id.
+    assert router.names == ["cluster_0", "cluster_1", "cluster_2"]
+    answers = router.generate([ANCHORS[2], ANCHORS[0]], max_new_tokens=1)
+    assert [(a.adapter, a.name) for a in answers] == [(2, "cluster_2"), (0, "cluster_0")]
+    assert router.generate([ANCHORS[0]], mode="base", max_new_tokens=1)[0].name == "base"
+
+
 def test_distances_are_to_every_global_centroid(router):
     choice = router.choose([ANCHORS[1]], [Route("global")])[0]
     expected = np.linalg.norm(router.embed([ANCHORS[1]])[0] - router.artifact.global_centroids, axis=1)

@@ -47,8 +47,8 @@ def _routing(response) -> dict:
 
 
 def test_models_lists_every_routing_choice(client):
-    names = [m.id for m in client.models.list().data]
-    assert names == [
+    models = client.models.list().data
+    assert [m.id for m in models] == [
         "fedrouter",
         "fedrouter-local:0",
         "fedrouter-local:1",
@@ -57,6 +57,10 @@ def test_models_lists_every_routing_choice(client):
         "cluster_2",
         "base",
     ]
+    # Each says what it is; an adapter's description is its cluster's name (the tiny router's are its ids).
+    described = {m.id: m.model_extra["description"] for m in models}
+    assert described["fedrouter-local:1"] == "routes each prompt by client 1's local clusters"
+    assert [described[f"cluster_{g}"] for g in range(3)] == ["cluster_0", "cluster_1", "cluster_2"]
 
 
 def test_chat_answers_as_router_generate_with_the_adapter_it_names(client, router):
@@ -70,7 +74,7 @@ def test_chat_answers_as_router_generate_with_the_adapter_it_names(client, route
         assert response.choices[0].finish_reason == "length"
         assert response.usage.completion_tokens == 6 and response.usage.prompt_tokens == expected.prompt_tokens
         routing = _routing(response)
-        assert routing["adapter"] == f"cluster_{g}" == raw.headers["x-fedrouter-adapter"]
+        assert routing["adapter"] == f"cluster_{g}" == raw.headers["x-fedrouter-adapter"] == routing["name"]
         assert routing["routing"] == "global" and len(routing["distances"]) == 3
         assert float(raw.headers["x-fedrouter-distance"]) == pytest.approx(routing["distance"], rel=1e-4, abs=1e-5)
 
@@ -94,7 +98,13 @@ def test_each_model_choice_routes_as_named(client, router):
     response = client.chat.completions.create(
         model="base", messages=[{"role": "user", "content": ANCHORS[0]}], max_tokens=4
     )
-    assert _routing(response) == {"adapter": "base", "routing": "base", "distance": None, "distances": []}
+    assert _routing(response) == {
+        "adapter": "base",
+        "name": "base",
+        "routing": "base",
+        "distance": None,
+        "distances": [],
+    }
     assert response.choices[0].message.content == router.generate([ANCHORS[0]], mode="base", max_new_tokens=4)[0].text
 
 

@@ -1,8 +1,10 @@
 """Take the README's playground screenshot: serve a trained run, ask two questions in headless chromium, save a PNG.
 
-    .venv/bin/python tools/playground_screenshot.py RUN_DIR [--out docs/playground.png]
+    .venv/bin/python tools/playground_screenshot.py RUN_DIR [--out docs/playground.png] [--question TEXT ...]
 
 Needs Debian's chromium and chromium-driver. The server is started and stopped (its whole process group) here.
+The default questions are paper4-raw's (a dialogue to summarize, a WebNLG record); ``--question`` (repeatable)
+asks others, for a run trained on other tasks. The page shows the clusters' names as the run's router.json has them.
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "playground.png")
+    parser.add_argument("--question", action="append", help="a question to ask instead of the defaults (repeatable)")
     args = parser.parse_args()
+    questions = args.question or QUESTIONS
     port = free_port()
     command = [sys.executable, "-m", "fedrouter.cli", "serve", str(args.run_dir), "--port", str(port)]
     server = subprocess.Popen(command, start_new_session=True)
@@ -59,7 +63,7 @@ def main() -> None:
             driver.get(url + "/")
             wait = WebDriverWait(driver, 300)
             wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#model option"))
-            for n, question in enumerate(QUESTIONS, start=1):
+            for n, question in enumerate(questions, start=1):
                 box = driver.find_element(By.ID, "prompt")
                 for line_number, line in enumerate(question.split("\n")):
                     if line_number:

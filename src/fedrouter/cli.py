@@ -117,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--vllm-model", help="the base model's name on the vLLM server (default: the recorded one)")
     serve.add_argument("--precision", choices=("auto", "bf16", "fp32"), help="instead of the recorded one")
 
+    rename = commands.add_parser(
+        "rename",
+        help="give a trained run's clusters readable names (the adapter ids cluster_<g> stay as they are)",
+    )
+    rename.add_argument("run_dir", type=Path, metavar="RUN", help="run folder (holds router/) or a router folder")
+    rename.add_argument("renames", nargs="+", metavar="CLUSTER=NAME", help="e.g. cluster_2=summaries")
+
     data = commands.add_parser("data", help="look at a data source before training on it")
     data_commands = data.add_subparsers(dest="data_command", required=True)
     inspect = data_commands.add_parser(
@@ -375,6 +382,22 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rename(args: argparse.Namespace) -> int:
+    from fedrouter.serving.artifact import rename_clusters
+
+    renames: dict[str, str] = {}
+    for item in args.renames:
+        cluster, equals, name = item.partition("=")
+        if not equals:
+            raise ConfigError(f"rename: {item!r:.80} is not CLUSTER=NAME (e.g. cluster_2=summaries)")
+        if cluster in renames:
+            raise ConfigError(f"rename: {cluster!r:.80} is given twice")
+        renames[cluster] = name
+    for g, name in enumerate(rename_clusters(args.run_dir, renames)):
+        print(f"cluster_{g}: {name}")
+    return 0
+
+
 def _data(args: argparse.Namespace) -> int:
     from fedrouter.data.inspect import inspect_report, print_report
 
@@ -487,6 +510,7 @@ def main(argv: list[str] | None = None) -> int:
         "deploy-local": _deploy_local,
         "generate": _generate,
         "serve": _serve,
+        "rename": _rename,
         "config": _show_config,
         "bench": _bench,
         "report": _report,

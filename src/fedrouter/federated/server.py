@@ -90,7 +90,7 @@ class FederatedRun:
             metrics["elapsed_s"] = elapsed_before + time.time() - started
             run.write_metrics(metrics)
             if method.routes:  # only routers have a router artifact; the other methods report metrics
-                self.router_artifact().save(run.path)
+                self.router_artifact().with_task_names(metrics["clustering"]["global_cluster_tasks"]).save(run.path)
             save_checkpoint(run.path, state, cfg["run.seed"])
 
         save()

@@ -2,8 +2,10 @@
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (``stream`` with server-sent events),
 ``GET /v1/models``, ``GET /health``, ``GET /`` (the playground). The ``model`` field chooses the routing
-(``model_routes``). Every answer carries a ``fedrouter`` object (the adapter that served it, the routing distance
-and the distances to every global centroid) and the headers ``X-FedRouter-Adapter`` / ``X-FedRouter-Distance``.
+(``model_routes``); ``/v1/models`` gives each model a ``description`` (``model_descriptions``: an adapter's is its
+cluster's readable name, its id ``cluster_<g>`` never changes). Every answer carries a ``fedrouter`` object (the
+adapter that served it and its name, the routing distance and the distances to every global centroid) and the
+headers ``X-FedRouter-Adapter`` / ``X-FedRouter-Distance``.
 
 Errors use OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 for a malformed body, an
 unknown or unsupported field or a prompt longer than the context, 401 for a missing or wrong key, 404 for an
@@ -148,13 +150,23 @@ def model_routes(router: Router) -> dict[str, Route]:
     return routes
 
 
+def model_descriptions(router: Router) -> dict[str, str]:
+    """What each ``model`` of ``model_routes`` is, for people: an adapter's description is its cluster's name."""
+    described = {"fedrouter": "routes each prompt to the adapter of the nearest global cluster"}
+    described |= {f"fedrouter-local:{c}": f"routes each prompt by client {c}'s local clusters" for c in router.clients}
+    described |= {f"cluster_{g}": name for g, name in enumerate(router.names)}
+    described["base"] = "the base model, no adapter"
+    return described
+
+
 def _adapter_name(choice: Choice) -> str:
     return "base" if choice.adapter is None else f"cluster_{choice.adapter}"
 
 
-def _routing_info(route: Route, choice: Choice) -> dict:
+def _routing_info(router: Router, route: Route, choice: Choice) -> dict:
     return {
         "adapter": _adapter_name(choice),
+        "name": router.name(choice.adapter),
         "routing": route.mode,
         "distance": choice.distance,
         "distances": list(choice.distances),
@@ -185,6 +197,7 @@ def create_app(
     """The app; with ``gateway`` the answers come from a vLLM server and this process only embeds and routes."""
     engine = Engine(router, max_batch=max_batch, max_queue=max_queue, max_batch_tokens=max_batch_tokens)
     routes = model_routes(router)
+    descriptions = model_descriptions(router)
     tokenizer = copy.deepcopy(router.base.tokenizer)  # the event loop's own: the engine thread uses the model's
 
     @asynccontextmanager
@@ -262,7 +275,7 @@ def create_app(
         choice = await gateway.choose(prompt, route)
         forwarded = body.model_dump(exclude_none=True, exclude={"user"})
         return await gateway.forward(
-            path, forwarded, body.model, choice, _routing_info(route, choice), _headers(choice)
+            path, forwarded, body.model, choice, _routing_info(router, route, choice), _headers(choice)
         )
 
     def admit(prompt: Prompt, body: _Generation, param: str) -> EngineRequest:
@@ -331,7 +344,7 @@ def create_app(
                     return
                 elif kind == "done":
                     final = chunk(None, value.finish_reason)
-                    final["fedrouter"] = _routing_info(request.route, choice)
+                    final["fedrouter"] = _routing_info(router, request.route, choice)
                     yield f"data: {json.dumps(final)}\n\n"
                     if body.stream_options and body.stream_options.include_usage:
                         yield f"data: {json.dumps({**chunk(None, None), 'choices': [], 'usage': usage(value)})}\n\n"
@@ -376,7 +389,7 @@ def create_app(
             "model": body.model,
             "choices": [{"index": 0, **piece, "finish_reason": _finish(done), "logprobs": None}],
             "usage": usage(done),
-            "fedrouter": _routing_info(request.route, choice),
+            "fedrouter": _routing_info(router, request.route, choice),
         }
         return JSONResponse(answer, headers=_headers(choice))
 
@@ -394,7 +407,14 @@ def create_app(
         return {
             "object": "list",
             "data": [
-                {"id": name, "object": "model", "created": created, "owned_by": "fedrouter", "routing": route.mode}
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "fedrouter",
+                    "routing": route.mode,
+                    "description": descriptions[name],
+                }
                 for name, route in routes.items()
             ],
         }

@@ -2,7 +2,8 @@
 
 Layout of ``RUN_DIR/router/``::
 
-    router.json                  base model, LoRA settings, embedding space, cluster counts, format version
+    router.json                  base model, LoRA settings, embedding space, cluster counts, format version,
+                                 cluster_names: {"cluster_<g>": readable name} (absent in older artifacts)
     global_centroids.npy         (num_global, hidden) float32
     local_centroids.safetensors  one (num_local, hidden) tensor per client, key "client_<id>"
     cluster_map.json             {"<client>": [global cluster of each local cluster, ...]}
@@ -10,6 +11,11 @@ Layout of ``RUN_DIR/router/``::
                                  loadable with ``PeftModel.from_pretrained(base, path)``
 
 No pickle anywhere. The folder is written beside and renamed into place.
+
+The adapter ids ``cluster_<g>`` never change; ``cluster_names`` describes each one (``fedrouter.algorithm.naming``:
+the majority task and its share where clients reported labels, else the id). ``rename_clusters`` (``fedrouter
+rename``) rewrites only these names, atomically, and ``read_names`` reads them without the weights; an artifact
+without them loads with every name its id.
 
 Loading checks every file before anything is routed or generated, and refuses the artifact with an
 ``ArtifactError`` of one line naming the file and what was expected: router.json's settings of the right type and
@@ -32,16 +38,19 @@ import os
 import shutil
 import stat
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from fedrouter.algorithm.naming import adapter_id, check_names, cluster_names
 from fedrouter.discovery import KINDS, EmbeddingSettings
-from fedrouter.errors import ArtifactError
+from fedrouter.errors import ArtifactError, ConfigError
 from fedrouter.model import LoraSettings
+from fedrouter.runlog import atomic_write
 
 if TYPE_CHECKING:
     from fedrouter.model.loading import BaseModel
@@ -79,10 +88,23 @@ class RouterArtifact:
     # How prompts are embedded (the run's cluster.embedding / embed_* / edge_* settings).
     embedding: EmbeddingSettings = LEGACY_EMBEDDING
     folder: Path | None = None  # where it was loaded from (None: built in memory); named in error messages
+    names: list[str] | None = None  # one readable name per global cluster, in cluster order (None: the ids)
+
+    def __post_init__(self) -> None:
+        if self.names is None:
+            self.names = [adapter_id(g) for g in range(self.num_global)]
+        if len(self.names) != self.num_global:
+            raise ValueError(f"{len(self.names)} cluster names for {self.num_global} global clusters")
+        check_names(dict(enumerate(self.names)))
 
     @property
     def num_global(self) -> int:
         return len(self.global_centroids)
+
+    def with_task_names(self, cluster_tasks: Mapping[int | str, Mapping[str, int]]) -> RouterArtifact:
+        """This artifact with each cluster named after its training samples per task (``naming.cluster_names``;
+        metrics.json's ``clustering.global_cluster_tasks``)."""
+        return replace(self, names=cluster_names(cluster_tasks, self.num_global))
 
     def save(self, run_dir: Path) -> Path:
         target = Path(run_dir) / ROUTER_DIR
@@ -118,6 +140,7 @@ class RouterArtifact:
                     "edge_tokens": self.embedding.edge_tokens,
                 },
                 "num_global_clusters": self.num_global,
+                "cluster_names": {adapter_id(g): name for g, name in enumerate(self.names)},
                 "hidden_size": int(self.global_centroids.shape[1]),
                 "lora": self.lora.peft_fields(),
             }
@@ -136,12 +159,8 @@ class RouterArtifact:
     @classmethod
     def load(cls, run_dir: str | Path) -> RouterArtifact:
         """Read ``RUN_DIR/router`` (or a router folder itself), checking every file: see the module's docstring."""
-        run_dir = Path(run_dir)
-        folder = _entry(run_dir, ROUTER_DIR, folder=True) if os.path.lexists(run_dir / ROUTER_DIR) else run_dir
-        meta_path = folder / "router.json"
-        if not os.path.lexists(meta_path):
-            raise ArtifactError(f"{run_dir}: no router artifact (expected {meta_path})")
-        meta = _meta(_json(_entry(folder, "router.json")), meta_path)
+        folder, meta_path = _router_json(Path(run_dir))
+        meta = _meta(_json(meta_path), meta_path)
         num_global, width = meta["num_global_clusters"], meta["hidden_size"]
         lora = _lora(meta["lora"], meta_path)
 
@@ -178,6 +197,7 @@ class RouterArtifact:
             max_seq_len=meta["max_seq_len"],
             embedding=meta["embedding"],
             folder=folder,
+            names=_names(meta.get("cluster_names"), num_global, meta_path),
         )
 
     def check_model(self, base: BaseModel) -> None:
@@ -229,7 +249,72 @@ class RouterArtifact:
         return Path(run_dir) / ROUTER_DIR / "adapters" / f"cluster_{g}"
 
 
+def read_names(run_dir: str | Path) -> list[str]:
+    """Every cluster's name, in cluster order, from ``RUN_DIR/router/router.json`` alone (no weights are read):
+    for a run summary or a model card. An artifact without names gives the ids."""
+    _, meta_path = _router_json(Path(run_dir))
+    meta = _json(meta_path)
+    return _names(meta.get("cluster_names"), _meta(meta, meta_path)["num_global_clusters"], meta_path)
+
+
+def rename_clusters(run_dir: str | Path, renames: Mapping[str, str]) -> list[str]:
+    """Give clusters new names in ``RUN_DIR/router`` (or a router folder itself): ``{"cluster_2": "summaries"}``.
+
+    Each name is stripped of space at its ends, then checked as every name is (``naming.name_problem``, unique
+    among all the clusters' names). Only router.json's ``cluster_names`` changes, written whole beside and renamed
+    over the old file. An unknown id or a bad name is a ``ConfigError`` of one line, and nothing is written.
+    Returns every cluster's name, in cluster order.
+    """
+    folder, meta_path = _router_json(Path(run_dir))
+    meta = _json(meta_path)
+    num_global = _meta(meta, meta_path)["num_global_clusters"]
+    names = _names(meta.get("cluster_names"), num_global, meta_path)
+    ids = [adapter_id(g) for g in range(num_global)]
+    if not renames:
+        raise ConfigError("rename: no CLUSTER=NAME given")
+    for key, name in renames.items():
+        if key not in ids:
+            raise ConfigError(f"rename: {key!r:.80} is no adapter of {folder} (expected {ids[0]} to {ids[-1]})")
+        names[ids.index(key)] = name.strip() if isinstance(name, str) else name
+    renamed = [ids.index(key) for key in renames]
+    try:  # the clusters renamed last: a name already taken is reported on the cluster given it
+        check_names({g: names[g] for g in [*(g for g in range(num_global) if g not in renamed), *renamed]})
+    except ValueError as err:
+        raise ConfigError(f"rename: {err}") from None
+    meta["cluster_names"] = dict(zip(ids, names, strict=True))
+    atomic_write(meta_path, json.dumps(meta, indent=2))
+    return names
+
+
 # --- reading and checking the files (each failure: an ArtifactError of one line naming the file) ---
+
+
+def _router_json(run_dir: Path) -> tuple[Path, Path]:
+    """The router folder (``RUN_DIR/router``, or ``run_dir`` itself when it is one) and its router.json."""
+    folder = _entry(run_dir, ROUTER_DIR, folder=True) if os.path.lexists(run_dir / ROUTER_DIR) else run_dir
+    meta_path = folder / "router.json"
+    if not os.path.lexists(meta_path):
+        raise ArtifactError(f"{run_dir}: no router artifact (expected {meta_path})")
+    return folder, _entry(folder, "router.json")
+
+
+def _names(entry: object, num_global: int, path: Path) -> list[str]:
+    """router.json's ``cluster_names``: one valid, unique name per adapter id; absent (an older artifact): the ids."""
+    ids = [adapter_id(g) for g in range(num_global)]
+    if entry is None:
+        return ids
+    if not isinstance(entry, dict) or sorted(entry) != sorted(ids):
+        found = f"has keys {_show(sorted(entry))}" if isinstance(entry, dict) else f"is {_kind(entry)}"
+        raise ArtifactError(
+            f"{path}: cluster_names {found} (expected an object with one name for each of {ids[0]} to "
+            f"{ids[-1]}: num_global_clusters is {num_global})"
+        )
+    names = [entry[key] for key in ids]
+    try:
+        check_names(dict(enumerate(names)))
+    except ValueError as err:
+        raise ArtifactError(f"{path}: cluster_names: {err}") from None
+    return names
 
 
 def _line(err: BaseException) -> str:

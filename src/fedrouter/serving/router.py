@@ -3,7 +3,7 @@
 from fedrouter import Router
 router = Router.load("runs/my-run")
 for answer in router.generate(["Sort these words: pear, fig"], mode="global"):
-    print(answer.adapter, answer.text)
+    print(answer.adapter, answer.name, answer.text)  # 1 'sorting (96%)' ...
 
 A prompt is an instruction (one user turn) or a chat: a list of ``{"role": ..., "content": ...}`` messages
 (system, user and assistant turns). What is embedded to route a chat is its last user turn (``routing_text``):
@@ -73,6 +73,7 @@ class Answer:
     finish_reason: str = "stop"  # "stop" (end token or a stop string) or "length" (max_new_tokens reached)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    name: str = ""  # the adapter's readable name (``Router.name``): 'base' for the base model
 
 
 def routing_text(prompt: Prompt) -> str:
@@ -118,6 +119,15 @@ class Router:
     @property
     def num_adapters(self) -> int:
         return self.artifact.num_global
+
+    @property
+    def names(self) -> list[str]:
+        """Each global cluster's readable name, in cluster order (its adapter's id stays ``cluster_<g>``)."""
+        return list(self.artifact.names)
+
+    def name(self, adapter: int | None) -> str:
+        """The readable name of an adapter (a global cluster), or 'base' for None (no adapter)."""
+        return "base" if adapter is None else self.artifact.names[adapter]
 
     @property
     def clients(self) -> list[int]:
@@ -242,6 +252,15 @@ class Router:
         ]
         completions = self.decode(rows, max_rows=batch_size)
         return [
-            Answer(p, done.text, c.adapter, c.distance, done.finish_reason, done.prompt_tokens, done.completion_tokens)
+            Answer(
+                p,
+                done.text,
+                c.adapter,
+                c.distance,
+                done.finish_reason,
+                done.prompt_tokens,
+                done.completion_tokens,
+                self.name(c.adapter),
+            )
             for p, c, done in zip(prompts, choices, completions, strict=True)
         ]

@@ -3,6 +3,7 @@
 
 const $ = (id) => document.getElementById(id);
 let history = [];
+let names = {}; // adapter id -> its cluster's readable name (from /v1/models); every name is shown as text, never as HTML
 
 function headers() {
   const h = { "Content-Type": "application/json" };
@@ -19,10 +20,16 @@ async function loadModels() {
   }
   const select = $("model");
   select.replaceChildren();
+  names = {};
   for (const model of (await response.json()).data) {
     const option = document.createElement("option");
     option.value = model.id;
-    option.textContent = model.id + " (" + model.routing + ")";
+    if (model.routing === "cluster") {
+      names[model.id] = model.description || model.id;
+      option.textContent = model.id === names[model.id] ? model.id : model.id + " · " + names[model.id];
+    } else {
+      option.textContent = model.id + " (" + model.routing + ")";
+    }
     select.append(option);
   }
   $("status").textContent = "";
@@ -45,28 +52,53 @@ function addTurn(kind, text) {
   return div;
 }
 
+// The label of an adapter: its id, and its cluster's name where that says more.
+function label(id, name) {
+  return !name || name === id ? id : id + " · " + name;
+}
+
+// Nearness of each cluster: the nearest distance divided by this one, so the nearest bar is full and a cluster
+// twice as far gets half a bar (two near-equal bars: the prompt sat between two clusters).
+function nearness(distances) {
+  const nearest = Math.min(...distances);
+  return distances.map((d) => (d > 0 ? nearest / d : 1));
+}
+
 function showRoute(turn, info) {
   const box = document.createElement("div");
   box.className = "route";
   const distance = info.distance === null ? "" : ", distance " + info.distance.toFixed(3);
   box.innerHTML = "served by <span class='adapter'></span> (" + info.routing + " routing" + distance + ")";
-  box.querySelector(".adapter").textContent = info.adapter;
+  box.querySelector(".adapter").textContent = label(info.adapter, info.name);
   if (info.distances.length) {
     const bars = document.createElement("div");
     bars.className = "bars";
-    const far = Math.max(...info.distances) || 1;
+    const heads = ["adapter", "nearness (longest bar: nearest cluster)", "distance"].map((text) => {
+      const head = document.createElement("span");
+      head.className = "head";
+      head.textContent = text;
+      return head;
+    });
+    bars.append(...heads);
+    const near = nearness(info.distances);
+    const nearest = info.distances.indexOf(Math.min(...info.distances));
     info.distances.forEach((d, g) => {
+      const id = "cluster_" + g;
       const name = document.createElement("span");
-      name.textContent = "cluster_" + g;
+      name.className = "name";
+      name.textContent = label(id, names[id]);
+      name.title = name.textContent;
       const bar = document.createElement("div");
       bar.className = "bar";
+      bar.title = "nearest distance / this distance = " + near[g].toFixed(3);
       const fill = document.createElement("span");
-      fill.style.width = (100 * d / far).toFixed(1) + "%";
+      fill.style.width = (100 * near[g]).toFixed(1) + "%";
       bar.append(fill);
       const value = document.createElement("span");
       value.textContent = d.toFixed(3);
       const row = [name, bar, value];
-      if (info.adapter === "cluster_" + g) row.forEach((el) => el.classList.add("chosen"));
+      if (g === nearest) row.forEach((el) => el.classList.add("nearest"));
+      if (info.adapter === id) row.forEach((el) => el.classList.add("chosen"));
       bars.append(...row);
     });
     box.append(bars);
