@@ -214,6 +214,7 @@ def _run(args: argparse.Namespace) -> int:
     from fedrouter.report import ProgressFollower, summary_tables
     from fedrouter.runlog import default_run_dir
     from fedrouter.simulation import check_inputs, run_experiment
+    from fedrouter.tracking import viewing
 
     cfg = _config(args)
     console = Console(stderr=True)
@@ -235,6 +236,8 @@ def _run(args: argparse.Namespace) -> int:
         out.print(table)
     router = ", router/" if (run_dir / "router").is_dir() else ""
     out.print(f"run folder: {run_dir} (metrics.json, config.toml, log.txt{router})")
+    for line in viewing(cfg["run.report_to"], run_dir):
+        out.print(f"tracking: {line}", soft_wrap=True)
     write_run_report(run_dir, console)
     return _exit_status(metrics, args.allow_lost_clients)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedrouter.errors import ConfigError
+from fedrouter.tracking import check_report_to
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,13 @@ SETTINGS: dict[str, Setting] = {
         "auto",
         "GPUs per simulated client: 'auto' (1 where CUDA is, else 0) or a number; 0.25 puts four clients on a GPU",
         _gpus_setting,
+    ),
+    "run.report_to": Setting(
+        str,
+        "none",
+        "experiment trackers that mirror the run's metrics: 'none' or any of tensorboard, mlflow, wandb "
+        "(comma-separated; offline by default: RUN/tensorboard, <run.output_dir>/mlflow.db, RUN/wandb)",
+        check_report_to,
     ),
     "run.ray_address": Setting(
         str,

@@ -21,6 +21,7 @@ class RoundRecord(TypedDict):
     accepted: int
     rejected: dict[str, str]  # client -> why
     train_loss: dict[str, float]  # shared adapter (or 'personal:<job>') -> mean loss over clients
+    client_loss: NotRequired[dict[str, dict[str, float]]]  # client -> adapter -> its loss (accepted replies)
     updated_adapters: list[str]
     adapter_norms: dict[str, float]
     bytes_up: int

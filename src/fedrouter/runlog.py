@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedrouter.config import Config
+from fedrouter.tracking import Tracking
 
 log = logging.getLogger("fedrouter")
 
@@ -56,9 +57,11 @@ def default_run_dir(cfg: Config) -> Path:
 
 
 class RunFolder:
-    """Where one run writes everything; ``event`` appends to the stream that progress displays follow."""
+    """Where one run writes everything; ``event`` appends to the stream that progress displays follow, and
+    every metrics save is mirrored to the trackers ``run.report_to`` names (``resumed``: going on from a
+    checkpoint, whose figures were logged before)."""
 
-    def __init__(self, path: Path, cfg: Config) -> None:
+    def __init__(self, path: Path, cfg: Config, resumed: bool = False) -> None:
         self.path = path
         path.mkdir(parents=True, exist_ok=True)
         atomic_write(path / CONFIG, cfg.replace(run__resume="").to_toml())  # re-runnable as a new run
@@ -68,6 +71,7 @@ class RunFolder:
         log.addHandler(self._handler)
         log.setLevel(logging.INFO)
         self.started = time.time()
+        self.tracking = Tracking(cfg["run.report_to"], path, cfg.to_dict(), resumed)
 
     def event(self, kind: str, **fields: Any) -> None:
         record = {"t": round(time.time() - self.started, 3), "event": kind, **fields}
@@ -78,8 +82,10 @@ class RunFolder:
 
     def write_metrics(self, metrics: dict) -> None:
         write_json(self.path / METRICS, metrics)
+        self.tracking.update(metrics)
 
     def close(self) -> None:
+        self.tracking.close()
         self._events.close()
         log.removeHandler(self._handler)
         self._handler.close()

@@ -315,6 +315,7 @@ def check_inputs(cfg: Config) -> None:
     """
     from fedrouter.data import all_clients
     from fedrouter.model.loading import check_model_name
+    from fedrouter.tracking import check_installed
 
     if cfg["data.num_clients"] == 0:  # 0 sizes the run to a federation; here the run makes the federation
         raise ConfigError(
@@ -323,6 +324,7 @@ def check_inputs(cfg: Config) -> None:
         )
     all_clients(cfg)
     check_model_name(cfg["model.name"])
+    check_installed(cfg["run.report_to"])
 
 
 def check_resumable(run_dir: Path) -> None:

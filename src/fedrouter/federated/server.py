@@ -50,7 +50,7 @@ def run_fedrouter(grid: Grid, cfg: Config, run_dir: Path, resume: bool = False) 
 
     ``resume``: go on from ``run_dir``'s checkpoint instead of starting over.
     """
-    run = RunFolder(run_dir, cfg)
+    run = RunFolder(run_dir, cfg, resumed=resume)
     try:
         return FederatedRun(grid, cfg, run).execute(resume)
     except Exception as err:
@@ -289,6 +289,7 @@ class FederatedRun:
             "accepted": accepted,
             "rejected": rejected,
             "train_loss": {key: float(np.mean(v)) for key, v in sorted(losses.items())},
+            "client_loss": {who: mine for who, mine in reported.items() if who not in rejected},
             "updated_adapters": sorted(weights),
             "adapter_norms": {
                 key: float(np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in arrays.values())))
