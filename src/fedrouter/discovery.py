@@ -102,9 +102,11 @@ def embedding_space(base: BaseModel, settings: EmbeddingSettings) -> EmbeddingSp
     """The space of these settings for this model, computed once per loaded model.
 
     The reference scales depend only on the model (``compute.reference_scale``), so every client and the router
-    find the same ones without exchanging anything.
+    find the same ones without exchanging anything; they are computed once per model and kept on disk
+    (``model.derived``), not once per process.
     """
     from fedrouter.model import compute
+    from fedrouter.model.derived import stored_arrays
 
     if settings.kind not in KINDS:
         raise ValueError(f"embedding kind {settings.kind!r}: expected one of {KINDS}")
@@ -119,9 +121,9 @@ def embedding_space(base: BaseModel, settings: EmbeddingSettings) -> EmbeddingSp
             if settings.scale == "none":
                 scales: tuple = (None,) * len(parts)
             elif settings.kind == "text":
-                scales = (compute.reference_scale(base, parts[0][0]),)
+                scales = tuple(stored_arrays(base, repr(key), lambda: [compute.reference_scale(base, parts[0][0])]))
             else:
-                scales = tuple(compute.prompt_reference_scales(base, parts))
+                scales = tuple(stored_arrays(base, repr(key), lambda: compute.prompt_reference_scales(base, parts)))
             base.derived[key] = EmbeddingSpace(settings.kind, parts, scales)
         return base.derived[key]
 
