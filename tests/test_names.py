@@ -211,3 +211,20 @@ def test_a_run_names_its_clusters_from_the_clients_label_counts(tmp_path):
     assert names == cluster_names(tasks, 4)
     labelled = [g for g in range(4) if tasks[str(g)]]
     assert labelled and all(names[g].endswith("%)") and names[g].split(" (")[0] in tasks[str(g)] for g in labelled)
+
+
+def test_the_run_summary_names_every_adapter():
+    from rich.console import Console
+
+    from fedrouter.report import summary_tables
+
+    metrics = {"clustering": {"global_k": 2, "global_cluster_tasks": {"0": {"qqp": 9, "webnlg": 1}, "1": {"[b]": 3}}}}
+
+    def shown(names=None) -> str:
+        console = Console(width=200, record=True)
+        for table in summary_tables(metrics, names):
+            console.print(table)
+        return console.export_text()
+
+    assert "cluster_0: qqp (90%), cluster_1: [b] (100%)" in shown()  # a name is text, never rich markup
+    assert "cluster_0: paraphrases, cluster_1: [b] (100%)" in shown(["paraphrases", "[b] (100%)"])  # renamed

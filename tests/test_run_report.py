@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,6 +99,10 @@ def _check_run_tables(tables: dict, metrics: dict, prefix: str = "") -> None:
                 assert routed[task][routed["__header__"].index(f"adapter {adapter}")] == str(n)
             tested = sum(by_task[task]["n"] for by_task in result["per_client"].values() if task in by_task)
             assert sum(int(c) for c in routed[task][1:]) == tested  # every test sample went to one adapter
+    names = tables[f"{prefix}names"]  # the router artifact's names, one per global cluster
+    run_folder = Path(metrics["config"]["run.output_dir"]) / metrics["config"]["run.name"]
+    stored = json.loads((run_folder / "router" / "router.json").read_text())["cluster_names"]
+    assert {key: cells[1] for key, cells in names.items() if key != "__header__"} == stored
     cost = tables[f"{prefix}cost"]
     assert cost["training"][2] == str(sum(r["bytes_up"] for r in metrics["rounds"]))
     assert cost["clustering"][1] == f"{metrics['phases']['clustering_s']:.1f}"

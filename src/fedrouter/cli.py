@@ -232,7 +232,7 @@ def _run(args: argparse.Namespace) -> int:
         with ProgressFollower(run_dir, cfg["data.num_clients"], cfg["run.rounds"], console):
             run_dir, metrics = run_experiment(cfg, run_dir)
     out = Console()
-    for table in summary_tables(metrics):
+    for table in summary_tables(metrics, stored_names(run_dir)):
         out.print(table)
     router = ", router/" if (run_dir / "router").is_dir() else ""
     out.print(f"run folder: {run_dir} (metrics.json, config.toml, log.txt{router})")
@@ -240,6 +240,13 @@ def _run(args: argparse.Namespace) -> int:
         out.print(f"tracking: {line}", soft_wrap=True)
     write_run_report(run_dir, console)
     return _exit_status(metrics, args.allow_lost_clients)
+
+
+def stored_names(run_dir: Path) -> list[str] | None:
+    """The clusters' names as the run's router artifact keeps them (renames included); None without one."""
+    from fedrouter.serving.artifact import read_names
+
+    return read_names(run_dir) if (run_dir / "router" / "router.json").is_file() else None
 
 
 def write_run_report(run_dir: Path, console) -> None:
@@ -294,7 +301,7 @@ def _deploy_local(args: argparse.Namespace) -> int:
             with ProgressFollower(run_dir, args.nodes, cfg["run.rounds"], console):
                 run_dir, metrics = deployment.run(cfg)
     out = Console()
-    for table in summary_tables(metrics):
+    for table in summary_tables(metrics, stored_names(run_dir)):
         out.print(table)
     out.print(f"run folder: {run_dir}; every SuperLink and SuperNode process has been stopped")
     return _exit_status(metrics, args.allow_lost_clients)

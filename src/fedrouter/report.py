@@ -7,10 +7,12 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
+from fedrouter.algorithm.naming import adapter_id, cluster_names
 from fedrouter.runlog import EVENTS, read_events
 
 
@@ -293,8 +295,11 @@ def describe_lost(lost: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def summary_tables(metrics: dict) -> list[Table]:
-    """ROUGE-1 per client and task for every (test set, routing mode), then a one-line overview."""
+def summary_tables(metrics: dict, names: list[str] | None = None) -> list[Table]:
+    """ROUGE-1 per client and task for every (test set, routing mode), then a one-line overview.
+
+    ``names``: each global cluster's name as the router artifact keeps it (renames included); by default the
+    names a run gives from its clustering (``naming.cluster_names``)."""
     tables: list[Table] = []
     evaluation = metrics.get("evaluation", {}).get("by_set", {})
     unlabelled = metrics.get("clustering", {}).get("task_labels", True) is False
@@ -323,6 +328,10 @@ def summary_tables(metrics: dict) -> list[Table]:
     facts = Table(show_header=False, title="Clustering, time, traffic")
     facts.add_row("local clusters per client", str(clustering.get("local_k")))
     facts.add_row("global clusters", str(clustering.get("global_k")))
+    if clustering.get("global_k"):
+        if names is None:
+            names = cluster_names(clustering.get("global_cluster_tasks", {}), clustering["global_k"])
+        facts.add_row("adapters", ", ".join(f"{adapter_id(g)}: {escape(name)}" for g, name in enumerate(names)))
     if clustering.get("task_labels", True) is False:
         facts.add_row("clustering accuracy (local / global)", "no task labels")
     else:

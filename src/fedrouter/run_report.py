@@ -17,8 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from fedrouter.algorithm.naming import adapter_id, cluster_names
 from fedrouter.errors import ConfigError
 from fedrouter.runlog import METRICS
+from fedrouter.serving.artifact import read_names
 
 REPORT_DIR = "report"
 PAGE = "index.html"
@@ -306,8 +308,23 @@ def _matrix_section(
     ]
 
 
+def adapter_names(run_dir: Path, metrics: dict) -> list[str]:
+    """Each global cluster's name: the router artifact's (renames included), else the run's own from its
+    clustering; none for a method without global clusters."""
+    clustering = metrics.get("clustering", {})
+    if (run_dir / "router" / "router.json").is_file():
+        return read_names(run_dir)
+    if clustering.get("global_k"):
+        return cluster_names(clustering.get("global_cluster_tasks", {}), clustering["global_k"])
+    return []
+
+
 def _run_section(run_dir: Path, metrics: dict, out: Path, prefix: str, title: str) -> str:
     parts = [f"<h2>{_e(title)}</h2>", f"<p>{_e(run_dir)}; method {_e(metrics.get('method', '?'))}</p>"]
+    names = adapter_names(run_dir, metrics)
+    if names:
+        rows = [(adapter_id(g), [adapter_id(g), name]) for g, name in enumerate(names)]
+        parts += ["<h3>Adapters</h3>", _table(["adapter", "name"], rows, f"{prefix}names")]
     curves = loss_curves(metrics)
     if curves:
         parts += [
