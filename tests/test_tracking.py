@@ -154,6 +154,7 @@ def test_a_broken_tracker_warns_and_the_run_finishes(tmp_path):
     assert "evaluation" in metrics
     log = (tmp_path / "broken" / "log.txt").read_text()
     assert "tracking: mlflow failed and is switched off" in log, done.stderr[-2000:]
+    assert "tracking: mlflow, tensorboard closed in" in log  # the run waited for them once, at its end
     assert (tmp_path / "broken" / "tensorboard").is_dir()  # the other tracker went on
 
 
