@@ -24,7 +24,7 @@ from fedrouter import Router, cli
 from fedrouter.errors import ArtifactError, ConfigError
 from fedrouter.model import LoraSettings
 from fedrouter.model.loading import load_base_model
-from fedrouter.serving.artifact import RouterArtifact
+from fedrouter.serving.artifact import RouterArtifact, check_base, read_base
 
 A0 = "adapters/cluster_0/adapter_model.safetensors"
 A1 = "adapters/cluster_1/adapter_model.safetensors"
@@ -312,6 +312,27 @@ CASES = [
         "router.json",
         "not a string",
     ),
+    # router.json's base record (absent: an older artifact, loads; present: checked by its kind)
+    Case("base not an object", _meta(base="smollm2"), "router.json", "base: expected an object"),
+    Case("base of an unknown kind", _meta(base={"kind": "onnx"}), "router.json", "base: kind 'onnx'"),
+    Case(
+        "base gguf hash not a sha256",
+        _meta(base={"kind": "gguf", "file": "m.gguf", "sha256": "abc", "quantization": "Q4_1", "dequantized": "/m"}),
+        "router.json",
+        "base: sha256 'abc' (expected a sha256",
+    ),
+    Case(
+        "base folder without its digest",
+        _meta(base={"kind": "folder", "path": "/models/m"}),
+        "router.json",
+        "base: weights_sha256 None",
+    ),
+    Case(
+        "base with a field of another kind",
+        _meta(base={"kind": "builtin", "name": "tiny-random", "revision": "main"}),
+        "router.json",
+        "base: unknown field 'revision' for kind 'builtin'",
+    ),
     # cluster_map.json
     Case("cluster map a list", _cluster_map([[0, 1], [2]]), "cluster_map.json", "a list at the top"),
     Case("cluster out of range", _cluster_map({"0": [0, 7], "1": [2]}), "cluster_map.json", "each 0 to 2"),
@@ -372,6 +393,16 @@ def test_a_damaged_artifact_is_refused_in_one_line_naming_the_file(pristine, tmp
     monkeypatch.setattr(cli, "_quiet_libraries", lambda: None)  # leave this process's logging as it is
     assert cli.main(["generate", "--run", str(run), "--prompt", ANCHORS[0], "--max-new-tokens", "2"]) == 2
     assert capsys.readouterr().err == f"fedrouter: error: {error}\n"
+
+
+def test_the_artifact_records_its_base_and_one_saved_before_the_record_still_loads(pristine, tmp_path):
+    assert read_base(pristine) == {"kind": "builtin", "name": "tiny-random"}
+    assert RouterArtifact.load(pristine).base_identity == read_base(pristine)
+    run = tmp_path / "run"
+    shutil.copytree(pristine, run)
+    _drop_key("base")(run / "router")
+    assert read_base(run) is None and RouterArtifact.load(run).base_identity is None
+    check_base(run, "anything")  # nothing recorded: nothing to compare
 
 
 def test_a_model_with_other_lora_settings_is_refused_by_the_artifact(pristine):

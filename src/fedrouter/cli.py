@@ -13,6 +13,7 @@ from fedrouter.bench import PROFILES as BENCH_PROFILES
 from fedrouter.bench import STANDARD as BENCH_STANDARD
 from fedrouter.config import SETTINGS, Config, load_config, parse_overrides
 from fedrouter.errors import ConfigError, FedRouterError
+from fedrouter.export import FORMATS as EXPORT_FORMATS
 
 DEFAULT_BENCH_OUT = Path("benchmarks/results")
 LOST_CLIENTS = 3  # the exit status of a run that finished without some client
@@ -87,30 +88,42 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", help="base model to load instead of the recorded one")
     gen.add_argument("--json", action="store_true", help="print one JSON object per answer")
 
+    # Each flag but RUN_DIR, --model, --force-base and --precision is a field of ServeOptions (same name): its
+    # defaults are these.
+    from fedrouter.serving.options import BACKENDS, ServeOptions
+
+    served = ServeOptions()
     serve = commands.add_parser(
         "serve", help="serve a trained run over an OpenAI-compatible HTTP API that routes every request"
     )
     serve.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run folder (holds router/)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default=served.host, help="address to listen on (default: loopback only)")
+    serve.add_argument("--port", type=int, default=served.port)
     serve.add_argument(
         "--api-key",
-        default=os.environ.get("FEDROUTER_API_KEY"),
+        default=os.environ.get("FEDROUTER_API_KEY") or None,  # set but empty: no key, as unset
         help="require 'Authorization: Bearer KEY' on /v1/ (default: $FEDROUTER_API_KEY; none: open)",
     )
-    serve.add_argument("--max-batch", type=int, default=16, help="most requests decoded in one batch")
-    serve.add_argument("--max-queue", type=int, default=64, help="most requests waiting or answered; then 429")
+    serve.add_argument("--max-batch", type=int, default=served.max_batch, help="most requests decoded in one batch")
+    serve.add_argument(
+        "--max-queue", type=int, default=served.max_queue, help="most requests waiting or answered; then 429"
+    )
     serve.add_argument(
         "--max-batch-tokens",
         type=int,
-        default=8192,
+        default=served.max_batch_tokens,
         help="most padded positions (rows x longest prompt + answer) in one batch; a longer request runs alone",
     )
     serve.add_argument("--model", help="base model to load instead of the recorded one")
     serve.add_argument(
+        "--force-base",
+        action="store_true",
+        help="serve on --model even where its weights are not the ones the adapters were trained on",
+    )
+    serve.add_argument(
         "--backend",
-        choices=("local", "vllm"),
-        default="local",
+        choices=BACKENDS,
+        default=served.backend,
         help="who generates: this process (default) or a vLLM server (FedRouter then only embeds and routes)",
     )
     serve.add_argument("--vllm-url", help="the vLLM server's base URL, e.g. http://127.0.0.1:8001 (backend vllm)")
@@ -123,6 +136,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rename.add_argument("run_dir", type=Path, metavar="RUN", help="run folder (holds router/) or a router folder")
     rename.add_argument("renames", nargs="+", metavar="CLUSTER=NAME", help="e.g. cluster_2=summaries")
+
+    export = commands.add_parser(
+        "export",
+        help="write a trained run's adapters (PEFT folders with model cards, the exact base), merged models or a "
+        "vLLM command, and its router, for use outside FedRouter",
+    )
+    export.add_argument("run_dir", type=Path, metavar="RUN", help="run folder (holds router/) or a router folder")
+    export.add_argument("out", type=Path, metavar="OUT", help="the folder to write (new, or empty)")
+    export.add_argument(
+        "--format",
+        choices=EXPORT_FORMATS,
+        default="peft",
+        help="peft (default): base/, adapters/ with model cards, router/; merged: one merged model per adapter; "
+        "vllm: as peft, plus vllm.sh with the vllm serve command and the fedrouter serve line in front of it",
+    )
+    export.add_argument(
+        "--link", action="store_true", help="base/ is a symbolic link to the base's folder instead of a copy"
+    )
+    export.add_argument(
+        "--adapter-base",
+        metavar="NAME",
+        help="what each adapter_config.json names as its base (default: OUT/base's absolute path; a hub model: its id)",
+    )
+    export.add_argument("--vllm-port", type=int, default=8001, help="vllm: the port vLLM listens on")
+    export.add_argument("--port", type=int, default=8000, help="vllm: the port fedrouter serve listens on")
 
     data = commands.add_parser("data", help="look at a data source before training on it")
     data_commands = data.add_subparsers(dest="data_command", required=True)
@@ -361,34 +399,37 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from fedrouter.serving.api import create_app
+    from fedrouter.serving.options import ServeOptions
     from fedrouter.serving.router import Router
 
-    if min(args.max_batch, args.max_queue, args.max_batch_tokens) < 1:
-        raise ConfigError(
-            f"--max-batch, --max-queue and --max-batch-tokens must be at least 1, got {args.max_batch}, "
-            f"{args.max_queue}, {args.max_batch_tokens}"
-        )
-    if not 0 < args.port < 65536:
-        raise ConfigError(f"--port {args.port}: expected 1 to 65535")
-    if (args.backend == "vllm") != bool(args.vllm_url):
-        raise ConfigError("--vllm-url goes with --backend vllm, and --backend vllm needs --vllm-url")
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+    options = ServeOptions.of(vars(args))  # every limit checked here, once, before anything is loaded
+    if options.exposed:
         print(
-            f"fedrouter: warning: serving on {args.host} without --api-key: anyone who reaches it can use it",
+            f"fedrouter: warning: serving on {options.host} without --api-key: anyone who reaches it can use it",
             file=sys.stderr,
         )
+    # The server's own lines (loading, ready, one access line per request) go to stderr.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("fedrouter").addHandler(handler)
+    logging.getLogger("fedrouter").setLevel(logging.INFO)
+    if args.model and not args.force_base:  # another base than the recorded one is refused, naming both
+        from fedrouter.serving.artifact import check_base
+
+        check_base(args.run_dir, args.model)
     router = Router.load(args.run_dir, model=args.model, precision=args.precision)
     gateway = None
-    if args.backend == "vllm":
+    if options.backend == "vllm":
         from fedrouter.serving.gateway import VllmGateway
 
-        gateway = VllmGateway(router, args.vllm_url, args.vllm_model or router.artifact.base_model)
-    app = create_app(router, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue, gateway=gateway)
+        gateway = VllmGateway(router, options.vllm_url, options.vllm_model or router.artifact.base_model)
+    app = create_app(router, options, gateway=gateway)
     print(
-        f"fedrouter: serving {args.run_dir} ({router.num_adapters} adapters) on http://{args.host}:{args.port}/",
+        f"fedrouter: serving {args.run_dir} ({router.num_adapters} adapters) on http://{options.host}:{options.port}/"
+        " (warming up: /health says ready when it is done)",
         flush=True,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(app, host=options.host, port=options.port, log_level="warning")
     return 0
 
 
@@ -405,6 +446,24 @@ def _rename(args: argparse.Namespace) -> int:
         renames[cluster] = name
     for g, name in enumerate(rename_clusters(args.run_dir, renames)):
         print(f"cluster_{g}: {name}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from fedrouter.export import export
+
+    done = export(
+        args.run_dir,
+        args.out,
+        args.format,
+        link=args.link,
+        adapter_base=args.adapter_base,
+        vllm_port=args.vllm_port,
+        port=args.port,
+    )
+    for command in done.commands:
+        print(command)
+    print(f"fedrouter: exported {args.run_dir} to {done.out} ({args.format}; README.md says what is where)")
     return 0
 
 
@@ -521,6 +580,7 @@ def main(argv: list[str] | None = None) -> int:
         "generate": _generate,
         "serve": _serve,
         "rename": _rename,
+        "export": _export,
         "config": _show_config,
         "bench": _bench,
         "report": _report,

@@ -10,15 +10,19 @@ headers ``X-FedRouter-Adapter`` / ``X-FedRouter-Distance``.
 Errors use OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 for a malformed body, an
 unknown or unsupported field or a prompt longer than the context, 401 for a missing or wrong key, 404 for an
 unknown model (the message lists the valid ones), 413 for a body over 1 MiB, 429 with ``Retry-After`` when the
-queue is full. A request's text never reaches the file system: it is tokenized, embedded and answered in memory.
+queue is full, 503 at once when the engine failed (``/health`` then fails too). A request's text never reaches the
+file system: it is tokenized, embedded and answered in memory, and the access log (``AccessLog``, one line per
+request on the ``fedrouter.access`` logger) holds its model, adapter, token counts and latency, never its text.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import hmac
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -30,16 +34,21 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.middleware.base import BaseHTTPMiddleware
 
 from fedrouter.model.decoding import Completion, Sampling
-from fedrouter.serving.engine import Engine, QueueFull
+from fedrouter.serving.engine import FAILED, READY, Engine, QueueFull, Unavailable
 from fedrouter.serving.engine import Request as EngineRequest
 from fedrouter.serving.gateway import VllmGateway
+from fedrouter.serving.options import ServeOptions
 from fedrouter.serving.router import Choice, Prompt, PromptTooLong, Route, Router
 
 MAX_BODY = 1 << 20
 DEFAULT_MAX_TOKENS = 128
 PLAYGROUND = resources.files("fedrouter.serving") / "playground"
+NOTES = "fedrouter_access"  # the key of a request's access-log notes in its ASGI scope's state
+
+access_log = logging.getLogger("fedrouter.access")
 
 
 class ClientGone(Exception):
@@ -185,17 +194,152 @@ def _field(loc: tuple) -> str:
     return ".".join(parts) or "body"
 
 
-def create_app(
-    router: Router,
-    *,
-    api_key: str | None = None,
-    max_batch: int = 16,
-    max_queue: int = 64,
-    max_batch_tokens: int = 8192,
-    gateway: VllmGateway | None = None,
-) -> FastAPI:
-    """The app; with ``gateway`` the answers come from a vLLM server and this process only embeds and routes."""
-    engine = Engine(router, max_batch=max_batch, max_queue=max_queue, max_batch_tokens=max_batch_tokens)
+# -- the access log ------------------------------------------------------------------------------------------
+
+
+class AccessLog:
+    """ASGI middleware: one line per HTTP request on the ``fedrouter.access`` logger once its response is sent
+    (a stream's once it ended), errors included: method, path, status, model, adapter, prompt and completion
+    tokens, latency in ms. The handlers add only what ``note`` takes; a prompt or an answer is never logged."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        notes: dict[str, object] = {}
+        scope.setdefault("state", {})[NOTES] = notes
+        status = 500  # no response was sent: the app raised
+
+        async def sending(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            access_log.info(access_line(scope, status, notes, time.perf_counter() - started))
+
+
+def note(http: Request, **fields: object) -> None:
+    """Add ``model``, ``adapter``, ``prompt_tokens`` or ``completion_tokens`` to this request's access line."""
+    http.scope.setdefault("state", {}).setdefault(NOTES, {}).update(fields)
+
+
+def access_line(scope, status: int, notes: dict, seconds: float) -> str:
+    raw = scope.get("raw_path") or scope.get("path", "").encode()
+    fields = ("model", "adapter", "prompt_tokens", "completion_tokens")
+    noted = " ".join(f"{name}={_printable(str(notes.get(name, '-')), 64)}" for name in fields)
+    return (
+        f"{scope.get('method', '-')} {_printable(raw.decode('latin-1'), 200)} {status} {noted} ms={seconds * 1000:.1f}"
+    )
+
+
+def _printable(text: str, limit: int) -> str:
+    """One field of a log line: no space, line break or control character a caller could forge lines with."""
+    clean = "".join(c if c.isprintable() and not c.isspace() else "?" for c in text[:limit])
+    return clean + ("..." if len(text) > limit else "") or "-"
+
+
+def health_report(engine: Engine, router: Router) -> tuple[int, dict]:
+    """``/health``: 200 and ``ready`` once the engine has warmed up; before, 503 and ``starting``; 503 and
+    ``failed`` (with the reason) when it cannot answer, or ``stopped``."""
+    state = engine.state
+    report = {
+        "status": state,
+        "adapters": router.num_adapters,
+        "clients": router.clients,
+        "queue": engine.load,
+        "max_queue": engine.options.max_queue,
+        "max_batch": engine.options.max_batch,
+        "max_batch_tokens": engine.options.max_batch_tokens,
+        "steps": engine.steps,
+        "served": engine.served,
+        "cancelled": engine.cancelled,
+        "peak_batch": engine.peak_batch,
+        "ready_after_s": engine.ready_after_s,
+    }
+    if state == FAILED:
+        report["error"] = engine.failure
+    return (200 if state == READY else 503), report
+
+
+def _unavailable(message: str) -> ApiError:
+    return ApiError(503, message, kind="server_error", code="engine_unavailable")
+
+
+# -- what every route shares: errors, the guard on size and key, the engine's events --------------------------
+
+
+async def _api_error(request: Request, err: ApiError) -> JSONResponse:
+    return err.response()
+
+
+async def _client_gone(request: Request, err: ClientGone) -> Response:
+    return Response(status_code=499)  # nobody reads it: the status of nginx's "client closed request"
+
+
+async def _invalid_body(request: Request, err: RequestValidationError) -> JSONResponse:
+    first = err.errors()[0]
+    where = _field(tuple(first.get("loc", ())))
+    if first.get("type") == "json_invalid":
+        message = f"the body is not valid JSON: {first.get('msg')} ({first.get('ctx', {}).get('error', '')})"
+        return ApiError(400, message, param=None, code="invalid_json").response()
+    if first.get("type") == "extra_forbidden":
+        return ApiError(400, f"{where}: unknown or unsupported field", param=where, code="unknown_field").response()
+    return ApiError(400, f"{where}: {first.get('msg')}", param=where, code="invalid_value").response()
+
+
+async def _guard(request: Request, call_next, api_key: str | None) -> Response:
+    """A body's size and length header, and the API key on ``/v1/``, before anything reads the body."""
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+        return ApiError(413, f"the body is over {MAX_BODY} bytes", code="body_too_large").response()
+    if request.method == "POST" and length is None:
+        return ApiError(411, "a request body needs a Content-Length header", code="length_required").response()
+    if api_key is not None and request.url.path.startswith("/v1/"):
+        given = request.headers.get("authorization", "")
+        expected = f"Bearer {api_key}"
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            return ApiError(
+                401,
+                "missing or wrong API key (send 'Authorization: Bearer KEY')",
+                kind="authentication_error",
+                code="invalid_api_key",
+            ).response()
+    return await call_next(request)
+
+
+async def _next_event(engine: Engine, http: Request, request: EngineRequest) -> tuple[str, object]:
+    """The engine's next event for this request; a client gone meanwhile cancels the request, an engine that
+    failed is a 503 (also when it failed before this request was queued and nothing will ever come)."""
+    while True:
+        try:
+            kind, value = await asyncio.wait_for(request.events.get(), timeout=0.5)
+        except TimeoutError:
+            try:
+                engine.check()
+            except Unavailable as err:
+                raise _unavailable(str(err)) from None
+            if await http.is_disconnected():
+                engine.cancel(request)
+                raise ClientGone from None
+            continue
+        if kind == "unavailable":
+            raise _unavailable(str(value))
+        return kind, value
+
+
+def create_app(router: Router, options: ServeOptions | None = None, *, gateway: VllmGateway | None = None) -> FastAPI:
+    """The app, serving under ``options`` (default ``ServeOptions()``); with ``gateway`` the answers come from a
+    vLLM server and this process only embeds and routes."""
+    options = options or ServeOptions()
+    engine = Engine(router, options)
     routes = model_routes(router)
     descriptions = model_descriptions(router)
     tokenizer = copy.deepcopy(router.base.tokenizer)  # the event loop's own: the engine thread uses the model's
@@ -211,43 +355,11 @@ def create_app(
     app = FastAPI(title="FedRouter", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, err: ApiError) -> JSONResponse:
-        return err.response()
-
-    @app.exception_handler(ClientGone)
-    async def _gone(request: Request, err: ClientGone) -> Response:
-        return Response(status_code=499)  # nobody reads it: the status of nginx's "client closed request"
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
-        first = err.errors()[0]
-        where = _field(tuple(first.get("loc", ())))
-        if first.get("type") == "json_invalid":
-            message = f"the body is not valid JSON: {first.get('msg')} ({first.get('ctx', {}).get('error', '')})"
-            return ApiError(400, message, param=None, code="invalid_json").response()
-        if first.get("type") == "extra_forbidden":
-            return ApiError(400, f"{where}: unknown or unsupported field", param=where, code="unknown_field").response()
-        return ApiError(400, f"{where}: {first.get('msg')}", param=where, code="invalid_value").response()
-
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
-            return ApiError(413, f"the body is over {MAX_BODY} bytes", code="body_too_large").response()
-        if request.method == "POST" and length is None:
-            return ApiError(411, "a request body needs a Content-Length header", code="length_required").response()
-        if api_key is not None and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            expected = f"Bearer {api_key}"
-            if not hmac.compare_digest(given.encode(), expected.encode()):
-                return ApiError(
-                    401,
-                    "missing or wrong API key (send 'Authorization: Bearer KEY')",
-                    kind="authentication_error",
-                    code="invalid_api_key",
-                ).response()
-        return await call_next(request)
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(ClientGone, _client_gone)
+    app.add_exception_handler(RequestValidationError, _invalid_body)
+    app.add_middleware(BaseHTTPMiddleware, dispatch=functools.partial(_guard, api_key=options.api_key))
+    app.add_middleware(AccessLog)  # the outermost: it sees every answer, the guard's and the error handlers'
 
     def resolve(name: str) -> Route:
         if name not in routes:
@@ -260,6 +372,10 @@ def create_app(
         return routes[name]
 
     def checked(prompt: Prompt, body: _Generation, param: str) -> tuple[Route, Sampling, list[int]]:
+        try:
+            engine.check()
+        except Unavailable as err:
+            raise _unavailable(str(err)) from None
         route = resolve(body.model)
         try:
             sampling = body.sampling()
@@ -269,10 +385,11 @@ def create_app(
         except ValueError as err:
             raise ApiError(400, str(err), param=param) from None
 
-    async def through_gateway(path: str, prompt: Prompt, body: _Generation, param: str) -> Response:
+    async def through_gateway(path: str, prompt: Prompt, body: _Generation, param: str, http: Request) -> Response:
         assert gateway is not None
         route, _, _ = checked(prompt, body, param)
         choice = await gateway.choose(prompt, route)
+        note(http, adapter=_adapter_name(choice))
         forwarded = body.model_dump(exclude_none=True, exclude={"user"})
         return await gateway.forward(
             path, forwarded, body.model, choice, _routing_info(router, route, choice), _headers(choice)
@@ -291,22 +408,14 @@ def create_app(
                 code="queue_full",
                 headers={"Retry-After": "1"},
             ) from None
+        except Unavailable as err:
+            raise _unavailable(str(err)) from None
         return request
-
-    async def next_event(http: Request, request: EngineRequest) -> tuple[str, object]:
-        """The engine's next event for this request; a client gone meanwhile cancels the request."""
-        while True:
-            try:
-                return await asyncio.wait_for(request.events.get(), timeout=0.5)
-            except TimeoutError:
-                if await http.is_disconnected():
-                    engine.cancel(request)
-                    raise ClientGone from None
 
     async def finish(http: Request, request: EngineRequest) -> tuple[Choice, Completion]:
         choice = None
         while True:
-            kind, value = await next_event(http, request)
+            kind, value = await _next_event(engine, http, request)
             if kind == "route":
                 choice = value
             elif kind == "error":
@@ -316,7 +425,7 @@ def create_app(
                 return choice, value
 
     async def first_route(http: Request, request: EngineRequest) -> Choice:
-        kind, value = await next_event(http, request)
+        kind, value = await _next_event(engine, http, request)
         if kind == "error":
             raise ApiError(500, str(value), kind="server_error")
         assert kind == "route"
@@ -336,7 +445,10 @@ def create_app(
         try:
             yield f"data: {json.dumps(chunk(None, None, first=True))}\n\n"
             while True:
-                kind, value = await next_event(http, request)
+                try:
+                    kind, value = await _next_event(engine, http, request)
+                except ApiError as err:  # the engine failed mid-stream: the status line is already sent
+                    kind, value = "error", err.message
                 if kind == "text":
                     yield f"data: {json.dumps(chunk(value, None))}\n\n"
                 elif kind == "error":
@@ -345,6 +457,7 @@ def create_app(
                 elif kind == "done":
                     final = chunk(None, value.finish_reason)
                     final["fedrouter"] = _routing_info(router, request.route, choice)
+                    note(http, prompt_tokens=value.prompt_tokens, completion_tokens=value.completion_tokens)
                     yield f"data: {json.dumps(final)}\n\n"
                     if body.stream_options and body.stream_options.include_usage:
                         yield f"data: {json.dumps({**chunk(None, None), 'choices': [], 'usage': usage(value)})}\n\n"
@@ -355,13 +468,15 @@ def create_app(
 
     async def respond(path: str, prompt, body, field: str, http: Request, chat: bool) -> Response:
         """One completion, streamed or whole, in the chat or the text API's shape."""
+        note(http, model=body.model)
         if gateway is not None:
-            return await through_gateway(path, prompt, body, field)
+            return await through_gateway(path, prompt, body, field, http)
         request = admit(prompt, body, field)
         ident, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
         kind = "chat.completion" if chat else "text_completion"
         if body.stream:
             choice = await first_route(http, request)
+            note(http, adapter=_adapter_name(choice))
 
             def chunk(text: str | None, finish: str | None, first: bool = False) -> dict:
                 if chat:
@@ -381,6 +496,12 @@ def create_app(
                 stream(http, request, body, choice, chunk), media_type="text/event-stream", headers=_headers(choice)
             )
         choice, done = await finish(http, request)
+        note(
+            http,
+            adapter=_adapter_name(choice),
+            prompt_tokens=done.prompt_tokens,
+            completion_tokens=done.completion_tokens,
+        )
         piece = {"message": {"role": "assistant", "content": done.text}} if chat else {"text": done.text}
         answer = {
             "id": ident,
@@ -420,17 +541,9 @@ def create_app(
         }
 
     @app.get("/health")
-    async def health() -> dict:
-        return {
-            "status": "ok",
-            "adapters": router.num_adapters,
-            "clients": router.clients,
-            "queue": engine.load,
-            "max_queue": engine.max_queue,
-            "steps": engine.steps,
-            "served": engine.served,
-            "cancelled": engine.cancelled,
-        }
+    async def health() -> JSONResponse:
+        status, report = health_report(engine, router)
+        return JSONResponse(report, status_code=status)
 
     @app.get("/")
     async def playground() -> FileResponse:

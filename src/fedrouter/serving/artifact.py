@@ -3,7 +3,8 @@
 Layout of ``RUN_DIR/router/``::
 
     router.json                  base model, LoRA settings, embedding space, cluster counts, format version,
-                                 cluster_names: {"cluster_<g>": readable name} (absent in older artifacts)
+                                 cluster_names: {"cluster_<g>": readable name} (absent in older artifacts),
+                                 base: the exact base weights (``fedrouter.model.identity``; absent in older ones)
     global_centroids.npy         (num_global, hidden) float32
     local_centroids.safetensors  one (num_local, hidden) tensor per client, key "client_<id>"
     cluster_map.json             {"<client>": [global cluster of each local cluster, ...]}
@@ -16,6 +17,12 @@ The adapter ids ``cluster_<g>`` never change; ``cluster_names`` describes each o
 the majority task and its share where clients reported labels, else the id). ``rename_clusters`` (``fedrouter
 rename``) rewrites only these names, atomically, and ``read_names`` reads them without the weights; an artifact
 without them loads with every name its id.
+
+``base`` records the weights the adapters were trained on (a GGUF file's name, sha256 and quantization and its
+dequantized folder; a hub id's revision; a folder's path and weights digest: ``fedrouter.model.identity``), made
+when the artifact is saved. Each adapter_config.json's ``base_model_name_or_path`` names what loads those weights
+(the dequantized folder for a GGUF, not the hub id it was quantized from). ``check_base`` (``fedrouter serve
+--model``) refuses another base. An artifact without the record loads, and nothing is compared.
 
 Loading checks every file before anything is routed or generated, and refuses the artifact with an
 ``ArtifactError`` of one line naming the file and what was expected: router.json's settings of the right type and
@@ -34,6 +41,7 @@ device) is refused as well.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import stat
@@ -48,12 +56,14 @@ from safetensors.numpy import load_file, save_file
 
 from fedrouter.algorithm.naming import adapter_id, check_names, cluster_names
 from fedrouter.discovery import KINDS, EmbeddingSettings
-from fedrouter.errors import ArtifactError, ConfigError
-from fedrouter.model import LoraSettings
+from fedrouter.errors import ArtifactError, ConfigError, FedRouterError
+from fedrouter.model import LoraSettings, identity
 from fedrouter.runlog import atomic_write
 
 if TYPE_CHECKING:
     from fedrouter.model.loading import BaseModel
+
+log = logging.getLogger("fedrouter")
 
 FORMAT_VERSION = 1
 ROUTER_DIR = "router"
@@ -89,6 +99,8 @@ class RouterArtifact:
     embedding: EmbeddingSettings = LEGACY_EMBEDDING
     folder: Path | None = None  # where it was loaded from (None: built in memory); named in error messages
     names: list[str] | None = None  # one readable name per global cluster, in cluster order (None: the ids)
+    # The exact base weights (``identity.base_identity``); None: made from model_name when saved.
+    base_identity: dict | None = None
 
     def __post_init__(self) -> None:
         if self.names is None:
@@ -106,11 +118,18 @@ class RouterArtifact:
         metrics.json's ``clustering.global_cluster_tasks``)."""
         return replace(self, names=cluster_names(cluster_tasks, self.num_global))
 
-    def save(self, run_dir: Path) -> Path:
+    def save(self, run_dir: Path, *, adapter_base: str | None = None) -> Path:
+        """Write ``RUN_DIR/router`` (beside, then renamed into place). ``adapter_base``: what each
+        adapter_config.json names as its base (default: what loads the recorded base weights)."""
         target = Path(run_dir) / ROUTER_DIR
+        record = self.base_identity or _base_record(self.model_name)
         tmp = Path(tempfile.mkdtemp(prefix=".router-", dir=run_dir))
         try:
-            lora = self.lora.peft_config(self.base_model)
+            lora = self.lora.peft_config(
+                adapter_base or (identity.loadable(record, self.base_model) if record else self.base_model)
+            )
+            if record is not None and record["kind"] == "hub":
+                lora.revision = record["revision"]
             for g, arrays in self.adapters.items():
                 folder = tmp / "adapters" / f"cluster_{g}"
                 lora.save_pretrained(folder)
@@ -144,6 +163,8 @@ class RouterArtifact:
                 "hidden_size": int(self.global_centroids.shape[1]),
                 "lora": self.lora.peft_fields(),
             }
+            if record is not None:
+                meta["base"] = record
             (tmp / "router.json").write_text(json.dumps(meta, indent=2))
             if target.exists():
                 old = Path(tempfile.mkdtemp(prefix=".router-old-", dir=run_dir))
@@ -198,6 +219,7 @@ class RouterArtifact:
             embedding=meta["embedding"],
             folder=folder,
             names=_names(meta.get("cluster_names"), num_global, meta_path),
+            base_identity=_base(meta.get("base"), meta_path),
         )
 
     def check_model(self, base: BaseModel) -> None:
@@ -255,6 +277,21 @@ def read_names(run_dir: str | Path) -> list[str]:
     _, meta_path = _router_json(Path(run_dir))
     meta = _json(meta_path)
     return _names(meta.get("cluster_names"), _meta(meta, meta_path)["num_global_clusters"], meta_path)
+
+
+def read_base(run_dir: str | Path) -> dict | None:
+    """The recorded base weights (router.json's ``base``, checked) from ``RUN_DIR/router/router.json`` alone; None
+    for an artifact saved before the record existed."""
+    _, meta_path = _router_json(Path(run_dir))
+    meta = _json(meta_path)
+    _meta(meta, meta_path)
+    return _base(meta.get("base"), meta_path)
+
+
+def check_base(run_dir: str | Path, model_name: str) -> None:
+    """Refuse to serve ``run_dir`` on ``model_name`` when its weights are not the ones the adapters were trained
+    on: a ``ConfigError`` of one line naming both (``identity.check_same_base``)."""
+    identity.check_same_base(read_base(run_dir), model_name, str(run_dir))
 
 
 def rename_clusters(run_dir: str | Path, renames: Mapping[str, str]) -> list[str]:
@@ -315,6 +352,26 @@ def _names(entry: object, num_global: int, path: Path) -> list[str]:
     except ValueError as err:
         raise ArtifactError(f"{path}: cluster_names: {err}") from None
     return names
+
+
+def _base(entry: object, path: Path) -> dict | None:
+    """router.json's ``base`` record, checked (``identity.record_problem``); absent (an older artifact): None."""
+    if entry is None:
+        return None
+    problem = identity.record_problem(entry)
+    if problem is not None:
+        raise ArtifactError(f"{path}: base: {problem}")
+    return entry
+
+
+def _base_record(model_name: str) -> dict | None:
+    """The base record of a model name; where it cannot be made (a file gone since training), none, with a
+    warning: an artifact without it still serves."""
+    try:
+        return identity.base_identity(model_name)
+    except (OSError, FedRouterError) as err:
+        log.warning("router artifact: no record of the base model %r (%s)", model_name, err)
+        return None
 
 
 def _line(err: BaseException) -> str:

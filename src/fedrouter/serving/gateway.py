@@ -1,8 +1,8 @@
 """Gateway mode (``fedrouter serve --backend vllm``): FedRouter embeds and routes, a vLLM server generates.
 
-vLLM serves the artifact's adapters under their cluster names: it is started with
-``--enable-lora --lora-modules cluster_0=RUN_DIR/router/adapters/cluster_0 ...`` (each folder is already a PEFT
-adapter). For every request the gateway picks the adapter as the local engine would (``Router.choose``), puts its
+vLLM serves the artifact's adapters under their cluster names, on the exact base they were trained on (the one
+``router.json``'s ``base`` records): ``fedrouter export RUN OUT --format vllm`` writes the ``vllm serve BASE
+--enable-lora --lora-modules cluster_0=... ...`` command and the gateway line that fronts it. For every request the gateway picks the adapter as the local engine would (``Router.choose``), puts its
 name in the request's ``model`` field (the base model's name for ``base``) and forwards the request, streaming or
 not; the answer comes back with ``model`` set to what the caller asked for and FedRouter's routing added.
 
