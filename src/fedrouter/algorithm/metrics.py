@@ -6,10 +6,13 @@ import re
 import string
 from collections.abc import Sequence
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
-from rouge_score import rouge_scorer
 from scipy.optimize import linear_sum_assignment
+
+if TYPE_CHECKING:
+    from rouge_score import rouge_scorer
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
 NO_TASK = "unknown"  # the task of every sample when the data has no task labels: nothing to score against
@@ -17,6 +20,9 @@ NO_TASK = "unknown"  # the task of every sample when the data has no task labels
 
 @lru_cache(maxsize=1)
 def _scorer() -> rouge_scorer.RougeScorer:
+    # Imported on first use: rouge-score pulls NLTK (1.7 s), which the command line's start need not pay.
+    from rouge_score import rouge_scorer
+
     return rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
 
 
