@@ -13,7 +13,7 @@ from fedrouter.algorithm.clustering import (
     refine_local_clusters,
 )
 from fedrouter.algorithm.metrics import clustering_accuracy, contingency, exact_match, rouge, routing_accuracy
-from fedrouter.algorithm.routing import route
+from fedrouter.algorithm.routing import cluster_radii, fall_back, route
 from fedrouter.algorithm.scheduling import balanced_offsets, learning_rate, scheduled_clusters
 
 
@@ -130,6 +130,38 @@ def test_routing_local_and_global_modes():
         route(samples, mode="local", global_centroids=global_centroids)
     with pytest.raises(ValueError, match="unknown routing mode"):
         route(samples, mode="nearest", global_centroids=global_centroids)
+
+
+def test_cluster_radii_equal_the_rms_distance_of_the_samples_to_their_global_centroid():
+    # Two clients' samples, grouped locally; the radii from centroids, counts and spreads alone (what the server
+    # holds) equal the RMS distance computed from the samples themselves.
+    rng = np.random.default_rng(0)
+    samples = [rng.normal(size=(30, 5)) + 4 * np.eye(5)[0], rng.normal(size=(12, 5)) * 2, rng.normal(size=(20, 5))]
+    clients = [[samples[0][:18], samples[1]], [samples[0][18:], samples[2]]]  # global clusters: 0, 1; 0, 1
+    groups = [np.array([0, 1]), np.array([0, 1])]
+    members = {0: np.concatenate([clients[0][0], clients[1][0]]), 1: np.concatenate([clients[0][1], clients[1][1]])}
+    centers = np.stack([members[g].mean(0) for g in (0, 1)])
+    radii = cluster_radii(
+        centers,
+        [np.stack([x.mean(0) for x in c]) for c in clients],
+        [np.array([len(x) for x in c]) for c in clients],
+        [np.array([np.sqrt(((x - x.mean(0)) ** 2).sum(1).mean()) for x in c]) for c in clients],
+        groups,
+    )
+    expected = [np.sqrt(((members[g] - centers[g]) ** 2).sum(1).mean()) for g in (0, 1)]
+    np.testing.assert_allclose(radii, expected, rtol=1e-10)
+    # A global cluster no local cluster joined gets the largest radius of the others.
+    one_member = cluster_radii(centers, [centers[:1]], [np.array([3])], [np.array([1.0])], [np.array([0])])
+    np.testing.assert_allclose(one_member, [1.0, 1.0])
+
+
+def test_fall_back_past_factor_times_the_radius_of_the_chosen_cluster():
+    centers = np.array([[0.0, 0.0], [10.0, 0.0]])
+    radii = np.array([1.0, 3.0])
+    points = np.array([[1.4, 0.0], [1.6, 0.0], [10.0, 4.4], [10.0, 4.6]])
+    routed = route(points, mode="global", global_centroids=centers)
+    np.testing.assert_array_equal(fall_back(points, routed, centers, radii, 1.5), [False, True, False, True])
+    np.testing.assert_array_equal(fall_back(points, routed, centers, radii, 2.0), [False, False, False, False])
 
 
 def _updates(assignments, offsets, rounds):

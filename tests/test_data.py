@@ -121,6 +121,27 @@ def test_folder_source_and_task_filter(tmp_path):
         load_source(Config({"data.source": str(tmp_path / "nowhere")}))
 
 
+def test_unseen_tasks_leave_training_but_stay_in_the_generalization_test_set(tmp_path):
+    rows = [
+        {"id": f"{t}{i}", "task": t, "instruction": f"{t} q{i}", "response": "a"}
+        for t in ("x", "y", "z")
+        for i in range(12)
+    ]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "test.jsonl", [dict(r, id="t" + r["id"]) for r in rows])
+    settings = {"data.source": str(tmp_path), "data.num_clients": 2, "data.train_per_client": 4,
+                "data.test_per_task": 2, "eval.sets": "personalized,generalization"}  # fmt: skip
+    clients = all_clients(Config(settings | {"data.unseen_tasks": "z"}))
+    for client in clients:
+        assert "z" not in {s.task for s in client.train} and "z" not in client.tasks
+        assert "z" not in {s.task for s in client.tests["personalized"]}
+        assert {s.task for s in client.tests["generalization"]} == {"x", "y", "z"}
+    with pytest.raises(DataError, match="'data.unseen_tasks': no training samples of \\['w'\\]"):
+        load_source(Config(settings | {"data.unseen_tasks": "w"}))
+    with pytest.raises(DataError, match="every task out of training"):
+        load_source(Config(settings | {"data.unseen_tasks": "x,y,z"}))
+
+
 @pytest.mark.skipif(not (SHARED_DATA / "paper4").is_dir(), reason="needs ../shared/data")
 def test_paper4_benchmark_split():
     cfg = Config(

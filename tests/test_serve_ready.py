@@ -70,6 +70,8 @@ def test_every_serve_flag_reaches_the_options_and_the_defaults_are_the_options()
         "model",
         "force_base",
         "precision",
+        "fallback",  # the router's fallback (Router.load), like the model: what to load
+        "fallback_factor",
     }
     assert ServeOptions.of(defaults) == ServeOptions(api_key=defaults["api_key"])
 

@@ -104,6 +104,7 @@ def test_each_model_choice_routes_as_named(client, router):
         "routing": "base",
         "distance": None,
         "distances": [],
+        "fallback": False,
     }
     assert response.choices[0].message.content == router.generate([ANCHORS[0]], mode="base", max_new_tokens=4)[0].text
 

@@ -86,10 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, help="makes sampling reproducible")
     gen.add_argument("--stop", action="append", default=[], help="end the answer before this text (repeatable)")
     gen.add_argument("--model", help="base model to load instead of the recorded one")
+    gen.add_argument(
+        "--force-base",
+        action="store_true",
+        help="generate on --model even where its weights are not the ones the adapters were trained on",
+    )
+    _fallback_flags(gen)
     gen.add_argument("--json", action="store_true", help="print one JSON object per answer")
 
-    # Each flag but RUN_DIR, --model, --force-base and --precision is a field of ServeOptions (same name): its
-    # defaults are these.
+    # Each flag but RUN_DIR, --model, --force-base, --precision and the fallback's (what to load) is a field of
+    # ServeOptions (same name): its defaults are these.
     from fedrouter.serving.options import BACKENDS, ServeOptions
 
     served = ServeOptions()
@@ -129,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--vllm-url", help="the vLLM server's base URL, e.g. http://127.0.0.1:8001 (backend vllm)")
     serve.add_argument("--vllm-model", help="the base model's name on the vLLM server (default: the recorded one)")
     serve.add_argument("--precision", choices=("auto", "bf16", "fp32"), help="instead of the recorded one")
+    _fallback_flags(serve)
 
     rename = commands.add_parser(
         "rename",
@@ -360,6 +367,19 @@ def _exit_status(metrics: dict, allow_lost: bool) -> int:
     return LOST_CLIENTS
 
 
+def _fallback_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--fallback",
+        help="where a prompt far from its cluster goes: none, base, or a cluster's index or name (default: the "
+        "run's routing.fallback)",
+    )
+    parser.add_argument(
+        "--fallback-factor",
+        type=float,
+        help="how far, in units of the cluster's radius (default: the run's routing.fallback_factor)",
+    )
+
+
 def _generate(args: argparse.Namespace) -> int:
     from fedrouter.serving.router import Router
 
@@ -372,7 +392,11 @@ def _generate(args: argparse.Namespace) -> int:
         prompts += [line for line in lines if line.strip()]
     if not prompts:
         raise ConfigError("generate needs --prompt TEXT or --prompts-file FILE")
-    router = Router.load(args.run, model=args.model)
+    if args.model and not args.force_base:  # another base than the recorded one is refused, naming both
+        from fedrouter.serving.artifact import check_base
+
+        check_base(args.run, args.model)
+    router = Router.load(args.run, model=args.model, fallback=args.fallback, fallback_factor=args.fallback_factor)
     try:
         answers = router.generate(
             prompts,
@@ -388,10 +412,11 @@ def _generate(args: argparse.Namespace) -> int:
         raise ConfigError(f"generate: {err}") from None
     for answer in answers:
         if args.json:
-            fields = ("prompt", "adapter", "distance", "text", "finish_reason")
+            fields = ("prompt", "adapter", "name", "distance", "fallback", "text", "finish_reason")
             print(json.dumps({name: getattr(answer, name) for name in fields}))
         else:
-            print(f"[adapter {answer.adapter}] {answer.prompt!r}\n  -> {answer.text}")
+            served = f"{answer.name}, fallback" if answer.fallback else answer.name
+            print(f"[{served}] {answer.prompt!r}\n  -> {answer.text}")
     return 0
 
 
@@ -417,7 +442,13 @@ def _serve(args: argparse.Namespace) -> int:
         from fedrouter.serving.artifact import check_base
 
         check_base(args.run_dir, args.model)
-    router = Router.load(args.run_dir, model=args.model, precision=args.precision)
+    router = Router.load(
+        args.run_dir,
+        model=args.model,
+        precision=args.precision,
+        fallback=args.fallback,
+        fallback_factor=args.fallback_factor,
+    )
     gateway = None
     if options.backend == "vllm":
         from fedrouter.serving.gateway import VllmGateway

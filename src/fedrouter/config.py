@@ -58,6 +58,9 @@ MAX_CORES = 1024  # more cores than any one machine has
 MAX_TEST = 100_000  # every test sample is a generated answer
 # Data limits (``data.max_*``), in the units users count in.
 KIB, MIB, GIB = 1024, 1024**2, 1024**3
+# routing.fallback_factor's default: measured on paper4-raw, extra and flan16 with tasks held out of training
+# (benchmarks/fallback_calibration.py, docs/reference/measurements).
+FALLBACK_FACTOR = 1.5
 
 
 def _k_setting(v: str) -> str | None:
@@ -73,6 +76,12 @@ def _gpus_setting(v: str) -> str | None:
     except ValueError:
         pass
     return "'auto' or a number of GPUs from 0 to 64 (fractions allowed: 0.5 puts two clients on one GPU)"
+
+
+def _fallback_setting(v: str) -> str | None:
+    if v in ("none", "base") or (v.isascii() and v.isdigit() and len(v) <= 6 and int(v) < MAX_K):
+        return None
+    return f"'none', 'base' or a global cluster's index (0 to {MAX_K - 1})"
 
 
 def _non_empty(v: Any) -> str | None:
@@ -234,6 +243,12 @@ SETTINGS: dict[str, Setting] = {
     ),
     "data.test_per_task_overrides": Setting(str, "", "per-task test counts, e.g. 'qqp=64,webnlg=16' (empty: none)"),
     "data.tasks": Setting(str, "", "comma-separated tasks to keep (empty: all tasks in the source)"),
+    "data.unseen_tasks": Setting(
+        str,
+        "",
+        "comma-separated tasks no client trains on; the generalization test set still asks them (how a router "
+        "and its routing.fallback meet tasks it never saw)",
+    ),
     "data.synthetic_size": Setting(
         int,
         240,
@@ -521,6 +536,21 @@ SETTINGS: dict[str, Setting] = {
         _non_empty,
     ),
     "eval.routing": Setting(str, "both", "router mode(s) to evaluate", _one_of("local", "global", "both")),
+    # The fallback route (algorithm/routing.py): the same rule in evaluation, Router and fedrouter serve.
+    "routing.fallback": Setting(
+        str,
+        "none",
+        "where a prompt far from its cluster goes: 'none' (the nearest adapter, however far), 'base' (the base "
+        "model) or a global cluster's index; far: beyond routing.fallback_factor x the cluster's radius",
+        _fallback_setting,
+    ),
+    "routing.fallback_factor": Setting(
+        float,
+        FALLBACK_FACTOR,
+        "how far from its cluster's centroid a prompt may lie before it falls back, in units of the cluster's "
+        "radius (the RMS distance of its training samples to the centroid)",
+        _within(0.1, 1000.0, "every prompt stays on its adapter long before that"),
+    ),
     "eval.max_new_tokens": Setting(
         int,
         48,
@@ -687,6 +717,17 @@ class Config(Mapping[str, Any]):
                 raise ConfigError(
                     f"{where}: setting 'privacy.update_clip' works on one uploaded adapter per round (Flower's "
                     "LocalDpMod); use 'train.schedule' = 'round-robin'"
+                )
+        if self["routing.fallback"] != "none":
+            if not method.routes:
+                raise ConfigError(
+                    f"{where}: setting 'routing.fallback' applies to a router; run.method {self['run.method']!r} "
+                    "routes nothing"
+                )
+            if self["privacy.centroid_clip"] > 0:
+                raise ConfigError(
+                    f"{where}: setting 'routing.fallback' needs the clusters' radii, which clients do not send "
+                    "under 'privacy.centroid_clip' > 0"
                 )
         if reason := method.check(self):
             raise ConfigError(f"{where}: {reason}")

@@ -1,7 +1,9 @@
 """Evaluation figures: the keys clients send them under, and the server's summary of them (NumPy only).
 
 A client sends sums and counts keyed ``<set>.<mode>.<task>.<metric>`` (``eval_key``), and how many samples of
-each task went to each adapter as ``<set>.<mode>.<task>.route.<adapter>``; ``parse_eval_key`` reads both.
+each task went to each adapter as ``<set>.<mode>.<task>.route.<adapter>`` (``base``: the base model, where the
+fallback sent it), and with ``routing.fallback`` on how many fell back as ``<set>.<mode>.<task>.fallback``;
+``parse_eval_key`` reads them all.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ class EvalKey(NamedTuple):
     set_name: str
     mode: str
     task: str
-    metric: str  # a score, "n", or "route"
-    adapter: int | None = None  # the global cluster of a "route" count
+    metric: str  # a score, "n", "fallback" or "route"
+    adapter: int | str | None = None  # the global cluster of a "route" count, or "base"
 
 
 def eval_key(set_name: str, mode: str, task: str, metric: str, adapter: str | None = None) -> str:
@@ -33,8 +35,8 @@ def parse_eval_key(key: str) -> EvalKey | None:
     parts = key.split(".")
     if len(parts) == 4:
         return EvalKey(*parts)
-    if len(parts) == 5 and parts[3] == "route" and parts[4].isdigit():
-        return EvalKey(*parts[:4], int(parts[4]))
+    if len(parts) == 5 and parts[3] == "route" and (parts[4].isdigit() or parts[4] == "base"):
+        return EvalKey(*parts[:4], int(parts[4]) if parts[4].isdigit() else parts[4])
     return None
 
 
@@ -58,12 +60,14 @@ def summarize_evaluation(per_client: dict[int, dict[str, float]], train_table: n
                 continue
             by_adapter = route_counts[parsed[:2]][parsed.task]
             by_adapter[str(parsed.adapter)] = by_adapter.get(str(parsed.adapter), 0) + int(value)
-            if parsed.task in tasks and 0 <= parsed.adapter < len(train_table):
+            if parsed.task in tasks and isinstance(parsed.adapter, int) and 0 <= parsed.adapter < len(train_table):
                 routed[parsed[:2]][parsed.adapter, tasks.index(parsed.task)] += int(value)
         for (set_name, mode, task), sums in grouped.items():
             n = sums.get("n", 0)
             if n > 0:
-                table[(set_name, mode)][client][task] = {k: sums[k] / n for k in SCORES if k in sums} | {"n": n}
+                table[(set_name, mode)][client][task] = {k: sums[k] / n for k in (*SCORES, "fallback") if k in sums} | {
+                    "n": n
+                }
     result: dict = {"by_set": {}, "overall": {}}
     for (set_name, mode), clients in sorted(table.items()):
         cells = [scores for by_task in clients.values() for scores in by_task.values()]
@@ -84,11 +88,25 @@ def summarize_evaluation(per_client: dict[int, dict[str, float]], train_table: n
         }
         if (set_name, mode) in route_counts:
             summary["routed"] = {
-                task: dict(sorted(counts.items(), key=lambda item: int(item[0])))
+                task: dict(sorted(counts.items(), key=lambda item: _adapter_order(item[0])))
                 for task, counts in sorted(route_counts[(set_name, mode)].items())
+            }
+        if any("fallback" in c for c in cells):  # routing.fallback on: the share of answers it gave, per task
+            weight = sum(c["n"] for c in cells)
+            summary["fallback"] = {
+                "share": sum(c.get("fallback", 0.0) * c["n"] for c in cells) / weight,
+                "per_task": {
+                    task: sum(c.get("fallback", 0.0) * c["n"] for c in cs) / sum(c["n"] for c in cs)
+                    for task, cs in sorted(per_task.items())
+                },
             }
         result["by_set"][f"{set_name}/{mode}"] = summary
         result["overall"][f"{set_name}/{mode}"] = {
             k: summary[k] for k in ("rouge1", "rouge2", "rougeL", "exact_match", "routing_acc")
         }
     return result
+
+
+def _adapter_order(adapter: str) -> tuple[bool, int]:
+    """Global clusters in number order, then "base"."""
+    return (not adapter.isdigit(), int(adapter) if adapter.isdigit() else 0)

@@ -68,7 +68,9 @@ def holdout_split(samples: list[Sample], seed: int) -> tuple[list[Sample], list[
 
 
 @functools.lru_cache(maxsize=8)
-def _load(source: str, reading: Reading, synthetic_size: int, seed: int, tasks: str) -> tuple[tuple, tuple]:
+def _load(
+    source: str, reading: Reading, synthetic_size: int, seed: int, tasks: str, unseen: str = ""
+) -> tuple[tuple, tuple]:
     parts = read_samples(source, reading, synthetic_size, seed)
     if "all" in parts:
         train, test = holdout_split(list(parts["all"]), seed)
@@ -82,6 +84,15 @@ def _load(source: str, reading: Reading, synthetic_size: int, seed: int, tasks: 
             raise DataError(f"setting 'data.tasks': no training samples of {unknown} (tasks: {sorted(known)})")
         train = [s for s in train if s.task in keep]
         test = [s for s in test if s.task in keep]
+    held_out = [t.strip() for t in unseen.split(",") if t.strip()]
+    if held_out:  # no client trains on them; the generalization test set still asks them
+        known = {s.task for s in train}
+        unknown = [t for t in held_out if t not in known]
+        if unknown:
+            raise DataError(f"setting 'data.unseen_tasks': no training samples of {unknown} (tasks: {sorted(known)})")
+        if known <= set(held_out):
+            raise DataError("setting 'data.unseen_tasks' holds every task out of training: keep at least one")
+        train = [s for s in train if s.task not in held_out]
     return tuple(train), tuple(test)
 
 
@@ -89,7 +100,7 @@ def source_samples(cfg: Config, source: str | None = None) -> tuple[list[Sample]
     """(train, test) samples of ``source`` (default: ``data.source``) read as the settings say; cached."""
     train, test = _load(
         source or cfg["data.source"], Reading.from_config(cfg), cfg["data.synthetic_size"], cfg["run.seed"],
-        cfg["data.tasks"],
+        cfg["data.tasks"], cfg["data.unseen_tasks"],
     )  # fmt: skip
     return list(train), list(test)
 

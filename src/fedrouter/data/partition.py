@@ -101,9 +101,10 @@ def split_clients(
             clients.append(ClientData(c, held, own))
 
     overrides = test_overrides or {}
+    every_task = tasks + [task for task in test_pools if task not in train_pools]  # some held out of training
     for client in clients:
         for name in eval_sets:
-            test_tasks = client.tasks if name == "personalized" else tasks
+            test_tasks = client.tasks if name == "personalized" else every_task
             chosen: list[Sample] = []
             for task in test_tasks:
                 pool = test_pools.get(task, [])

@@ -54,9 +54,12 @@ def answer_tests(
     return out, generated_tokens
 
 
-def score(tests: dict[str, list[Sample]], answered: Answers, count_routes: bool) -> dict[str, float]:
+def score(
+    tests: dict[str, list[Sample]], answered: Answers, count_routes: bool, count_fallbacks: bool = False
+) -> dict[str, float]:
     """Sums and counts per ``<set>.<mode>.<task>.<metric>`` (labels score answers: only here); with
-    ``count_routes``, how many samples of each task went to each shared adapter (routing accuracy)."""
+    ``count_routes``, how many samples of each task went to each shared adapter (routing accuracy) or to the base
+    model, and with ``count_fallbacks`` how many of them the fallback answered (a key ending in "fallback")."""
     metrics: dict[str, float] = defaultdict(float)
     for (set_name, mode), rows in answered.items():
         for sample, (key, prediction) in zip(tests[set_name], rows, strict=True):
@@ -64,8 +67,10 @@ def score(tests: dict[str, list[Sample]], answered: Answers, count_routes: bool)
                 metrics[eval_key(set_name, mode, sample.task, name)] += value
             metrics[eval_key(set_name, mode, sample.task, "exact_match")] += exact_match(prediction, sample.golds)
             metrics[eval_key(set_name, mode, sample.task, "n")] += 1
-            if count_routes:  # a router's keys are ("shared", global cluster)
+            if count_routes:  # a router's keys are ("shared", global cluster) or ("base", "base"), "fallback" added
                 metrics[eval_key(set_name, mode, sample.task, "route", key[1])] += 1
+            if count_fallbacks:
+                metrics[eval_key(set_name, mode, sample.task, "fallback")] += key[-1] == "fallback"
     return dict(metrics)
 
 

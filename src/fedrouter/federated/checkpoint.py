@@ -54,6 +54,8 @@ def save_checkpoint(run_dir: Path, state: ServerState, seed: int) -> Path:
     tensors |= {f"refinement/{i}": centers for i, centers in enumerate(state.refinements)}
     for client in state.clients:
         tensors |= {f"client/{client.client_id}/{name}": getattr(client, name) for name in _CLIENT_ARRAYS}
+        if client.spreads is not None:  # the clusters' radii (routing.fallback) need them after a resume
+            tensors[f"client/{client.client_id}/spreads"] = client.spreads
     document = {
         "format": FORMAT,
         "rounds_done": state.rounds_done,
@@ -119,6 +121,7 @@ def load_checkpoint(run_dir: Path) -> tuple[ServerState, int]:
                 task_counts=arrays["task_counts"],
                 silhouette={int(k): float(v) for k, v in info["silhouette"].items()},
                 assignment=arrays["assignment"],
+                spreads=arrays.get("spreads"),
             )
         )
     state = ServerState(

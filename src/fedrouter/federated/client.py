@@ -286,7 +286,8 @@ def evaluate(message: Message, context: Context) -> Message:
     started = time.perf_counter()
     tests = _test_subset(data.tests, extra.get("sets"), extra.get("limit", 0), who)
     answered, generated_tokens = answer_tests(method, serving, tests, method.modes(cfg))
-    metrics = score(tests, answered, count_routes=method.routes)
+    fallback = method.routes and cfg["routing.fallback"] != "none"
+    metrics = score(tests, answered, count_routes=method.routes, count_fallbacks=fallback)
     metrics["answers_crc32"] = answers_digest(tests, answered)
     metrics["eval_s"] = time.perf_counter() - started
     metrics["model_loads"] = loading.LOAD_COUNT

@@ -90,10 +90,11 @@ SCORE_MAX = 100.0  # ROUGE and exact match are percentages per sample (algorithm
 
 def check_evaluation(values: Mapping[str, float], who: str, sets: Iterable[str], modes: Iterable[str]) -> None:
     """An evaluation reply: ``EVALUATION_METRICS`` and, per (test set asked for, mode, task), a whole count
-    ``n`` >= 1, every score's sum within [0, 100 n], and (routers) whole route counts that add up to at most n."""
+    ``n`` >= 1, every score's sum within [0, 100 n], and (routers) whole route and fallback counts of at most n."""
     sets, modes = set(sets), set(modes)
     groups: dict[tuple[str, str, str], dict[str, float]] = {}
     routes: dict[tuple[str, str, str], float] = {}
+    fallbacks: dict[tuple[str, str, str], float] = {}
     for key, value in values.items():
         if key in EVALUATION_METRICS:
             continue
@@ -106,6 +107,10 @@ def check_evaluation(values: Mapping[str, float], who: str, sets: Iterable[str],
             if value < 0 or value != int(value):
                 raise ReplyError(f"{who}: metric '{key}' must be a whole count >= 0, got {value!r}")
             routes[group] = routes.get(group, 0.0) + value
+        elif parsed.metric == "fallback":
+            if value < 0 or value != int(value):
+                raise ReplyError(f"{who}: metric '{key}' must be a whole count >= 0, got {value!r}")
+            fallbacks[group] = value
         elif parsed.metric in (*SCORES, "n"):
             groups.setdefault(group, {})[parsed.metric] = value
         else:
@@ -120,8 +125,10 @@ def check_evaluation(values: Mapping[str, float], who: str, sets: Iterable[str],
             raise ReplyError(f"{where}: a score sum is outside [0, {SCORE_MAX:g} x n = {SCORE_MAX * n:g}]")
         if routes.get(group, 0.0) > n:
             raise ReplyError(f"{where}: route counts add up to more than n = {n:g}")
-    if set(routes) - set(groups):
-        raise ReplyError(f"{who}: route counts for a test set without scores")
+        if fallbacks.get(group, 0.0) > n:
+            raise ReplyError(f"{where}: more fallbacks than n = {n:g}")
+    if (set(routes) | set(fallbacks)) - set(groups):
+        raise ReplyError(f"{who}: route or fallback counts for a test set without scores")
 
 
 def check_array(value: np.ndarray, what: str, *, shape: tuple[int | None, ...], kind: str = "f") -> np.ndarray:

@@ -36,7 +36,7 @@ from fedrouter.federated.records import (
     to_record,
 )
 from fedrouter.federated.transport import exchange, reject, wait_for_nodes
-from fedrouter.methods import ClientClusters, Job, make_method, part_of
+from fedrouter.methods import ClientClusters, Job, global_radii, make_method, part_of
 from fedrouter.model import LoraSettings, base_model_id
 from fedrouter.run_metrics import RunMetrics
 from fedrouter.runlog import RunFolder
@@ -386,9 +386,7 @@ class FederatedRun:
     def router_artifact(self) -> RouterArtifact:
         cfg, state = self.cfg, self.state
         return RouterArtifact(
-            base_model=base_model_id(cfg["model.name"]),
-            model_name=cfg["model.name"],
-            lora=LoraSettings.of(cfg),
+            base_model=base_model_id(cfg["model.name"]), model_name=cfg["model.name"], lora=LoraSettings.of(cfg),
             global_centroids=state.centers,
             local_centroids={c.client_id: c.centroids for c in state.clients},
             cluster_map={c.client_id: c.assignment.tolist() for c in state.clients},
@@ -396,4 +394,6 @@ class FederatedRun:
             precision=cfg["model.precision"],
             max_seq_len=cfg["model.max_seq_len"],
             embedding=discovery.EmbeddingSettings.of(cfg),
-        )
+            radii=global_radii(state.clients, state.centers),
+            fallback=cfg["routing.fallback"], fallback_factor=cfg["routing.fallback_factor"],
+        )  # fmt: skip

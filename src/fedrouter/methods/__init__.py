@@ -9,7 +9,17 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from fedrouter.methods.base import PARTS, ClientClusters, Grouping, Job, Method, Serving, derived_seed, part_of
+from fedrouter.methods.base import (
+    PARTS,
+    ClientClusters,
+    Grouping,
+    Job,
+    Method,
+    Serving,
+    derived_seed,
+    global_radii,
+    part_of,
+)
 from fedrouter.methods.registry import load_plugins, make_method, method_class, methods, register
 
 for _module in pkgutil.iter_modules(__path__):
@@ -24,6 +34,7 @@ __all__ = [
     "Method",
     "Serving",
     "derived_seed",
+    "global_radii",
     "load_plugins",
     "make_method",
     "method_class",

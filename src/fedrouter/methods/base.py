@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
+from fedrouter.algorithm.routing import cluster_radii
 from fedrouter.arrays import Arrays
 from fedrouter.config import Setting
 
@@ -68,7 +69,7 @@ class ClientClusters:
     task_counts: np.ndarray  # (num_local, len(tasks)), evaluation-only labels
     silhouette: dict[int, float]
     assignment: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # global cluster per local
-    # RMS radius of each local cluster, for the global clustering only (absent under privacy; not checkpointed)
+    # RMS radius of each local cluster: for the global clustering and the clusters' radii (absent under privacy)
     spreads: np.ndarray | None = None
 
     @property
@@ -103,6 +104,21 @@ class Serving:
     extra: dict = field(default_factory=dict)  # what ``Method.read_serving`` took from the server's message
     # The client's tokenized training examples, made on first call (a method that scores adapters on them)
     train_examples: Callable[[], list] = list
+
+
+def global_radii(clients: list[ClientClusters], centers: np.ndarray) -> np.ndarray | None:
+    """Each global cluster's radius (``routing.cluster_radii``) from the clients' local clusters; None when a client
+    sent no spreads (``privacy.centroid_clip``)."""
+    members = [c for c in clients if len(c.assignment)]
+    if not members or any(c.spreads is None for c in members):
+        return None
+    return cluster_radii(
+        np.asarray(centers, np.float64),
+        [c.centroids for c in members],
+        [c.counts for c in members],
+        [c.spreads for c in members],
+        [c.assignment for c in members],
+    ).astype(np.float32)
 
 
 def derived_seed(*parts: int) -> int:

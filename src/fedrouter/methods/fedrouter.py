@@ -17,12 +17,12 @@ import numpy as np
 
 from fedrouter import discovery
 from fedrouter.algorithm.clustering import join_clusters, join_radius
-from fedrouter.algorithm.routing import route
+from fedrouter.algorithm.routing import fall_back, route
 from fedrouter.algorithm.scheduling import balanced_offsets, scheduled_clusters
 from fedrouter.arrays import Arrays
-from fedrouter.config import Config
+from fedrouter.config import Config, ConfigError
 from fedrouter.federated.records import ReplyError, check_array, get_arrays, to_record
-from fedrouter.methods.base import ClientClusters, Grouping, Job, Method, Serving
+from fedrouter.methods.base import ClientClusters, Grouping, Job, Method, Serving, global_radii
 from fedrouter.methods.registry import register
 
 
@@ -119,10 +119,23 @@ class FedRouter(Method):
     # --- serving: route each sample by its embedding ---
 
     def serving_records(self, clients: list[ClientClusters], centers: np.ndarray, table: np.ndarray, tasks) -> dict:
+        shared: dict[str, np.ndarray] = {"global_centroids": centers}
+        fallback = self.cfg["routing.fallback"]
+        if fallback != "none":
+            if fallback.isdigit() and int(fallback) >= len(centers):
+                raise ConfigError(
+                    f"setting 'routing.fallback' = {fallback}: the run has {len(centers)} global clusters "
+                    f"(0 to {len(centers) - 1})"
+                )
+            radii = global_radii(clients, centers)
+            if radii is None:
+                raise ConfigError(
+                    "setting 'routing.fallback': the clusters' radii are unknown (a client sent no spreads, or the "
+                    "run resumed from a checkpoint written before they were kept)"
+                )
+            shared["radii"] = radii
         return {
-            c.client_id: {
-                "routing": to_record({"global_centroids": centers, "local_to_global": c.assignment.astype(np.int64)})
-            }
+            c.client_id: {"routing": to_record(shared | {"local_to_global": c.assignment.astype(np.int64)})}
             for c in clients
         }
 
@@ -137,7 +150,13 @@ class FedRouter(Method):
             raise ReplyError(f"{who}: local-to-global map points outside 0..{len(keys) - 1}")
         if sorted(keys) != sorted(str(g) for g in range(len(keys))):
             raise ReplyError(f"{who}: router adapters must be numbered 0..{len(keys) - 1}")
-        return {"global_centroids": centers, "local_to_global": mapping}
+        found = {"global_centroids": centers, "local_to_global": mapping}
+        if self.cfg["routing.fallback"] != "none":
+            radii = check_array(arrays.get("radii"), "cluster radii", shape=(len(keys),))
+            if (radii < 0).any():
+                raise ReplyError(f"{who}: cluster radii must be >= 0")
+            found["radii"] = radii
+        return found
 
     def serve(self, serving: Serving, samples, modes: list[str]) -> dict[str, list[tuple]]:
         embedded = discovery.embed(serving.base, self.cfg, [s.instruction for s in samples])
@@ -151,7 +170,15 @@ class FedRouter(Method):
                 local_centroids=serving.local["centroids"],
                 local_to_global=routing["local_to_global"],
             )
-            chosen[mode] = [("shared", str(int(g))) for g in routed]
+            keys = [("shared", str(int(g))) for g in routed]
+            if "radii" in routing:  # routing.fallback: a sample far from its cluster goes to the fallback
+                far = fall_back(
+                    embedded, routed, routing["global_centroids"], routing["radii"], self.cfg["routing.fallback_factor"]
+                )
+                target = self.cfg["routing.fallback"]
+                fallback = ("base", "base", "fallback") if target == "base" else ("shared", target, "fallback")
+                keys = [fallback if f else key for key, f in zip(keys, far, strict=True)]
+            chosen[mode] = keys
         return chosen
 
 

@@ -179,11 +179,14 @@ def _routing_info(router: Router, route: Route, choice: Choice) -> dict:
         "routing": route.mode,
         "distance": choice.distance,
         "distances": list(choice.distances),
+        "fallback": choice.fallback,  # too far from its cluster: the fallback route (routing.fallback) served it
     }
 
 
 def _headers(choice: Choice) -> dict[str, str]:
     headers = {"X-FedRouter-Adapter": _adapter_name(choice)}
+    if choice.fallback:
+        headers["X-FedRouter-Fallback"] = "true"
     if choice.distance is not None:
         headers["X-FedRouter-Distance"] = f"{choice.distance:.6g}"
     return headers

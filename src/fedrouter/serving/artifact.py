@@ -55,6 +55,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from fedrouter.algorithm.naming import adapter_id, check_names, cluster_names
+from fedrouter.config import FALLBACK_FACTOR
 from fedrouter.discovery import KINDS, EmbeddingSettings
 from fedrouter.errors import ArtifactError, ConfigError, FedRouterError
 from fedrouter.model import LoraSettings, identity
@@ -101,6 +102,11 @@ class RouterArtifact:
     names: list[str] | None = None  # one readable name per global cluster, in cluster order (None: the ids)
     # The exact base weights (``identity.base_identity``); None: made from model_name when saved.
     base_identity: dict | None = None
+    # Each global cluster's radius (``routing.cluster_radii``); None: not known (privacy, an older artifact).
+    radii: np.ndarray | None = None
+    # The run's routing.fallback and routing.fallback_factor: where a prompt far from its cluster goes.
+    fallback: str = "none"
+    fallback_factor: float = FALLBACK_FACTOR
 
     def __post_init__(self) -> None:
         if self.names is None:
@@ -165,6 +171,9 @@ class RouterArtifact:
             }
             if record is not None:
                 meta["base"] = record
+            if self.radii is not None:
+                meta["cluster_radii"] = [float(r) for r in self.radii]
+            meta["fallback"] = {"route": self.fallback, "factor": self.fallback_factor}
             (tmp / "router.json").write_text(json.dumps(meta, indent=2))
             if target.exists():
                 old = Path(tempfile.mkdtemp(prefix=".router-old-", dir=run_dir))
@@ -220,6 +229,7 @@ class RouterArtifact:
             folder=folder,
             names=_names(meta.get("cluster_names"), num_global, meta_path),
             base_identity=_base(meta.get("base"), meta_path),
+            **_fallback(meta, num_global, meta_path),
         )
 
     def check_model(self, base: BaseModel) -> None:
@@ -362,6 +372,43 @@ def _base(entry: object, path: Path) -> dict | None:
     if problem is not None:
         raise ArtifactError(f"{path}: base: {problem}")
     return entry
+
+
+def _fallback(meta: dict, num_global: int, path: Path) -> dict:
+    """router.json's ``cluster_radii`` (one finite number >= 0 per cluster) and ``fallback`` (``route``: none, base
+    or a cluster's index; ``factor`` > 0); absent (an older artifact): no radii, no fallback."""
+    radii = meta.get("cluster_radii")
+    if radii is not None:
+        numbers = isinstance(radii, list) and all(_number(r) and 0 <= r < float("inf") for r in radii)
+        if not numbers or len(radii) != num_global:
+            raise ArtifactError(
+                f"{path}: cluster_radii {_show(radii)} (expected {num_global} finite numbers >= 0, one per cluster)"
+            )
+        radii = np.asarray(radii, dtype=np.float64)
+    entry = meta.get("fallback", {"route": "none", "factor": FALLBACK_FACTOR})
+    if not isinstance(entry, dict) or set(entry) != {"route", "factor"}:
+        raise ArtifactError(f"{path}: fallback {_show(entry)} (expected an object with route and factor)")
+    try:
+        route, factor = check_fallback(entry["route"], entry["factor"], num_global, radii is not None)
+    except ValueError as err:
+        raise ArtifactError(f"{path}: fallback: {err}") from None
+    return {"radii": radii, "fallback": route, "fallback_factor": factor}
+
+
+def check_fallback(route: object, factor: object, num_global: int, has_radii: bool) -> tuple[str, float]:
+    """A fallback route and factor, checked against the router: ``ValueError`` naming what is wrong."""
+    targets = f"'none', 'base' or a cluster's index 0 to {num_global - 1}"
+    if not isinstance(route, str) or not (route in ("none", "base") or (route.isdigit() and int(route) < num_global)):
+        raise ValueError(f"route {_show(route)} (expected {targets})")
+    if not _number(factor) or not 0 < factor < float("inf"):
+        raise ValueError(f"factor {_show(factor)} (expected a finite number > 0)")
+    if route != "none" and not has_radii:
+        raise ValueError(f"route {route!r} needs the clusters' radii, which this router does not record")
+    return route, float(factor)
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value == value
 
 
 def _base_record(model_name: str) -> dict | None:

@@ -17,7 +17,7 @@ All adapters are loaded once, each into its own slot, and one batch mixes them (
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Union
 
@@ -25,12 +25,12 @@ import numpy as np
 
 from fedrouter import discovery
 from fedrouter.algorithm.clustering import squared_distances
-from fedrouter.algorithm.routing import route
+from fedrouter.algorithm.routing import fall_back, route
 from fedrouter.errors import ConfigError, ModelError
 from fedrouter.model import decoding
 from fedrouter.model.loading import BaseModel, load_base_model
 from fedrouter.model.prompts import chat_head, chat_ids
-from fedrouter.serving.artifact import PRECISIONS, ArtifactError, RouterArtifact
+from fedrouter.serving.artifact import PRECISIONS, ArtifactError, RouterArtifact, check_fallback
 
 Message = Mapping[str, str]
 Prompt = Union[str, Sequence[Message]]  # noqa: UP007 (a runtime alias: `|` on a string and a generic fails)
@@ -62,6 +62,7 @@ class Choice:
     adapter: int | None  # the global cluster whose adapter serves the prompt; None: the base model
     distance: float | None  # Euclidean distance to the centroid that chose it (None when nothing was embedded)
     distances: tuple[float, ...] = ()  # to every global centroid, in cluster order (empty when not embedded)
+    fallback: bool = False  # the prompt lay too far from its cluster: the fallback (routing.fallback) serves it
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class Answer:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     name: str = ""  # the adapter's readable name (``Router.name``): 'base' for the base model
+    fallback: bool = False  # served by the fallback (``Choice.fallback``)
 
 
 def routing_text(prompt: Prompt) -> str:
@@ -84,6 +86,24 @@ def routing_text(prompt: Prompt) -> str:
         if message.get("role") == "user":
             return str(message.get("content", ""))
     raise ValueError("a chat needs at least one user message to route")
+
+
+def with_fallback(artifact: RouterArtifact, route: str | None = None, factor: float | None = None) -> RouterArtifact:
+    """The artifact with another fallback than the run's (``routing.fallback``): ``route`` 'none', 'base' or a
+    cluster's index or name, ``factor`` in units of a cluster's radius; None keeps the recorded one. A
+    ``ConfigError`` when the router cannot (no radii recorded, an unknown cluster)."""
+    if route is not None and route in artifact.names:
+        route = str(artifact.names.index(route))
+    try:
+        route, factor = check_fallback(
+            artifact.fallback if route is None else route,
+            artifact.fallback_factor if factor is None else factor,
+            artifact.num_global,
+            artifact.radii is not None,
+        )
+    except ValueError as err:
+        raise ConfigError(f"fallback: {err}") from None
+    return replace(artifact, fallback=route, fallback_factor=factor)
 
 
 class Router:
@@ -97,13 +117,26 @@ class Router:
         self._head = chat_head(base.tokenizer)  # the chat template's head: its keys and values are computed once
         self._heads: dict = {}  # per adapter slot, shared by every batch of this router (decoding.Batch)
 
+    def set_fallback(self, route: str | None = None, factor: float | None = None) -> None:
+        """Serve with another fallback than the run's: see ``with_fallback``."""
+        self.artifact = with_fallback(self.artifact, route, factor)
+
     @classmethod
-    def load(cls, run_dir: str | Path, *, model: str | None = None, precision: str | None = None) -> Router:
-        """Load ``RUN_DIR/router`` and its base model (``model`` overrides the recorded model name); a damaged
-        artifact, or one the model does not fit, is an ``ArtifactError`` naming the file."""
+    def load(
+        cls,
+        run_dir: str | Path,
+        *,
+        model: str | None = None,
+        precision: str | None = None,
+        fallback: str | None = None,
+        fallback_factor: float | None = None,
+    ) -> Router:
+        """Load ``RUN_DIR/router`` and its base model (``model`` overrides the recorded model name; ``fallback`` and
+        ``fallback_factor`` the run's: ``with_fallback``); a damaged artifact, or one the model does not fit, is
+        an ``ArtifactError`` naming the file."""
         if precision is not None and precision not in PRECISIONS:
             raise ConfigError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
-        artifact = RouterArtifact.load(run_dir)
+        artifact = with_fallback(RouterArtifact.load(run_dir), fallback, fallback_factor)  # before the model loads
         name = model or artifact.model_name
         try:
             base = load_base_model(name, precision=precision or artifact.precision, lora=artifact.lora)
@@ -179,15 +212,29 @@ class Router:
                 if local is None
                 else float(np.sqrt(squared_distances(points[row : row + 1], local).min()))
             )
-            choices[i] = Choice(g, chosen, tuple(float(d) for d in to_global[row]))
+            choices[i] = self._fall_back(points[row], g, Choice(g, chosen, tuple(float(d) for d in to_global[row])))
         return choices
 
+    def _fall_back(self, point: np.ndarray, g: int, choice: Choice) -> Choice:
+        """``choice``, or the fallback's when ``point`` lies beyond the factor x cluster g's radius (the rule
+        evaluation applies: ``routing.fall_back``)."""
+        artifact = self.artifact
+        if artifact.fallback == "none":
+            return choice
+        if not fall_back(
+            point[None], np.array([g]), artifact.global_centroids, artifact.radii, artifact.fallback_factor
+        )[0]:
+            return choice
+        target = None if artifact.fallback == "base" else int(artifact.fallback)
+        return replace(choice, adapter=target, fallback=True)
+
     def route(self, prompts: Sequence[Prompt], *, mode: str = "global", client: int | None = None) -> np.ndarray:
-        """Global cluster index for each prompt. ``mode="local"`` needs the ``client`` whose clusters to use."""
+        """Global cluster index for each prompt (-1: the fallback sends it to the base model). ``mode="local"``
+        needs the ``client`` whose clusters to use."""
         if mode not in ("global", "local"):
             raise ValueError(f"route: mode {mode!r} embeds nothing (expected 'global' or 'local')")
         choices = self.choose(list(prompts), [Route(mode, client)] * len(prompts))
-        return np.asarray([c.adapter for c in choices], dtype=np.int64)
+        return np.asarray([-1 if c.adapter is None else c.adapter for c in choices], dtype=np.int64)
 
     def encode(self, prompt: Prompt, max_new_tokens: int, tokenizer=None) -> list[int]:
         """The prompt's token ids under the model's chat template; too long for the context: ``PromptTooLong``.
@@ -261,6 +308,7 @@ class Router:
                 done.prompt_tokens,
                 done.completion_tokens,
                 self.name(c.adapter),
+                c.fallback,
             )
             for p, c, done in zip(prompts, choices, completions, strict=True)
         ]
