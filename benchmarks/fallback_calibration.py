@@ -13,6 +13,8 @@ seed 0): paper4-raw and extra with each of their 4 tasks held out in turn; flan1
 out (tasks i, i+4, i+8, i+12 for i = 0..3).
 
     PYTHONPATH=src .venv/bin/python benchmarks/fallback_calibration.py   # writes results/fallback-calibration.*
+
+Each mix's record is appended to the jsonl as soon as it is measured; a rerun skips recorded mixes (resumes).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ DATA = ROOT.parent / "shared" / "data"
 OUT = ROOT / "benchmarks" / "results"
 FACTORS = (1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.75, 2.0, 2.5, 3.0)
 QUANTILES = (0.5, 0.9, 0.95, 0.99, 1.0)
+COMMAND = "PYTHONPATH=src .venv/bin/python benchmarks/fallback_calibration.py"
 
 
 def mixes() -> list[tuple[str, list[str]]]:
@@ -177,15 +180,24 @@ def main() -> None:
                 "data.train_per_client": 48, "data.test_per_task": 8, "eval.sets": "generalization", "run.seed": 0}  # fmt: skip
     embedder = Embedder(Config(settings))
     jsonl = args.out / "fallback-calibration.jsonl"
-    records = []
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.exists() else []
+    code = commit + ("-dirty" if dirty else "")
+    if any(r["commit"] != code for r in records):
+        raise SystemExit(f"{jsonl} holds records of another commit than {code}: move it away to start again")
+    done = {(r["data"], tuple(r["unseen_tasks"])) for r in records}
     for name, held in mixes():
+        if (name, tuple(held)) in done:  # recorded: the command resumes
+            continue
         started = time.time()
         cfg = Config(settings | {"data.source": str(DATA / name), "data.unseen_tasks": ",".join(held)})
-        record = {"data": name, "unseen_tasks": held, "commit": commit + ("-dirty" if dirty else ""), "cpu": cpu,
+        record = {"data": name, "unseen_tasks": held, "commit": code, "cpu": cpu,
                   "precision": args.precision} | measure(embedder, cfg)  # fmt: skip
         record["summary"] = summary(record["ratios"])
         record["seconds"] = round(time.time() - started, 1)
         records.append(record)
+        with jsonl.open("a") as out:
+            out.write(json.dumps(record) + "\n")
+        write_markdown(records, args.out / "fallback-calibration.md", COMMAND)
         print(
             name,
             held,
@@ -194,12 +206,7 @@ def main() -> None:
             json.dumps(record["summary"]["caught_unseen"]),
             flush=True,
         )
-    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
-    write_markdown(
-        records,
-        args.out / "fallback-calibration.md",
-        "PYTHONPATH=src .venv/bin/python benchmarks/fallback_calibration.py",
-    )
+    write_markdown(records, args.out / "fallback-calibration.md", COMMAND)
 
 
 if __name__ == "__main__":
