@@ -389,3 +389,14 @@ def test_serve_refuses_another_base_in_one_line_naming_both_unless_forced(
     assert "--force-base" in error and not started
     assert cli.main(["serve", str(run), "--model", "tiny-random", "--force-base"]) == 0 and len(started) == 1
     check_base(run, str(exported / "base"))  # the exported copy of the trained-on folder is the same base
+
+
+def test_generate_refuses_another_base_as_serve_does(run, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "_quiet_libraries", lambda: None)
+    capsys.readouterr()
+    assert cli.main(["generate", "--run", str(run), "--prompt", "Hi", "--model", "tiny-random"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("fedrouter: error: --model 'tiny-random' is not the base")
+    forced = ["generate", "--run", str(run), "--prompt", "Hi", "--model", "tiny-random", "--force-base"]
+    assert cli.main([*forced, "--max-new-tokens", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["prompt"] == "Hi"
