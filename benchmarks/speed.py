@@ -1,6 +1,7 @@
 """Speed of FedRouter on this machine: every figure measured side by side in one run, as a ratio.
 
     .venv/bin/python benchmarks/speed.py            # from the project root; about 40 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/speed.py --evaluation-phase COMMIT   # only: COMMIT's evaluation and this tree's
 
 Writes benchmarks/results/speed.json (keys from ../shared/docs/BENCHMARK.md, plus the raw timings behind each
 ratio). "Naive" and "reference-style" are the straightforward library paths the issue describes: fp32 weights,
@@ -11,6 +12,7 @@ for embeddings, and the base model reloaded for every client's work.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -25,8 +27,8 @@ from transformers import AutoModelForCausalLM
 from fedrouter.bench import PROFILES, PeakMemory, commit, machine
 from fedrouter.config import Config
 from fedrouter.data import all_clients, load_source
-from fedrouter.model import compute, loading, lora
-from fedrouter.model.prompts import embedding_ids, training_ids
+from fedrouter.model import compute, decoding, loading, lora
+from fedrouter.model.prompts import embedding_ids, prompt_ids, training_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER4 = ROOT.parent / "shared" / "data" / "paper4"
@@ -152,15 +154,18 @@ def bench_embedding(base, samples) -> dict:
 
 
 def bench_generation(base, samples) -> dict:
+    """Greedy answers of 16 prompts (the adapter in the default slot) through ``decoding``, one at a time and 16
+    rows at once."""
     prompts = [s.instruction for s in samples[:16]]
+    rows = [decoding.Row(prompt_ids(base.tokenizer, p, 256), lora.SLOT, decoding.Sampling(32)) for p in prompts]
     count = lambda texts: sum(len(base.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)  # noqa: E731
     results = {}
 
     def one_at_a_time():
-        results["single"] = [compute.generate(base, [p], max_new_tokens=32, batch_size=1)[0] for p in prompts]
+        results["single"] = [decoding.decode(base, [row], max_rows=1)[0].text for row in rows]
 
     def batched():
-        results["batched"] = compute.generate(base, prompts, max_new_tokens=32, batch_size=16)
+        results["batched"] = [done.text for done in decoding.decode(base, rows, max_rows=16)]
 
     single_s, _ = timed(one_at_a_time, repeats=1, warmup=0)
     batched_s, _ = timed(batched, repeats=1, warmup=1)
@@ -319,6 +324,44 @@ def quick_16bit(tmp: Path) -> dict:
     }
 
 
+def evaluation_phase(old_commit: str, tmp: Path) -> dict:
+    """The evaluation phase of ``configs/paper4-raw-cpu.toml`` (scenario single, seed 0) under ``old_commit``'s
+    code and under this tree's, one after the other on this machine: each a whole ``fedrouter run`` in a fresh
+    process (the same training, so the same adapters to answer with), its ``src`` first on ``PYTHONPATH``."""
+    old_tree = tmp / "old"
+    old_tree.mkdir()
+    archive = subprocess.run(["git", "archive", old_commit, "src"], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", str(old_tree)], input=archive.stdout, check=True)
+    runs = {}
+    for name, src in (("old", old_tree / "src"), ("new", ROOT / "src")):
+        print(f"running paper4-raw-cpu with the {name} code ...", file=sys.stderr, flush=True)
+        command = [sys.executable, "-m", "fedrouter.cli", "run", "--quiet", "--config", "configs/paper4-raw-cpu.toml"]
+        command += ["--output", str(tmp), "--name", name]
+        started = time.perf_counter()
+        env = os.environ | {"PYTHONPATH": str(src)}
+        subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT, env=env)
+        wall = time.perf_counter() - started
+        metrics = json.loads((tmp / name / "metrics.json").read_text())
+        runs[name] = {
+            "wall_s": wall,
+            "evaluation_s": metrics["evaluation_s"],
+            "eval_tokens": metrics["eval_tokens"],
+            "answers_crc32": metrics["answers_crc32"],
+            "rouge1": {key: value["rouge1"] for key, value in metrics["evaluation"]["overall"].items()},
+        }
+    old, new = runs["old"], runs["new"]
+    return {
+        "evaluation_old_commit": old_commit,
+        "evaluation_old_s": old["evaluation_s"],
+        "evaluation_new_s": new["evaluation_s"],
+        "evaluation_speedup": old["evaluation_s"] / new["evaluation_s"],
+        "evaluation_clients_same_answers": sum(
+            old["answers_crc32"][c] == new["answers_crc32"].get(c) for c in old["answers_crc32"]
+        ),
+        "evaluation_runs": runs,
+    }
+
+
 def cached_load_seconds() -> float:
     code = "import time; from fedrouter.model.loading import load_base_model as l; t=time.perf_counter(); l('smollm2'); print(time.perf_counter()-t)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -328,6 +371,13 @@ def cached_load_seconds() -> float:
 def main() -> None:
     import tempfile
 
+    if sys.argv[1:2] == ["--evaluation-phase"]:  # old commit and this tree side by side, nothing else
+        with tempfile.TemporaryDirectory() as tmp:
+            result = evaluation_phase(sys.argv[2], Path(tmp))
+        result |= {"machine": machine(), "commit": commit(), "command": " ".join(["python", *sys.argv])}
+        (OUT.parent / "speed-evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
+        print({key: value for key, value in result.items() if key != "evaluation_runs"})
+        return
     torch.manual_seed(0)
     base = loading.load_base_model("smollm2")
     train, test = load_source(Config({"data.source": str(PAPER4)}))

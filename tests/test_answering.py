@@ -4,6 +4,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 from conftest import tiny_settings
 
 from fedrouter import discovery
@@ -12,7 +13,8 @@ from fedrouter.data import all_clients
 from fedrouter.federated.answering import answer_tests
 from fedrouter.methods import Serving, make_method, methods
 from fedrouter.methods.feddpa import instance_weights
-from fedrouter.model import compute, lora
+from fedrouter.model import compute, decoding, lora
+from fedrouter.model.prompts import prompt_ids
 
 
 def _random_adapter(base, seed: int, scale: float = 0.5) -> dict:
@@ -80,25 +82,43 @@ def test_every_sample_gets_the_same_decoding_budget(tiny_base, tmp_path, monkeyp
     """One budget for all: the short-answer task (sentiment) is no longer cut to a budget of its own."""
     cfg, client, method, serving = _inputs(tiny_base, tmp_path, "fedit")
     calls = []
-    generate = compute.generate
+    decode = decoding.decode
 
-    def recording(base, prompts, **args):
-        calls.append((list(prompts), args["max_new_tokens"]))
-        return generate(base, prompts, **args)
+    def recording(base, rows, **args):
+        calls.append((list(rows), args))
+        return decode(base, rows, **args)
 
-    monkeypatch.setattr(compute, "generate", recording)
-    answers, _ = answer_tests(method, serving, client.tests, method.modes(cfg))
+    monkeypatch.setattr(decoding, "decode", recording)
+    answers, generated = answer_tests(method, serving, client.tests, method.modes(cfg))
     budget = cfg["eval.max_new_tokens"]
-    assert calls and all(max_new == budget for _, max_new in calls)
-    asked = {prompt for prompts, _ in calls for prompt in prompts}
-    assert asked == {s.instruction for test in client.tests.values() for s in test}
+    assert len(calls) == 1  # every sample, whatever its adapter, in one decoding loop
+    rows, args = calls[0]
+    assert all(row.sampling == decoding.Sampling(budget) for row in rows)  # greedy, one budget, no stop string
+    assert args["max_rows"] == cfg["eval.batch_size"]
+    samples = [s for test in client.tests.values() for s in test]
+    asked = {tuple(row.ids) for row in rows}
+    assert asked == {tuple(prompt_ids(tiny_base.tokenizer, s.prompt, cfg["model.max_seq_len"])) for s in samples}
     lengths: dict[str, list[int]] = {}
-    for (set_name, _), rows in answers.items():
-        for sample, (_, text) in zip(client.tests[set_name], rows, strict=True):
+    for (set_name, _), answered in answers.items():
+        for sample, (_, text) in zip(client.tests[set_name], answered, strict=True):
             tokens = tiny_base.tokenizer(text, add_special_tokens=False)["input_ids"]
             lengths.setdefault(sample.task, []).append(len(tokens))
     # The random tiny model rarely ends early: every task, sentiment too, reaches about the one budget.
     assert all(max(ns) >= budget - 1 for ns in lengths.values()), lengths
+    assert generated == len(rows) * budget  # the decoded tokens of each (adapter, sample) answer, counted once
+
+
+def test_a_prompt_longer_than_the_model_reads_is_cut_not_refused(tiny_base, tmp_path):
+    """A test prompt over ``model.max_seq_len`` tokens is cut as training cuts it (``prompt_ids``) and answered."""
+    cfg, client, method, serving = _inputs(tiny_base, tmp_path, "fedit")
+    cfg = Config(tiny_settings(tmp_path, **{"run.method": "fedit", "model.max_seq_len": 32}))
+    serving = dataclasses.replace(serving, cfg=cfg)
+    sample = client.tests["personalized"][0]
+    long = dataclasses.replace(sample, instruction="Summarize: " + "blah " * 200 + sample.instruction)
+    assert len(prompt_ids(tiny_base.tokenizer, long.prompt, 10_000)) > 200
+    answers, generated = answer_tests(method, serving, {"personalized": [long]}, method.modes(cfg))
+    ((_, text),) = answers[("personalized", "fedit")]
+    assert generated > 0 and text
 
 
 def test_feddpa_weights_the_global_adapter_by_instance_similarity(tiny_base, tmp_path):
@@ -110,22 +130,42 @@ def test_feddpa_weights_the_global_adapter_by_instance_similarity(tiny_base, tmp
     assert np.allclose(weights / 0.05, np.round(weights / 0.05))
     again = instance_weights(serving, samples)
     assert np.array_equal(weights, again)  # reproducible draws of the reference instances
-    # The answer of one sample equals generating with the global adapter at alpha and the local one at 1 - alpha.
+    # The answer of one sample is the one its combined adapter decodes alone; the weight's direction shows in it.
     tests = {"generalization": samples}
     answers, _ = answer_tests(method, serving, tests, method.modes(cfg))
     rows = next(iter(answers.values()))
     i = int(np.argmax(np.abs(weights - 0.5)))
     alpha = rows[i][0][1]
     assert alpha == pytest.approx(weights[i]) and abs(alpha - 0.5) >= 0.1
-    args = dict(max_new_tokens=cfg["eval.max_new_tokens"], max_len=cfg["model.max_seq_len"] + 4)
-    lora.set_adapter(tiny_base, serving.shared["global"])
-    lora.set_adapter(tiny_base, serving.personal, slot=lora.PARTNER)
-    with lora.mixed(tiny_base, alpha, 1.0 - alpha):
-        ours = compute.generate(tiny_base, [samples[i].instruction], **args)[0]
-    with lora.mixed(tiny_base, 1.0 - alpha, alpha):
-        swapped = compute.generate(tiny_base, [samples[i].instruction], **args)[0]
-    assert rows[i][1] == ours
-    assert ours != swapped  # the weight's direction shows in the answer
+    ids = prompt_ids(tiny_base.tokenizer, samples[i].prompt, cfg["model.max_seq_len"])
+    budget = decoding.Sampling(cfg["eval.max_new_tokens"])
+    alone = {}
+    for name, weight in (("ours", alpha), ("swapped", 1.0 - alpha)):
+        combined = lora.combine([(weight, serving.shared["global"]), (1.0 - weight, serving.personal)])
+        with lora.loaded(tiny_base, {name: combined}):
+            alone[name] = decoding.decode(tiny_base, [decoding.Row(ids, name, budget)])[0].text
+    assert rows[i][1] == alone["ours"]
+    assert alone["ours"] != alone["swapped"]
+    assert set(tiny_base.model.peft_config) <= {lora.SLOT, lora.PARTNER}  # evaluation's slots are gone
+
+
+def test_a_combined_adapter_is_the_weighted_mix_of_its_parts(tiny_base):
+    """``lora.combine``: one adapter of twice the rank whose output is w * first + (1 - w) * second, as PEFT's
+    per-adapter scales mix the two slots (``lora.mixed``, FedDPA's training)."""
+    first, second = _random_adapter(tiny_base, 21), _random_adapter(tiny_base, 22)
+    ids = torch.tensor([prompt_ids(tiny_base.tokenizer, "Sort these words: pear, fig", 64)])
+    lora.set_adapter(tiny_base, first)
+    lora.set_adapter(tiny_base, second, slot=lora.PARTNER)
+    with torch.inference_mode(), lora.mixed(tiny_base, 0.3, 0.7):
+        mixed = tiny_base.model(input_ids=ids).logits
+    combined = lora.combine([(0.3, first), (0.7, second)])
+    assert lora.rank(combined) == 2 * tiny_base.lora.r
+    with torch.inference_mode(), lora.loaded(tiny_base, {"combined": combined}):
+        one = tiny_base.model(input_ids=ids, adapter_names=["combined"]).logits
+    torch.testing.assert_close(one, mixed, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        plain = tiny_base.model(input_ids=ids).logits
+    assert not torch.allclose(plain, mixed, atol=1e-3)  # the adapters move the logits: the check has teeth
 
 
 def test_feddpa_instance_embedding_uses_the_local_adapter(tiny_base):

@@ -4,12 +4,15 @@ import json
 import subprocess
 import sys
 
+import httpx
 import numpy as np
 import pytest
-from conftest import tiny_settings
+from conftest import Server, tiny_settings
 
 from fedrouter import Router
 from fedrouter.config import Config
+from fedrouter.data import all_clients
+from fedrouter.federated.answering import answers_digest
 from fedrouter.serving.artifact import RouterArtifact
 from fedrouter.simulation import run_experiment
 
@@ -67,6 +70,43 @@ def test_artifact_reloads_and_routes_in_both_modes(finished_run):
     assert set(local) <= set(artifact.cluster_map[0])  # local mode only reaches the client's own clusters
     with pytest.raises(ValueError, match="local routing needs client="):
         router.route(prompts, mode="local", client=99)
+
+
+def test_the_runs_answers_are_router_generates_and_the_servers(finished_run, tmp_path):
+    """One decoder: every client's evaluation answers (the checksum it reported) are the answers ``Router.generate``
+    gives the same prompts from the run's artifact, routed by the client's local clusters or the global centroids,
+    and ``fedrouter serve`` answers a client's prompts as ``Router.generate`` does."""
+    cfg, run_dir, metrics = finished_run
+    router = Router.load(run_dir)
+    args = {"max_new_tokens": cfg["eval.max_new_tokens"], "batch_size": cfg["eval.batch_size"]}
+    answered: dict[int, dict] = {}
+    for client in all_clients(cfg):
+        mine = answered[client.client_id] = {}
+        for set_name, test in client.tests.items():
+            for mode in ("local", "global"):
+                got = router.generate([s.prompt for s in test], mode=mode, client=client.client_id, **args)
+                mine[(set_name, mode)] = [(("shared", str(a.adapter)), a.text) for a in got]
+        assert answers_digest(client.tests, mine) == metrics["answers_crc32"][str(client.client_id)]
+    first = all_clients(cfg)[0]
+    server = Server(run_dir, tmp_path / "serve.log")
+    try:
+        for mode, model in (("local", f"fedrouter-local:{first.client_id}"), ("global", "fedrouter")):
+            rows = answered[first.client_id][("personalized", mode)]
+            for sample, (key, text) in zip(first.tests["personalized"], rows, strict=True):
+                response = httpx.post(
+                    f"{server.url}/v1/chat/completions",
+                    json={
+                        "model": model,
+                        "messages": [{"role": "user", "content": sample.prompt}],
+                        "max_tokens": cfg["eval.max_new_tokens"],
+                        "temperature": 0,
+                    },
+                    timeout=60,
+                ).json()
+                assert response["fedrouter"]["adapter"] == f"cluster_{key[1]}"
+                assert response["choices"][0]["message"]["content"] == text
+    finally:
+        server.stop()
 
 
 def test_saved_adapters_load_with_plain_peft(finished_run):

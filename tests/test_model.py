@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedrouter.model import compute, lora
+from fedrouter.model import compute, decoding, lora
 from fedrouter.model.prompts import embedding_ids, prompt_ids, training_ids
 
 
@@ -71,8 +71,9 @@ def test_fresh_adapter_is_lora_only_reproducible_and_starts_at_zero_b(tiny_base)
 def test_batched_generation_equals_one_at_a_time(tiny_base):
     lora.fresh_adapter(tiny_base, seed=0)
     prompts = ["Sort: pear, fig", "What is 12 plus 30? Answer with a number please.", "Hi"]
-    batched = compute.generate(tiny_base, prompts, max_new_tokens=6, batch_size=3)
-    single = [compute.generate(tiny_base, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
+    rows = [decoding.Row(prompt_ids(tiny_base.tokenizer, p, 256), lora.SLOT, decoding.Sampling(6)) for p in prompts]
+    batched = [done.text for done in decoding.decode(tiny_base, rows, max_rows=3)]
+    single = [decoding.decode(tiny_base, [row], max_rows=1)[0].text for row in rows]
     assert batched == single
 
 
@@ -177,7 +178,9 @@ def test_generation_feeds_the_lm_head_a_contiguous_input(tiny_base):
     head = tiny_base.model.get_base_model().get_output_embeddings()
     handle = head.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
     try:
-        compute.generate(tiny_base, ["a fairly long prompt to pad against", "short"], max_new_tokens=2)
+        prompts = ["a fairly long prompt to pad against", "short"]
+        rows = [decoding.Row(prompt_ids(tiny_base.tokenizer, p, 256), lora.SLOT, decoding.Sampling(2)) for p in prompts]
+        decoding.decode(tiny_base, rows)
     finally:
         handle.remove()
     assert seen and all(seen)

@@ -5,7 +5,7 @@ import pytest
 from conftest import ANCHORS, write_tiny_router
 
 from fedrouter import Router
-from fedrouter.model import compute, decoding, lora
+from fedrouter.model import decoding, lora
 from fedrouter.model.loading import load_base_model
 from fedrouter.model.prompts import prompt_ids
 from fedrouter.serving.artifact import RouterArtifact
@@ -31,13 +31,16 @@ def test_a_mixed_batch_answers_as_each_adapter_alone(router):
     answers = router.generate(list(ANCHORS), max_new_tokens=6)
     base_answer = router.generate([ANCHORS[0]], mode="base", max_new_tokens=6)[0]
     assert [a.adapter for a in answers] == [0, 1, 2] and base_answer.adapter is None
-    alone = load_base_model("tiny-random", precision="fp32")
+    alone = load_base_model("tiny-random", precision="fp32")  # each adapter in the trained slot, one row at a time
+
+    def decoded_alone(prompt: str, slot: str) -> str:
+        return decoding.decode(alone, [decoding.Row(router.encode(prompt, 6), slot, decoding.Sampling(6))])[0].text
+
     for prompt, answer in zip(ANCHORS, answers, strict=True):
         lora.set_adapter(alone, router.artifact.adapters[answer.adapter])
-        assert compute.generate(alone, [prompt], max_new_tokens=6) == [answer.text]
+        assert decoded_alone(prompt, lora.SLOT) == answer.text
         assert answer.finish_reason == "length" and answer.completion_tokens == 6
-    with alone.model.disable_adapter():
-        assert compute.generate(alone, [ANCHORS[0]], max_new_tokens=6) == [base_answer.text]
+    assert decoded_alone(ANCHORS[0], decoding.BASE) == base_answer.text
     # The adapters differ, so the routing matters to the text.
     assert (
         len({router.generate([ANCHORS[0]], mode="cluster", cluster=g, max_new_tokens=6)[0].text for g in range(3)}) == 3

@@ -1,4 +1,8 @@
-"""How a client answers and scores its test samples, for every method (``Method.serve``, ``Method.activate``)."""
+"""How a client answers and scores its test samples, for every method (``Method.serve``, ``Method.adapter``).
+
+Test samples are answered by the loop that answers ``Router`` and ``fedrouter serve`` (``fedrouter.model.decoding``):
+each adapter key's weights in a slot of their own, rows of any adapters decoded together, one end rule.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,8 @@ from fedrouter.algorithm.evaluation import eval_key
 from fedrouter.algorithm.metrics import exact_match, rouge
 from fedrouter.data import Sample
 from fedrouter.methods import Method, Serving
-from fedrouter.model import compute
+from fedrouter.model import decoding, lora
+from fedrouter.model.prompts import chat_head, prompt_ids
 
 Answers = dict[tuple[str, str], list[tuple[tuple, str]]]  # (test set, mode) -> (adapter key, answer) per sample
 
@@ -19,10 +24,11 @@ def answer_tests(
 ) -> tuple[Answers, int]:
     """Answer every test sample under the method's serving rule: (test set, mode) -> [(adapter key, answer)].
 
-    Every sample gets the same decoding (greedy, ``eval.max_new_tokens``, stop at end of sequence) and the same
-    prompt; which adapter answers it follows the method's rule from its input alone (the oracle excepted). The
-    sets overlap (a client's own tasks are in both): each sample is served once, and each (adapter, sample)
-    answer generated once, however many sets and modes need it. Returns the answers and the generated tokens.
+    Every sample gets the same decoding (greedy, ``eval.max_new_tokens``, ``decoding``'s end rule) and the same
+    prompt (cut to ``model.max_seq_len`` tokens); which adapter answers it follows the method's rule from its
+    input alone (the oracle excepted). The sets overlap (a client's own tasks are in both): each sample is served
+    once, and each (adapter, sample) answer decoded once, however many sets and modes need it, at most
+    ``eval.batch_size`` rows at a time. Returns the answers and the generated tokens.
     """
     cfg, base = serving.cfg, serving.base
     samples = {s.id: s for test in tests.values() for s in test}
@@ -33,25 +39,26 @@ def answer_tests(
     for keys in chosen.values():
         for row, key in enumerate(keys):
             wanted[key].add(row)
-    max_new = cfg["eval.max_new_tokens"]
-    generate_args = dict(
-        max_new_tokens=max_new, batch_size=cfg["eval.batch_size"], max_len=cfg["model.max_seq_len"] + max_new
-    )
-    answers: dict[tuple[tuple, int], str] = {}
-    generated_tokens = 0
-    for key in sorted(wanted):
-        group = sorted(wanted[key])
-        with method.activate(serving, key):
-            texts = compute.generate(base, [ordered[i].prompt for i in group], **generate_args)
-        for i, text in zip(group, texts, strict=True):
-            answers[(key, i)] = text
-            generated_tokens += len(base.tokenizer(text, add_special_tokens=False)["input_ids"])
+    adapters = {key: method.adapter(serving, key) for key in sorted(wanted)}
+    slots = {
+        key: decoding.BASE if arrays is None else f"answer_{n}" for n, (key, arrays) in enumerate(adapters.items())
+    }
+    ids = {
+        i: prompt_ids(base.tokenizer, ordered[i].prompt, cfg["model.max_seq_len"])
+        for i in set().union(*wanted.values())
+    }
+    pairs = [(key, i) for key in adapters for i in sorted(wanted[key])]
+    sampling = decoding.Sampling(max_new_tokens=cfg["eval.max_new_tokens"])
+    rows = [decoding.Row(ids[i], slots[key], sampling) for key, i in pairs]
+    with lora.loaded(base, {slots[key]: arrays for key, arrays in adapters.items() if arrays is not None}):
+        done = decoding.decode(base, rows, max_rows=cfg["eval.batch_size"], prefix=chat_head(base.tokenizer))
+    answers = {pair: completion.text for pair, completion in zip(pairs, done, strict=True)}
     out = {}
     for set_name, test in tests.items():
         for mode in modes:
-            rows = [index_of[s.id] for s in test]
-            out[(set_name, mode)] = [(chosen[mode][i], answers[(chosen[mode][i], i)]) for i in rows]
-    return out, generated_tokens
+            rows_of = [index_of[s.id] for s in test]
+            out[(set_name, mode)] = [(chosen[mode][i], answers[(chosen[mode][i], i)]) for i in rows_of]
+    return out, sum(completion.completion_tokens for completion in done)
 
 
 def score(

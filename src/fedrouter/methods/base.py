@@ -8,7 +8,8 @@ method's name. A method says
 - which adapters the server keeps (``shared_adapters``) and what each client trains in a round (``jobs``, a list
   of ``Job``); how a client trains a job (``train_job``: the default loop, or an objective of its own) and which
   of the offered jobs it takes (``select_jobs``);
-- how a client answers a test sample (``serve``: an adapter key per sample; ``activate``: what a key loads).
+- how a client answers a test sample (``serve``: an adapter key per sample; ``adapter``: the weights a key
+  names).
 
 The defaults are those of the simplest method: one group, one shared adapter answering everything. A new
 method is one file: a subclass that overrides what it changes, decorated with ``register``
@@ -17,9 +18,8 @@ method is one file: a subclass that overrides what it changes, decorated with ``
 
 from __future__ import annotations
 
-import contextlib
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
@@ -281,19 +281,14 @@ class Method:
         """
         return {mode: [("shared", "global")] * len(samples) for mode in modes}
 
-    @contextlib.contextmanager
-    def activate(self, serving: Serving, key: tuple) -> Iterator[None]:
-        """Load the adapter(s) that ``key`` names into the model while the block generates."""
-        from fedrouter.model import lora
-
+    def adapter(self, serving: Serving, key: tuple) -> Arrays | None:
+        """The adapter that answers for ``key`` (None: the base model, no adapter). Evaluation loads each key's
+        adapter into a slot of its own and decodes every test sample in one loop, as ``Router`` and
+        ``fedrouter serve`` do (``fedrouter.model.decoding``)."""
         if key[0] == "base":
-            with serving.base.model.disable_adapter():
-                yield
-            return
+            return None
         if key[0] == "shared":
-            lora.set_adapter(serving.base, serving.shared[key[1]])
-        elif key[0] == "overlay":
-            lora.set_adapter(serving.base, serving.personal | serving.shared["global"])
-        else:
-            lora.set_adapter(serving.base, serving.personal)
-        yield
+            return serving.shared[key[1]]
+        if key[0] == "overlay":
+            return serving.personal | serving.shared["global"]
+        return serving.personal

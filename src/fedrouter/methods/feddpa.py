@@ -21,8 +21,9 @@ Where ours differs, and why:
 
 - Training is ``train.local_steps`` optimizer steps per adapter (theirs: epochs of HF Trainer), like every other
   method here, so methods get equal compute.
-- Instance weights are rounded to ``WEIGHT_STEP`` so that samples with equal weights share a generation batch
-  (a change of at most 0.025 in alpha).
+- Instance weights are rounded to ``WEIGHT_STEP`` so that samples with equal weights share an adapter slot
+  (a change of at most 0.025 in alpha). The weighted pair is one adapter of twice the rank (``lora.combine``),
+  so it decodes in the same loop as every other method's adapters.
 - Their batched inference path (`batched=True`, the default) generates every answer before any instance weight
   is set, so with `--auto` its answers come from the global adapter alone; we follow their per-sample path,
   which is what the paper describes.
@@ -30,16 +31,14 @@ Where ours differs, and why:
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import numpy as np
 
+from fedrouter.arrays import Arrays
 from fedrouter.methods.base import ClientClusters, Job, Method, Serving, derived_seed
 from fedrouter.methods.registry import register
 
 # Test-time weighting, as in the authors' code: 5 reference instances per test sample, the global adapter's weight
-# capped at 0.5. Weights are rounded to WEIGHT_STEP so samples with equal weights share a generation batch.
+# capped at 0.5. Weights are rounded to WEIGHT_STEP so samples with equal weights share an adapter slot.
 INSTANCES = 5
 MAX_WEIGHT = 0.5
 WEIGHT_STEP = 0.05
@@ -65,15 +64,11 @@ class FedDPA(Method):
         weights = instance_weights(serving, samples)
         return {mode: [("mix", float(w)) for w in weights] for mode in modes}
 
-    @contextlib.contextmanager
-    def activate(self, serving: Serving, key: tuple) -> Iterator[None]:
-        """alpha * global + (1 - alpha) * local, as the authors weight them."""
+    def adapter(self, serving: Serving, key: tuple) -> Arrays:
+        """alpha * global + (1 - alpha) * local, as the authors weight them: one adapter of twice the rank."""
         from fedrouter.model import lora
 
-        lora.set_adapter(serving.base, serving.shared["global"])
-        lora.set_adapter(serving.base, serving.personal, slot=lora.PARTNER)
-        with lora.mixed(serving.base, key[1], 1.0 - key[1]):
-            yield
+        return lora.combine([(key[1], serving.shared["global"]), (1.0 - key[1], serving.personal)])
 
 
 def instance_weights(serving: Serving, samples) -> np.ndarray:

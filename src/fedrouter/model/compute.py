@@ -1,6 +1,7 @@
-"""The three model computations: sample embeddings, LoRA training steps and batched generation.
+"""The model computations besides decoding: sample embeddings, adapter losses and LoRA training steps.
 
 All work on the process's one ``BaseModel``: the frozen backbone is shared, the adapter slot is switched.
+Answers (evaluation, ``Router``, ``fedrouter serve``) come from one loop, ``fedrouter.model.decoding``.
 """
 
 from __future__ import annotations
@@ -17,13 +18,10 @@ from fedrouter.model.loading import BaseModel
 from fedrouter.model.prompts import Prompt, chat_head, chat_tail, embedding_ids, prompt_ids, training_ids
 
 
-def pad_rows(rows: Sequence[list[int]], value: int, left: bool = False) -> torch.Tensor:
-    """Token rows as one tensor, each padded with ``value`` to the longest (on the left for generation)."""
+def pad_rows(rows: Sequence[list[int]], value: int) -> torch.Tensor:
+    """Token rows as one tensor, each padded on the right with ``value`` to the longest."""
     width = max(len(r) for r in rows)
-    return torch.tensor(
-        [([value] * (width - len(r)) + r) if left else (r + [value] * (width - len(r))) for r in rows],
-        dtype=torch.long,
-    )
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
 def _length_batches(
@@ -366,36 +364,3 @@ def train_adapter(
     finally:
         base.model.eval()
     return losses
-
-
-@torch.inference_mode()
-def generate(
-    base: BaseModel,
-    prompts: Sequence[Prompt],
-    *,
-    max_new_tokens: int,
-    batch_size: int = 16,
-    max_len: int = 256,
-) -> list[str]:
-    """Greedy answers for a group of prompts with the adapter in the slot: batched, KV cache, stop at EOS."""
-    tokenizer = base.tokenizer
-    encoded = [prompt_ids(tokenizer, prompt, max(max_len - max_new_tokens, 16)) for prompt in prompts]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    answers = [""] * len(encoded)
-    with base.autocast():
-        for start in range(0, len(order), batch_size):
-            index = order[start : start + batch_size]
-            ids = pad_rows([encoded[i] for i in index], tokenizer.pad_token_id, left=True).to(base.device)
-            mask = pad_rows([[1] * len(encoded[i]) for i in index], 0, left=True).to(base.device)
-            out = base.model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                use_cache=True,
-            )
-            for row, i in enumerate(index):
-                answers[i] = tokenizer.decode(out[row, ids.shape[1] :], skip_special_tokens=True).strip()
-    return answers

@@ -1,7 +1,8 @@
-"""Decoding for serving: continuous batching over rows that differ in adapter, sampling, budget and stop rule.
+"""The one decoding loop: continuous batching over rows that differ in adapter, sampling, budget and stop rule.
 
-``compute.generate`` answers a benchmark's test samples (greedy, one budget, one adapter per call). Serving needs
-more, per row of one batch:
+Every answer comes from here: a run's evaluation (``federated.answering``: greedy, one budget, each method's
+adapters in slots of their own), ``Router`` and ``fedrouter serve``, so a table scores the answers users are
+served. Per row of one batch:
 
 - its own adapter: every adapter is loaded once into its own PEFT slot and the batch runs with PEFT's
   mixed-adapter inference (``adapter_names=``, one name per row; ``BASE`` for no adapter);

@@ -1,13 +1,15 @@
 """Adapter weights as NumPy arrays in PEFT's own key format, switched in and out of the model's slots.
 
 The model has one trainable slot (``default``) and, created on first use, a ``partner`` slot with the same
-LoRA config: methods that combine two adapters (FedDPA's global + local adapter) load the second one there
-and mix the two with PEFT's per-adapter scales.
+LoRA config: a method that trains one adapter with another mixed in (FedDPA's local adapter beside its global one)
+loads the second one there and mixes the two with PEFT's per-adapter scales. More slots, frozen, hold adapters
+for decoding (``loaded``); a weighted sum of adapters (``combine``) is one adapter of their summed rank.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -32,26 +34,75 @@ def adapter_shapes(base: BaseModel) -> dict[str, tuple[int, ...]]:
     return {key: tuple(tensor.shape) for key, tensor in get_peft_model_state_dict(base.model).items()}
 
 
-def _ensure_slot(base: BaseModel, slot: str) -> None:
-    if slot not in base.model.peft_config:
-        training = base.model.training
-        base.model.add_adapter(slot, base.lora)
-        base.model.train(training)  # the new slot's dropout modules start in training mode
-        base.model.set_adapter(SLOT)
-        for name, parameter in base.model.named_parameters():
-            if f".{slot}." in name:
-                parameter.data = parameter.data.float()
-                parameter.requires_grad_(False)
+def _ensure_slot(base: BaseModel, slot: str, rank: int | None = None) -> None:
+    """Create the slot (frozen, float32) unless it exists with this rank (None: the model's LoRA rank); a slot of
+    another rank has the model's scaling (``lora_alpha / r``)."""
+    rank = rank or base.lora.r
+    existing = base.model.peft_config.get(slot)
+    if existing is not None and existing.r == rank:
+        return
+    if existing is not None:
+        if slot == SLOT:
+            raise ValueError(f"slot {SLOT!r} holds rank-{existing.r} adapters, not rank {rank}")
+        base.model.delete_adapter(slot)
+    training = base.model.training
+    config = dataclasses.replace(base.lora, r=rank, lora_alpha=base.lora.lora_alpha * rank / base.lora.r)
+    base.model.add_adapter(slot, config)
+    base.model.train(training)  # the new slot's dropout modules start in training mode
+    base.model.set_adapter(SLOT)
+    for name, parameter in base.model.named_parameters():
+        if f".{slot}." in name:
+            parameter.data = parameter.data.float()
+            parameter.requires_grad_(False)
 
 
 def set_adapter(base: BaseModel, arrays: Mapping[str, np.ndarray], slot: str = SLOT) -> None:
-    """Load adapter weights into a slot (in place: the base model is never reloaded)."""
-    _ensure_slot(base, slot)
+    """Load adapter weights into a slot (in place: the base model is never reloaded). A slot other than
+    ``default`` takes the adapter's rank (``combine``'s sums are wider)."""
+    _ensure_slot(base, slot, None if slot == SLOT else rank(arrays))
     state = {key: torch.from_numpy(np.asarray(value, dtype=np.float32)) for key, value in arrays.items()}
     result = set_peft_model_state_dict(base.model, state, adapter_name=slot)
     unexpected = [k for k in result.unexpected_keys if "lora_" in k]
     if unexpected:
         raise ValueError(f"adapter has keys the model does not: {unexpected[:3]}")
+
+
+def rank(arrays: Mapping[str, np.ndarray]) -> int:
+    """An adapter's LoRA rank: the rows of its A matrices."""
+    ranks = {np.shape(value)[0] for key, value in arrays.items() if "lora_A" in key}
+    if len(ranks) != 1:
+        raise ValueError(f"adapter: expected LoRA A matrices of one rank, got ranks {sorted(ranks)}")
+    return int(ranks.pop())
+
+
+def combine(parts: Sequence[tuple[float, Mapping[str, np.ndarray]]]) -> Arrays:
+    """One adapter whose output is the weighted sum of the parts' outputs (each ``scaling * B @ A`` at the
+    model's scaling): the parts' ranks side by side, A matrices stacked, B matrices joined and scaled by their
+    weights. It loads into a slot of the summed rank (``set_adapter``), so a batch mixes it like any adapter."""
+    keys = set(parts[0][1])
+    if any(set(arrays) != keys for _, arrays in parts) or any("lora_A" not in k and "lora_B" not in k for k in keys):
+        raise ValueError("combine: expected adapters with the same LoRA A and B matrices")
+    return {
+        key: np.concatenate([arrays[key] for _, arrays in parts], axis=0)
+        if "lora_A" in key
+        else np.concatenate([np.float32(weight) * arrays[key] for weight, arrays in parts], axis=1)
+        for key in sorted(keys)
+    }
+
+
+@contextmanager
+def loaded(base: BaseModel, adapters: Mapping[str, Mapping[str, np.ndarray]]) -> Iterator[None]:
+    """Each adapter in the slot of its name (none of them ``default``) while the block runs; the slots go on exit."""
+    if SLOT in adapters:
+        raise ValueError(f"loaded: slot {SLOT!r} is the trained one")
+    try:
+        for slot, arrays in adapters.items():
+            set_adapter(base, arrays, slot=slot)
+        yield
+    finally:
+        for slot in adapters:
+            if slot in base.model.peft_config:
+                base.model.delete_adapter(slot)
 
 
 def fresh_adapter(base: BaseModel, seed: int) -> Arrays:
