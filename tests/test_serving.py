@@ -161,8 +161,8 @@ def test_errors_have_their_status_and_say_what_is_wrong(server, client):
     assert httpx.get(f"{server.url}/v1/models").status_code == 401  # no key at all
     with pytest.raises(openai.NotFoundError, match="'gpt-4' does not exist; the models are: fedrouter, "):
         client.chat.completions.create(model="gpt-4", messages=user)
-    with pytest.raises(openai.BadRequestError, match="frequency_penalty: unknown or unsupported field"):
-        client.chat.completions.create(model="fedrouter", messages=user, frequency_penalty=0.5)
+    with pytest.raises(openai.BadRequestError, match="logit_bias: unknown or unsupported field"):
+        client.chat.completions.create(model="fedrouter", messages=user, logit_bias={"1": 5})
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.chat.completions.create(model="fedrouter", messages=user, temperature=5)
     with pytest.raises(openai.BadRequestError, match="n: Input should be 1"):

@@ -460,7 +460,7 @@ def _serve(args: argparse.Namespace) -> int:
         " (warming up: /health says ready when it is done)",
         flush=True,
     )
-    uvicorn.run(app, host=options.host, port=options.port, log_level="warning")
+    uvicorn.run(app, log_level="warning", **options.uvicorn())  # its limits: ServeOptions.uvicorn
     return 0
 
 

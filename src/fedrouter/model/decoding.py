@@ -38,17 +38,39 @@ from fedrouter.model.loading import BaseModel
 BASE = "__base__"  # PEFT's adapter name for "no adapter" in a mixed batch
 
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit on ``top_logprobs``
+
+
 @dataclass(frozen=True)
 class Sampling:
-    """How one answer is decoded. ``temperature`` 0 is greedy (``top_p`` and ``seed`` then do nothing)."""
+    """How one answer is decoded. ``temperature`` 0 is greedy (``top_p`` and ``seed`` then do nothing).
+
+    ``presence_penalty`` and ``frequency_penalty`` (-2 to 2, OpenAI's meaning) lower a token's logit, before the
+    choice, greedy or sampled, by ``presence_penalty`` once it appears in the answer so far and by
+    ``frequency_penalty`` times the number of times it does. ``logprobs`` (None: none) asks for each chosen token's
+    log-probability and its ``logprobs`` most likely alternatives (0 to 20): the log-softmax of the penalized
+    logits, before temperature and top-p.
+    """
 
     max_new_tokens: int = 48
     temperature: float = 0.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)
 
     def __post_init__(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name}: expected a number from -2 to 2, got {getattr(self, name)}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs: expected a whole number from 0 to {MAX_TOP_LOGPROBS}, got {self.logprobs}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: expected at least 1, got {self.max_new_tokens}")
         if not 0.0 <= self.temperature <= 2.0:
@@ -69,7 +91,19 @@ class Row:
     adapter: str
     sampling: Sampling = field(default_factory=Sampling)
     on_text: Callable[[str], None] | None = None  # called with each new piece of the answer (streaming)
+    # called just before ``on_text`` with the log-probabilities of the tokens since the last piece (streaming)
+    on_logprobs: Callable[[tuple[TokenLogprob, ...]], None] | None = None
     cancelled: Callable[[], bool] | None = None  # polled every step: True finishes the row early
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One chosen token's log-probability and the most likely tokens at its step (``Sampling.logprobs`` of them,
+    most likely first, as ``(token, logprob)``)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -78,6 +112,7 @@ class Completion:
     finish_reason: str  # "stop" (end token or stop string), "length" (budget) or "cancelled"
     prompt_tokens: int
     completion_tokens: int
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per completion token, when ``Sampling.logprobs`` asked for them
 
 
 def adapter_slot(cluster: int) -> str:
@@ -98,15 +133,19 @@ class _RowState:
         self.row = row
         self.decode = decode
         self.tokens: list[int] = []
+        self.logprobs: list[TokenLogprob] = []  # of ``tokens``, when the row's sampling asks for them
+        self.logprobs_sent = 0  # how many of them went to on_logprobs
         self.text = ""  # the answer so far (stop string and what follows it removed)
         self.sent = ""  # the part of the text already handed to on_text
         self.finish: str | None = None
 
-    def add(self, token: int, eos: set[int]) -> None:
+    def add(self, token: int, eos: set[int], logprob: TokenLogprob | None = None) -> None:
         if token in eos:
             self.finish = "stop"
             return
         self.tokens.append(token)
+        if logprob is not None:
+            self.logprobs.append(logprob)
         text = self.decode(self.tokens).lstrip()
         for stop in self.row.sampling.stop:
             at = text.find(stop)
@@ -137,11 +176,16 @@ class _RowState:
     def flush(self) -> None:
         safe = self.safe_text()
         if self.row.on_text is not None and len(safe) > len(self.sent) and safe.startswith(self.sent):
+            if self.row.on_logprobs is not None:
+                self.row.on_logprobs(tuple(self.logprobs[self.logprobs_sent :]))
+                self.logprobs_sent = len(self.logprobs)
             self.row.on_text(safe[len(self.sent) :])
             self.sent = safe
 
     def completion(self) -> Completion:
-        return Completion(self.text.rstrip(), self.finish or "length", len(self.row.ids), len(self.tokens))
+        return Completion(
+            self.text.rstrip(), self.finish or "length", len(self.row.ids), len(self.tokens), tuple(self.logprobs)
+        )
 
 
 class _Sampler:
@@ -436,8 +480,8 @@ class Batch:
         greedy = logits.argmax(dim=-1).tolist()
         finished, kept = [], []
         for i, live in enumerate(lives):
-            token = live.sampler(logits[i]) if live.sampler is not None else greedy[i]
-            live.state.add(token, self.eos)
+            token, logprob = _choose(live, logits[i], greedy[i])
+            live.state.add(token, self.eos, logprob)
             live.state.flush()
             if live.state.finish is None:
                 live.token = token
@@ -445,6 +489,27 @@ class Batch:
             else:
                 finished.append((live.row, live.state.completion()))
         return finished, kept
+
+
+def _choose(live: _Live, logits: torch.Tensor, greedy: int) -> tuple[int, TokenLogprob | None]:
+    """One row's next token (``greedy``: the arg-max of its unpenalized ``logits``), and its log-probability
+    when the row asks for it. Penalties lower the logits of the tokens the row generated so far, as OpenAI's do."""
+    sampling = live.row.sampling
+    if not sampling.penalized and sampling.logprobs is None:
+        return (live.sampler(logits) if live.sampler is not None else greedy), None
+    scores = logits.float()
+    if sampling.penalized and live.state.tokens:
+        seen = torch.tensor(live.state.tokens, device=scores.device)
+        counts = torch.bincount(seen, minlength=scores.shape[-1])[: scores.shape[-1]].to(scores.dtype)
+        scores = scores - sampling.frequency_penalty * counts - sampling.presence_penalty * (counts > 0).to(scores)
+        greedy = int(scores.argmax())
+    token = live.sampler(scores) if live.sampler is not None else greedy
+    if sampling.logprobs is None:
+        return token, None
+    logprobs = torch.log_softmax(scores, dim=-1).clamp(max=0.0)
+    top = torch.topk(logprobs, sampling.logprobs) if sampling.logprobs else None
+    pairs = () if top is None else tuple(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+    return token, TokenLogprob(token, float(logprobs[token]), pairs)
 
 
 def _prefill_groups(rows: Sequence[Row], skip: int = 0) -> list[list[Row]]:

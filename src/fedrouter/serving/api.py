@@ -7,10 +7,12 @@ cluster's readable name, its id ``cluster_<g>`` never changes). Every answer car
 adapter that served it and its name, the routing distance and the distances to every global centroid) and the
 headers ``X-FedRouter-Adapter`` / ``X-FedRouter-Distance``.
 
-Errors use OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 for a malformed body, an
-unknown or unsupported field or a prompt longer than the context, 401 for a missing or wrong key, 404 for an
-unknown model (the message lists the valid ones), 413 for a body over 1 MiB, 429 with ``Retry-After`` when the
-queue is full, 503 at once when the engine failed (``/health`` then fails too). A request's text never reaches the
+Errors use OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, on every path: 400 for a
+malformed body (text that is not valid Unicode included), an unknown or unsupported field (``n`` > 1, tools, JSON
+output) or a prompt longer than the context, 401 for a missing or wrong key, 404 for an unknown model (the message
+lists the valid ones) or path, 413 for a body over 1 MiB, 429 with ``Retry-After`` when the queue is full, 503 at
+once when the engine failed (``/health`` then fails too), 500 (no detail) for anything unforeseen. A client that
+disconnects, streaming or not, frees its place at once. A request's text never reaches the
 file system: it is tokenized, embedded and answered in memory, and the access log (``AccessLog``, one line per
 request on the ``fedrouter.access`` logger) holds its model, adapter, token counts and latency, never its text.
 """
@@ -19,13 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import functools
 import hmac
 import json
 import logging
+import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Annotated, Literal
@@ -33,18 +35,28 @@ from typing import Annotated, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-from starlette.middleware.base import BaseHTTPMiddleware
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException
 
-from fedrouter.model.decoding import Completion, Sampling
+from fedrouter.model.decoding import MAX_TOP_LOGPROBS, Completion, Sampling, TokenLogprob
 from fedrouter.serving.engine import FAILED, READY, Engine, QueueFull, Unavailable
 from fedrouter.serving.engine import Request as EngineRequest
 from fedrouter.serving.gateway import VllmGateway
+from fedrouter.serving.logprobs import TokenText
 from fedrouter.serving.options import ServeOptions
 from fedrouter.serving.router import Choice, Prompt, PromptTooLong, Route, Router
 
 MAX_BODY = 1 << 20
 DEFAULT_MAX_TOKENS = 128
+POLL_S = 0.2  # how often a request waiting for its answer checks that its client is still there
+# Fields of OpenAI's API that this server cannot honour, refused by name (any other unknown field is refused too).
+UNSUPPORTED = {
+    "tools": "tool calls are not supported",
+    "tool_choice": "tool calls are not supported",
+    "parallel_tool_calls": "tool calls are not supported",
+    "functions": "function calls are not supported",
+    "function_call": "function calls are not supported",
+}
 PLAYGROUND = resources.files("fedrouter.serving") / "playground"
 NOTES = "fedrouter_access"  # the key of a request's access-log notes in its ASGI scope's state
 
@@ -66,6 +78,7 @@ class ApiError(Exception):
         code: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
+        message, param = _unicode(message), None if param is None else _unicode(param)
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
         self.headers = headers or {}
@@ -75,7 +88,22 @@ class ApiError(Exception):
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
+def _unicode(text: str) -> str:
+    """``text`` with any lone surrogate (valid in JSON's escapes, not in UTF-8) written ``?``: safe to send."""
+    return text.encode("utf-8", errors="replace").decode("utf-8")
+
+
+def _encodable(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"not valid Unicode text: a lone surrogate at character {err.start}") from None
+    return text
+
+
 # -- request bodies: unknown fields are errors, so a setting the server would ignore is never silently lost ----
+
+Text = Annotated[str, AfterValidator(_encodable)]  # every string a request sends: tokenized, logged or echoed
 
 
 class _Strict(BaseModel):
@@ -84,13 +112,13 @@ class _Strict(BaseModel):
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
+    content: Text | list[TextPart]
+    name: Text | None = None
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -100,17 +128,42 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")  # a ``json_schema`` is refused by its type, not as an unknown field
+    type: Literal["text", "json_object", "json_schema"]
+
+
+Penalty = Annotated[float, Field(ge=-2, le=2)]
+
+
 class _Generation(_Strict):
-    model: str = "fedrouter"
+    model: Text = "fedrouter"
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] = 0.0  # greedy unless asked: the benchmark's decoding
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    stop: str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)] | None = None
+    stop: Text | Annotated[list[Annotated[Text, Field(min_length=1)]], Field(max_length=4)] | None = None
     seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
     n: Literal[1] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None  # accepted and ignored, as a caller's label for its own end user
+    response_format: ResponseFormat | None = None  # {"type": "text"} only
+    user: Text | None = None  # accepted and ignored, as a caller's label for its own end user
+
+    def refuse_unsupported(self) -> None:
+        """A valid body this server still cannot answer as asked: a 400 naming the field."""
+        if self.response_format is not None and self.response_format.type != "text":
+            raise ApiError(
+                400,
+                f"response_format: {self.response_format.type!r} is not supported, only {{'type': 'text'}}",
+                param="response_format",
+                code="unsupported_parameter",
+            )
+
+    def top_logprobs_count(self) -> int | None:
+        """How many alternatives to give with each token's log-probability; None: no log-probabilities."""
+        return None
 
     @field_validator("stop")
     @classmethod
@@ -121,7 +174,16 @@ class _Generation(_Strict):
 
     def sampling(self) -> Sampling:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        return Sampling(self.budget(), self.temperature, self.top_p, stop, self.seed)
+        return Sampling(
+            self.budget(),
+            self.temperature,
+            self.top_p,
+            stop,
+            self.seed,
+            self.presence_penalty,
+            self.frequency_penalty,
+            self.top_logprobs_count(),
+        )
 
     def budget(self) -> int:
         return self.max_tokens or DEFAULT_MAX_TOKENS
@@ -130,9 +192,19 @@ class _Generation(_Strict):
 class ChatRequest(_Generation):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
 
     def budget(self) -> int:
         return self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs: needs logprobs set to true", param="top_logprobs", code="invalid_value")
+
+    def top_logprobs_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def prompt(self) -> Prompt:
         if not any(m.role == "user" for m in self.messages):
@@ -141,10 +213,14 @@ class ChatRequest(_Generation):
 
 
 class CompletionRequest(_Generation):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1)]
+    logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
 
     def text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def top_logprobs_count(self) -> int | None:
+        return self.logprobs
 
 
 # -- the application ---------------------------------------------------------------------------------------
@@ -177,23 +253,30 @@ def _routing_info(router: Router, route: Route, choice: Choice) -> dict:
         "adapter": _adapter_name(choice),
         "name": router.name(choice.adapter),
         "routing": route.mode,
-        "distance": choice.distance,
-        "distances": list(choice.distances),
+        "distance": _finite(choice.distance),
+        "distances": [_finite(d) for d in choice.distances],
         "fallback": choice.fallback,  # too far from its cluster: the fallback route (routing.fallback) served it
     }
+
+
+def _finite(value: float | None) -> float | None:
+    """JSON has no NaN or infinity: a distance that is not a number is sent as null."""
+    return value if value is None or math.isfinite(value) else None
 
 
 def _headers(choice: Choice) -> dict[str, str]:
     headers = {"X-FedRouter-Adapter": _adapter_name(choice)}
     if choice.fallback:
         headers["X-FedRouter-Fallback"] = "true"
-    if choice.distance is not None:
+    if _finite(choice.distance) is not None:
         headers["X-FedRouter-Distance"] = f"{choice.distance:.6g}"
     return headers
 
 
 def _field(loc: tuple) -> str:
-    parts = [str(p) for p in loc if p != "body"]
+    """The field an error is about, as a caller names it: without pydantic's tags for the member of a union that
+    failed (``str``, ``list[TextPart]``, ``function-after[...]``)."""
+    parts = [str(p) for p in loc if p != "body" and not (isinstance(p, str) and (p == "str" or "[" in p))]
     return ".".join(parts) or "body"
 
 
@@ -284,38 +367,69 @@ async def _api_error(request: Request, err: ApiError) -> JSONResponse:
 
 
 async def _client_gone(request: Request, err: ClientGone) -> Response:
-    return Response(status_code=499)  # nobody reads it: the status of nginx's "client closed request"
+    # Nobody reads it: the status of nginx's "client closed request".
+    return ApiError(499, "the client closed the connection", code="client_closed_request").response()
+
+
+async def _http_error(request: Request, err: HTTPException) -> Response:
+    """Starlette's own errors (an unknown path, a method a path does not take, a body it could not read)."""
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    message = f"{request.method} {request.url.path[:200]}: {err.detail}"
+    return ApiError(err.status_code, message, code=codes.get(err.status_code), headers=err.headers).response()
+
+
+async def _internal_error(request: Request, err: Exception) -> Response:
+    """Anything unforeseen: a 500 in OpenAI's shape; what went wrong stays in the server's log."""
+    return ApiError(500, "internal server error", kind="server_error", code="internal_error").response()
 
 
 async def _invalid_body(request: Request, err: RequestValidationError) -> JSONResponse:
-    first = err.errors()[0]
+    errors = err.errors()
+    # A union (``prompt``: a string or a list) fails once per member: the error a value check raised says most.
+    first = next((e for e in errors if e.get("type") == "value_error"), errors[0])
     where = _field(tuple(first.get("loc", ())))
     if first.get("type") == "json_invalid":
         message = f"the body is not valid JSON: {first.get('msg')} ({first.get('ctx', {}).get('error', '')})"
         return ApiError(400, message, param=None, code="invalid_json").response()
     if first.get("type") == "extra_forbidden":
+        if where in UNSUPPORTED:
+            message = f"{where}: {UNSUPPORTED[where]} by this server"
+            return ApiError(400, message, param=where, code="unsupported_parameter").response()
         return ApiError(400, f"{where}: unknown or unsupported field", param=where, code="unknown_field").response()
     return ApiError(400, f"{where}: {first.get('msg')}", param=where, code="invalid_value").response()
 
 
-async def _guard(request: Request, call_next, api_key: str | None) -> Response:
-    """A body's size and length header, and the API key on ``/v1/``, before anything reads the body."""
-    length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
-        return ApiError(413, f"the body is over {MAX_BODY} bytes", code="body_too_large").response()
-    if request.method == "POST" and length is None:
-        return ApiError(411, "a request body needs a Content-Length header", code="length_required").response()
-    if api_key is not None and request.url.path.startswith("/v1/"):
-        given = request.headers.get("authorization", "")
-        expected = f"Bearer {api_key}"
-        if not hmac.compare_digest(given.encode(), expected.encode()):
-            return ApiError(
-                401,
-                "missing or wrong API key (send 'Authorization: Bearer KEY')",
-                kind="authentication_error",
-                code="invalid_api_key",
-            ).response()
-    return await call_next(request)
+class Guard:
+    """ASGI middleware: a body's size and length header, and the API key on ``/v1/``, before anything reads the
+    body (plain ASGI, so the routes see the client's own ``receive`` and so its disconnect)."""
+
+    def __init__(self, app, api_key: str | None) -> None:
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope, receive, send) -> None:
+        refused = self.refusal(scope) if scope["type"] == "http" else None
+        if refused is None:
+            await self.app(scope, receive, send)
+        else:
+            await refused.response()(scope, receive, send)
+
+    def refusal(self, scope) -> ApiError | None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+            return ApiError(413, f"the body is over {MAX_BODY} bytes", code="body_too_large")
+        if scope.get("method") == "POST" and length is None:
+            return ApiError(411, "a request body needs a Content-Length header", code="length_required")
+        if self.api_key is not None and scope.get("path", "").startswith("/v1/"):
+            given = headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                return ApiError(
+                    401,
+                    "missing or wrong API key (send 'Authorization: Bearer KEY')",
+                    kind="authentication_error",
+                    code="invalid_api_key",
+                )
+        return None
 
 
 async def _next_event(engine: Engine, http: Request, request: EngineRequest) -> tuple[str, object]:
@@ -323,7 +437,7 @@ async def _next_event(engine: Engine, http: Request, request: EngineRequest) -> 
     failed is a 503 (also when it failed before this request was queued and nothing will ever come)."""
     while True:
         try:
-            kind, value = await asyncio.wait_for(request.events.get(), timeout=0.5)
+            kind, value = await asyncio.wait_for(request.events.get(), timeout=POLL_S)
         except TimeoutError:
             try:
                 engine.check()
@@ -361,8 +475,12 @@ def create_app(router: Router, options: ServeOptions | None = None, *, gateway: 
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(ClientGone, _client_gone)
     app.add_exception_handler(RequestValidationError, _invalid_body)
-    app.add_middleware(BaseHTTPMiddleware, dispatch=functools.partial(_guard, api_key=options.api_key))
-    app.add_middleware(AccessLog)  # the outermost: it sees every answer, the guard's and the error handlers'
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _internal_error)
+    app.add_middleware(Guard, api_key=options.api_key)
+    app.add_middleware(AccessLog)  # it sees every answer, the guard's and the error handlers'
+    tokens = TokenText(tokenizer)
+    held = [0]  # requests the vLLM gateway is embedding, routing or waiting on (the local engine counts its own)
 
     def resolve(name: str) -> Route:
         if name not in routes:
@@ -388,29 +506,40 @@ def create_app(router: Router, options: ServeOptions | None = None, *, gateway: 
         except ValueError as err:
             raise ApiError(400, str(err), param=param) from None
 
+    def full_queue(message: str) -> ApiError:
+        return ApiError(
+            429,
+            f"too many requests: {message}",
+            kind="rate_limit_error",
+            code="queue_full",
+            headers={"Retry-After": "1"},
+        )
+
     async def through_gateway(path: str, prompt: Prompt, body: _Generation, param: str, http: Request) -> Response:
         assert gateway is not None
         route, _, _ = checked(prompt, body, param)
-        choice = await gateway.choose(prompt, route)
-        note(http, adapter=_adapter_name(choice))
-        forwarded = body.model_dump(exclude_none=True, exclude={"user"})
-        return await gateway.forward(
-            path, forwarded, body.model, choice, _routing_info(router, route, choice), _headers(choice)
-        )
+        if held[0] >= options.max_queue:
+            raise full_queue(f"{options.max_queue} requests are already being routed or answered")
+        held[0] += 1  # from here until vLLM's answer (a stream's first bytes) is back
+        try:
+            choice = await gateway.choose(prompt, route)
+            note(http, adapter=_adapter_name(choice))
+            # vLLM gets what the caller set, and our defaults where they differ from vLLM's (temperature 0)
+            unset = {"presence_penalty", "frequency_penalty", "logprobs", "response_format"} - body.model_fields_set
+            forwarded = body.model_dump(exclude_none=True, exclude={"user"} | unset)
+            return await gateway.forward(
+                path, forwarded, body.model, choice, _routing_info(router, route, choice), _headers(choice)
+            )
+        finally:
+            held[0] -= 1
 
     def admit(prompt: Prompt, body: _Generation, param: str) -> EngineRequest:
         route, sampling, ids = checked(prompt, body, param)
-        request = EngineRequest(prompt, ids, route, sampling)
+        request = EngineRequest(prompt, ids, route, sampling, stream=body.stream)
         try:
             engine.submit(request)
         except QueueFull as err:
-            raise ApiError(
-                429,
-                f"too many requests: {err}",
-                kind="rate_limit_error",
-                code="queue_full",
-                headers={"Retry-After": "1"},
-            ) from None
+            raise full_queue(str(err)) from None
         except Unavailable as err:
             raise _unavailable(str(err)) from None
         return request
@@ -423,7 +552,7 @@ def create_app(router: Router, options: ServeOptions | None = None, *, gateway: 
                 choice = value
             elif kind == "error":
                 raise ApiError(500, str(value), kind="server_error")
-            elif kind == "done":  # "text" pieces are for streams: the completion holds the whole text
+            elif kind == "done":  # a request that does not stream gets no pieces: the completion holds them
                 assert choice is not None
                 return choice, value
 
@@ -444,7 +573,10 @@ def create_app(router: Router, options: ServeOptions | None = None, *, gateway: 
     async def stream(
         http: Request, request: EngineRequest, body: _Generation, choice: Choice, chunk
     ) -> AsyncIterator[str]:
-        """Server-sent events: the chunks, a usage chunk when asked for, then ``[DONE]``."""
+        """Server-sent events: the chunks (each with its tokens' log-probabilities when asked for), a usage chunk
+        when asked for, then ``[DONE]``."""
+        sent: list[TokenLogprob] = []  # log-probabilities already sent, and those of the next piece
+        pending: tuple[TokenLogprob, ...] = ()
         try:
             yield f"data: {json.dumps(chunk(None, None, first=True))}\n\n"
             while True:
@@ -452,13 +584,19 @@ def create_app(router: Router, options: ServeOptions | None = None, *, gateway: 
                     kind, value = await _next_event(engine, http, request)
                 except ApiError as err:  # the engine failed mid-stream: the status line is already sent
                     kind, value = "error", err.message
-                if kind == "text":
-                    yield f"data: {json.dumps(chunk(value, None))}\n\n"
+                if kind == "logprobs":
+                    pending += value
+                elif kind == "text":
+                    yield f"data: {json.dumps(chunk(value, None, logprobs=pending, before=sent))}\n\n"
+                    sent += pending
+                    pending = ()
                 elif kind == "error":
-                    yield f"data: {json.dumps({'error': {'message': value, 'type': 'server_error'}})}\n\n"
+                    error = {"message": value, "type": "server_error", "param": None, "code": None}
+                    yield f"data: {json.dumps({'error': error})}\n\n"
                     return
                 elif kind == "done":
-                    final = chunk(None, value.finish_reason)
+                    rest = value.logprobs[len(sent) :] if body.top_logprobs_count() is not None else None
+                    final = chunk(None, _finish(value), logprobs=rest, before=sent)
                     final["fedrouter"] = _routing_info(router, request.route, choice)
                     note(http, prompt_tokens=value.prompt_tokens, completion_tokens=value.completion_tokens)
                     yield f"data: {json.dumps(final)}\n\n"
@@ -469,30 +607,41 @@ def create_app(router: Router, options: ServeOptions | None = None, *, gateway: 
         finally:
             engine.cancel(request)  # no-op once done; frees the row when the client left mid-stream
 
-    async def respond(path: str, prompt, body, field: str, http: Request, chat: bool) -> Response:
+    def logprobs_of(chat: bool, entries, before: Sequence[TokenLogprob] = ()) -> dict | None:
+        """``choices[].logprobs``: None when not asked for (``entries`` None)."""
+        if entries is None:
+            return None
+        if chat:
+            return tokens.chat(entries)
+        return tokens.completion(entries, sum(len(tokens.of(e.token)[0]) for e in before))
+
+    async def respond(path: str, prompt, body: _Generation, field: str, http: Request, chat: bool) -> Response:
         """One completion, streamed or whole, in the chat or the text API's shape."""
         note(http, model=body.model)
+        body.refuse_unsupported()
         if gateway is not None:
             return await through_gateway(path, prompt, body, field, http)
         request = admit(prompt, body, field)
         ident, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
         kind = "chat.completion" if chat else "text_completion"
+        asked = body.top_logprobs_count() is not None
         if body.stream:
             choice = await first_route(http, request)
             note(http, adapter=_adapter_name(choice))
 
-            def chunk(text: str | None, finish: str | None, first: bool = False) -> dict:
+            def chunk(text: str | None, finish: str | None, first: bool = False, logprobs=None, before=()) -> dict:
                 if chat:
                     delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
                     piece = {"delta": delta}
                 else:
                     piece = {"text": text or ""}
+                shaped = logprobs_of(chat, logprobs if asked and not first else None, before)
                 return {
                     "id": ident,
                     "object": f"{kind}.chunk" if chat else kind,
                     "created": created,
                     "model": body.model,
-                    "choices": [{"index": 0, **piece, "finish_reason": finish, "logprobs": None}],
+                    "choices": [{"index": 0, **piece, "finish_reason": finish, "logprobs": shaped}],
                 }
 
             return StreamingResponse(
@@ -506,12 +655,13 @@ def create_app(router: Router, options: ServeOptions | None = None, *, gateway: 
             completion_tokens=done.completion_tokens,
         )
         piece = {"message": {"role": "assistant", "content": done.text}} if chat else {"text": done.text}
+        logprobs = logprobs_of(chat, done.logprobs if asked else None)
         answer = {
             "id": ident,
             "object": kind,
             "created": created,
             "model": body.model,
-            "choices": [{"index": 0, **piece, "finish_reason": _finish(done), "logprobs": None}],
+            "choices": [{"index": 0, **piece, "finish_reason": _finish(done), "logprobs": logprobs}],
             "usage": usage(done),
             "fedrouter": _routing_info(router, request.route, choice),
         }

@@ -7,8 +7,10 @@ the rows already being decoded, whatever their adapters; a row that finishes lea
 to the next request. Each request gets its route as soon as it is known, then its text piece by piece (for
 streaming) and its completion, all through thread-safe callbacks into the event loop.
 
-A request that is cancelled (its client went away) leaves the queue at once, or finishes its row at the next
-token when it is already being decoded; either way its place is free.
+A request holds its place in the queue (``max_queue``) from ``submit`` until its answer is done: while it waits,
+while it is being embedded and routed, and while it is decoded. A request that is cancelled (its client went
+away) leaves the queue at once, or finishes its row at the next token when it is already being decoded; either
+way its place is free.
 
 The engine is ``starting`` until its thread has done everything a first request would otherwise wait for
 (``_warm_up``), then ``ready``. A thread that cannot start, fails while warming up or dies later leaves it
@@ -50,13 +52,15 @@ class Request:
     ids: list[int]  # the encoded prompt (``Router.encode``)
     route: Route
     sampling: decoding.Sampling
+    stream: bool = False  # send its text piece by piece (and its log-probabilities with each piece, if asked)
     # Filled in by the engine, read on the event loop through ``events``:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
 
 
-# What a request's ``events`` queue receives, in order: ("route", Choice), then ("text", str) pieces,
+# What a request's ``events`` queue receives, in order: ("route", Choice), then, when it streams, ("text", str)
+# pieces (each after a ("logprobs", tuple[TokenLogprob, ...]) of its tokens, when the sampling asks for them),
 # then ("done", Completion) or ("error", message); or, at any point, ("unavailable", message): the engine failed.
 
 
@@ -69,6 +73,7 @@ class Engine:
         self.options = options or ServeOptions()
         self._waiting: deque[Request] = deque()
         self._running: dict[decoding.Row, Request] = {}  # the rows being decoded and their requests
+        self._admitting: list[Request] = []  # taken from the queue, being embedded and routed: not rows yet
         self._lock = threading.Condition()
         self._stopping = False
         self._state = STARTING
@@ -110,9 +115,9 @@ class Engine:
 
     @property
     def load(self) -> int:
-        """Requests waiting or being answered."""
+        """Requests waiting or being answered (embedded, routed or decoded)."""
         with self._lock:
-            return len(self._waiting) + len(self._running)
+            return len(self._waiting) + len(self._admitting) + len(self._running)
 
     def check(self) -> None:
         """``Unavailable`` when the engine failed or is stopping: nothing sent to it would be answered."""
@@ -128,7 +133,7 @@ class Engine:
         failed or is stopping, ``QueueFull`` past ``max_queue``."""
         with self._lock:
             self.check()
-            if len(self._waiting) + len(self._running) >= self.options.max_queue:
+            if self.load >= self.options.max_queue:
                 raise QueueFull(f"{self.options.max_queue} requests are already waiting or being answered")
             self._waiting.append(request)
             self._lock.notify()
@@ -153,8 +158,9 @@ class Engine:
         """The engine is ``failed``: every request it holds is told so at once, and no new one is taken."""
         with self._lock:
             self._state, self.failure = FAILED, reason[:500]
-            held = list({id(r): r for r in [*self._waiting, *self._running.values()]}.values())
+            held = list({id(r): r for r in [*self._waiting, *self._admitting, *self._running.values()]}.values())
             self._waiting.clear()
+            self._admitting.clear()
             self._running.clear()
         for request in held:
             self._emit(request, "unavailable", self._unavailable())
@@ -178,6 +184,7 @@ class Engine:
                     break
                 taken.append(self._waiting.popleft())
                 width = wider
+            self._admitting = list(taken)  # still counted by ``load`` until they are rows
             return taken
 
     @staticmethod
@@ -225,12 +232,14 @@ class Engine:
                 batch.fail()
                 with self._lock:
                     failed = {id(r): r for r in [*taken, *self._running.values()]}.values()
+                    self._admitting.clear()
                     self._running.clear()
                 for request in failed:
                     self._emit(request, "error", f"generation failed: {type(err).__name__}: {err}")
                 continue
             except BaseException:  # the worker dies: the requests it took go back, for ``_fail`` to tell
                 with self._lock:
+                    self._admitting.clear()
                     self._waiting.extendleft(reversed(taken))
                 raise
             self.steps += 1
@@ -239,21 +248,27 @@ class Engine:
     def _admit(self, batch: decoding.Batch, taken: list[Request]) -> list:
         live = [r for r in taken if not r.cancelled.is_set()]
         if not live:
+            with self._lock:
+                self._admitting.clear()
             return []
         choices: list[Choice] = self.router.choose([r.prompt for r in live], [r.route for r in live])
         rows = []
         for request, choice in zip(live, choices, strict=True):
             self._emit(request, "route", choice)
+            streams, logprobs = request.stream, request.sampling.logprobs is not None
             row = decoding.Row(
                 request.ids,
                 self.router.slot(choice.adapter),
                 request.sampling,
-                on_text=lambda piece, r=request: self._emit(r, "text", piece),
+                on_text=(lambda piece, r=request: self._emit(r, "text", piece)) if streams else None,
+                on_logprobs=(lambda got, r=request: self._emit(r, "logprobs", got)) if streams and logprobs else None,
                 cancelled=request.cancelled.is_set,
             )
             with self._lock:
                 self._running[row] = request
             rows.append(row)
+        with self._lock:
+            self._admitting.clear()
         return batch.add(rows)
 
     def _finish(self, finished: list) -> None:

@@ -2,7 +2,8 @@
 
 The command line builds a ``ServeOptions`` from its flags (``ServeOptions.of(vars(args))``: each field is read by
 its own name, so a field without a flag fails at once), and the same object goes through ``create_app`` to the
-``Engine``; no limit is read, defaulted or checked anywhere else.
+``Engine``; no limit is read, defaulted or checked anywhere else. The HTTP server's own limits (header size, idle
+connections, open connections, shutdown) follow from it too (``ServeOptions.uvicorn``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ from fedrouter.errors import ConfigError
 
 BACKENDS = ("local", "vllm")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# uvicorn's limits, fixed: what a connection may hold before the app sees a request
+MAX_HEADER_BYTES = 64 * 1024  # the request line and headers; past it, 400 (a 50 MiB header is refused, not held)
+KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this
+SHUTDOWN_S = 10  # on SIGTERM, requests still open after this are cancelled and the process exits
+SPARE_CONNECTIONS = 64  # connections beyond max_queue (health checks, the playground, idle keep-alives)
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,21 @@ class ServeOptions:
         """The options from a mapping holding every field by name (``vars(args)`` of the serve command): a
         field missing from it is a ``KeyError`` naming it, so no option can be left behind."""
         return cls(**{f.name: values[f.name] for f in fields(cls)})
+
+    def uvicorn(self) -> dict[str, object]:
+        """The keyword arguments of ``uvicorn.run`` that bound what clients can hold: h11 (pure Python, whose
+        header limit holds; httptools' has none) with headers up to ``MAX_HEADER_BYTES``, idle connections closed
+        after ``KEEP_ALIVE_S``, at most ``max_queue + SPARE_CONNECTIONS`` connections or requests at once (past
+        it uvicorn answers 503 itself), and a shutdown that waits ``SHUTDOWN_S`` at most."""
+        return {
+            "host": self.host,
+            "port": self.port,
+            "http": "h11",
+            "h11_max_incomplete_event_size": MAX_HEADER_BYTES,
+            "timeout_keep_alive": KEEP_ALIVE_S,
+            "limit_concurrency": self.max_queue + SPARE_CONNECTIONS,
+            "timeout_graceful_shutdown": SHUTDOWN_S,
+        }
 
     @property
     def exposed(self) -> bool:
