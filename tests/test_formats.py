@@ -6,7 +6,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -368,12 +367,10 @@ def test_dolly_context_reaches_the_prompt_and_an_unknown_field_stops_the_run_bef
     asked = report["example"]["eval_prompt"]
     assert any(text in asked for text in joined) and any(text in report["example"]["training_text"] for text in joined)
     bad = write([dict(r, source="web") for r in rows], tmp_path / "bad", "jsonl")
-    started = time.perf_counter()
     done = _cli("run", "--quiet", "--model", "tiny-random", "--data", str(bad), "--output", str(tmp_path / "runs"))
     assert done.returncode == 2 and "column(s) ['source'] are read by nothing" in done.stderr
     assert "data.ignore_columns=source" in done.stderr and "Traceback" not in done.stderr
-    assert time.perf_counter() - started < 15  # refused before Ray or any model starts
-    assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / "runs").exists()  # refused before a run folder, Ray or any model (no timing: CI is shared)
 
 
 @pytest.mark.slow
