@@ -693,6 +693,22 @@ MEASUREMENTS = (
         ("poisoning.jsonl", "poisoning.md"),
         report="poisoning.md",
     ),
+    Measurement(
+        "measurements/serve-start.md",
+        "fedrouter serve: first and tenth request after start",
+        "Seconds from start to /health ready, and the first vs the tenth request, this code and the commit before "
+        "the server warmed up before saying ready.",
+        ("serve_start.json", "serve_start.md"),
+        report="serve_start.md",
+    ),
+    Measurement(
+        "measurements/fallback-calibration.md",
+        "Fallback calibration: how far prompts lie from their cluster",
+        "Distance to the routed cluster's centroid in units of its radius, for trained and held-out tasks: the data "
+        "behind routing.fallback_factor.",
+        ("fallback-calibration.jsonl", "fallback-calibration.md"),
+        report="fallback-calibration.md",
+    ),
 )
 
 
