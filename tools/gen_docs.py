@@ -709,6 +709,17 @@ MEASUREMENTS = (
         ("fallback-calibration.jsonl", "fallback-calibration.md"),
         report="fallback-calibration.md",
     ),
+    Measurement(
+        "measurements/fallback.md",
+        "Fallback on tasks held out of training",
+        "ROUGE-1 of the nearest adapter vs the base model as fallback, on the held-out task and the seen ones. "
+        "The report's 'only the prompts that fall back can differ' holds for which adapter answers; the answers "
+        "themselves were decoded in bf16, where a row's batch mates change its logits slightly, so seen-task "
+        "ROUGE moves by a few tenths with no prompt of theirs falling back.",
+        ("fallback.jsonl", "fallback.md"),
+        report="fallback.md",
+        remake="PYTHONPATH=src .venv/bin/python benchmarks/fallback.py --report-only",
+    ),
 )
 
 
