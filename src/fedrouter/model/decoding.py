@@ -4,8 +4,9 @@ Every answer comes from here: a run's evaluation (``federated.answering``: greed
 adapters in slots of their own), ``Router`` and ``fedrouter serve``, so a table scores the answers users are
 served. Per row of one batch:
 
-- its own adapter: every adapter is loaded once into its own PEFT slot and the batch runs with PEFT's
-  mixed-adapter inference (``adapter_names=``, one name per row; ``BASE`` for no adapter);
+- its own adapter: every adapter is loaded once into its own PEFT slot (``BASE`` for no adapter), and a step
+  runs all rows' adapters at once, stacked (``batched_lora.Stack``: what PEFT's mixed-adapter inference computes,
+  in two products per adapted layer instead of two per adapter);
 - its own sampling: greedy, or temperature / top-p (transformers' own warpers) with the next token drawn from a
   generator seeded for that row alone, so a seeded request gets the same answer whatever else shares its batch
   (up to the last bits of the logits that padding can change);
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,10 +35,8 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopP
 
 from fedrouter.errors import ModelError
 from fedrouter.model import lora
+from fedrouter.model.batched_lora import BASE, Stack
 from fedrouter.model.loading import BaseModel
-
-BASE = "__base__"  # PEFT's adapter name for "no adapter" in a mixed batch
-
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit on ``top_logprobs``
 
@@ -331,6 +331,8 @@ class Batch:
         base: BaseModel,
         prefix: Sequence[int] = (),
         prefixes: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] | None = None,
+        *,
+        stacked: bool = True,
     ) -> None:
         _check_full_attention(base)
         self.base = base
@@ -347,6 +349,9 @@ class Batch:
         # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name warns, and goes in 5.40).
         forward = inspect.signature(type(base.model.get_base_model()).forward).parameters
         self._cache_arg = "cache" if "cache" in forward else "past_key_values"
+        # Every slot's weights stacked once: a step runs each adapted layer's adapters for all rows at once.
+        # ``stacked=False`` runs PEFT's own mixed-adapter inference instead (the reference the stack is checked on).
+        self._stack = Stack(base, list(base.model.peft_config)) if stacked else None
 
     def __len__(self) -> int:
         return len(self.live)
@@ -408,13 +413,14 @@ class Batch:
         return rows
 
     def _forward(self, ids, mask, positions, cache, adapters) -> torch.Tensor:
-        with self.base.autocast():
+        stacked = self._stack is not None
+        with self.base.autocast(), self._stack.applied(adapters) if stacked else nullcontext():
             out = self.base.model(
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=positions,
                 use_cache=True,
-                adapter_names=adapters,
+                adapter_names=[BASE] * len(adapters) if stacked else adapters,  # the stack adds the adapters
                 logits_to_keep=1,
                 **{self._cache_arg: cache},
             )
@@ -536,15 +542,17 @@ def decode(
     max_rows: int = 16,
     prefix: Sequence[int] = (),
     prefixes: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] | None = None,
+    stacked: bool = True,
 ) -> list[Completion]:
     """Decode every row, at most ``max_rows`` at a time (a finished row's place goes to the next one); prompts
-    that start with ``prefix`` share its keys and values (``Batch``)."""
+    that start with ``prefix`` share its keys and values (``Batch``; ``stacked=False``: PEFT's own mixed-adapter
+    inference, the reference the stacked adapters are checked against)."""
     if max_rows < 1:
         raise ValueError(f"max_rows: expected at least 1, got {max_rows}")
     index = {row: i for i, row in enumerate(rows)}
     done: list[Completion | None] = [None] * len(rows)
     waiting = list(rows)
-    batch = Batch(base, prefix, prefixes)
+    batch = Batch(base, prefix, prefixes, stacked=stacked)
     while waiting or len(batch):
         finished = []
         if waiting and len(batch) < max_rows:
