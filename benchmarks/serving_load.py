@@ -1,6 +1,7 @@
 """Load test of `fedrouter serve` on loopback: throughput, latency and routing at 1, 4 and 16 concurrent clients.
 
     .venv/bin/python benchmarks/serving_load.py RUN_DIR [--data ../shared/data/paper4-raw] [--max-tokens 32]
+        [--compare REV]
 
 RUN_DIR is a trained FedRouter run on that data. The script, side by side in one run:
 1. loads the run in this process (the sequential baseline: one `Router.generate` call per prompt, greedily; it
@@ -10,9 +11,15 @@ RUN_DIR is a trained FedRouter run on that data. The script, side by side in one
    in time. Alternating the two gives each round's ratio from neighbouring minutes: this machine's speed drifts
    by a quarter from one few minutes to the next, which one baseline first and one server run later mistook
    for a change of the ratio (3.3x and 4.2x from the same code);
-3. stops the server (its whole process group) and writes benchmarks/results/serving.json: requests and tokens per
-   second, p50/p99 latency, routing accuracy against the prompts' true tasks, requests lost, requests answered by
-   another adapter than `Router.generate` gives the same prompt, and the throughput ratio of 16 clients to the
+3. with ``--compare REV``, starts REV's `fedrouter serve` too (REV's ``src``, unpacked by ``git archive`` and put
+   first on ``PYTHONPATH``, as ``serve_start.py`` does) and sends the same 16-client load to it in every round,
+   the two servers' order alternating from round to round (only one is sent requests at a time): the ratio of
+   this code's tokens per second to REV's, per round and their median;
+4. before any load, sends the same prompt ten times, one after the other, to each freshly started server: the
+   first request's latency against the tenth's (does the server answer its first request as fast as later ones);
+5. stops the servers (their whole process groups) and writes benchmarks/results/serving.json: requests and tokens
+   per second, p50/p99 latency, routing accuracy against the prompts' true tasks, requests lost, requests answered
+   by another adapter than `Router.generate` gives the same prompt, and the throughput ratio of 16 clients to the
    sequential baseline in each round, with their median.
 
 The baseline and the server never run at the same time (the server is idle while the baseline runs). The record
@@ -35,6 +42,7 @@ from pathlib import Path
 
 import httpx
 import openai
+from serve_start import older_source
 
 from fedrouter.bench import commit, machine
 from fedrouter.deploy import free_port
@@ -61,10 +69,12 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def start_server(run_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(run_dir: Path, log: Path, source: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """`fedrouter serve RUN_DIR` on a free loopback port, from ``source`` (a ``src`` folder) or this checkout."""
     port = free_port()
     command = [sys.executable, "-m", "fedrouter.cli", "serve", str(run_dir), "--port", str(port), "--max-batch", "16"]
-    process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    env = os.environ if source is None else {**os.environ, "PYTHONPATH": str(source)}
+    process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
@@ -127,6 +137,23 @@ def load_level(url: str, samples: list[dict], clients: int, max_tokens: int) -> 
     return [r or {"error": "not sent in time"} for r in results], time.perf_counter() - started
 
 
+def first_and_tenth(url: str, sample: dict, max_tokens: int) -> dict:
+    """One prompt sent ten times, one after the other, to a server that has answered nothing yet."""
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=LEVEL_LIMIT_S)
+    latencies = []
+    for _ in range(10):
+        started = time.perf_counter()
+        client.chat.completions.create(
+            model="fedrouter", messages=[{"role": "user", "content": sample["instruction"]}], max_tokens=max_tokens
+        )
+        latencies.append(time.perf_counter() - started)
+    return {
+        "first_s": round(latencies[0], 3),
+        "tenth_s": round(latencies[9], 3),
+        "first_over_tenth": round(latencies[0] / latencies[9], 2),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
@@ -134,6 +161,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3, help="sequential / 16-client rounds, alternated")
     parser.add_argument("--note", default="", help="what else ran on the machine meanwhile")
+    parser.add_argument("--compare", metavar="REV", help="an older commit whose server takes the same load")
     args = parser.parse_args()
 
     metrics = json.loads((args.run_dir / "metrics.json").read_text())
@@ -186,15 +214,27 @@ def main() -> None:
 
     baseline, first = sequential()
     expected = [f"cluster_{a.adapter}" for a in baseline]
-    levels, rounds = {}, []
-    process, url = start_server(args.run_dir, Path(tempfile.mkdtemp(prefix="fedrouter-load-")) / "server.log")
+    levels, rounds, starts = {}, [], {}
+    scratch = Path(tempfile.mkdtemp(prefix="fedrouter-load-"))
+    servers = {"this": start_server(args.run_dir, scratch / "server.log")}
+    if args.compare:
+        source = older_source(args.compare, scratch / "older")
+        servers[args.compare] = start_server(args.run_dir, scratch / "older-server.log", source)
     try:
-        load_level(url, samples[:2], 1, 2)  # warm-up
+        for name, (_, address) in servers.items():
+            starts[name] = first_and_tenth(address, samples[0], args.max_tokens)
+            print(f"{name}: first and tenth request {json.dumps(starts[name])}", flush=True)
+        url = servers["this"][1]
         for clients in (1, 4):
             levels[str(clients)] = level(clients, LEVELS[clients])
         for r in range(args.rounds):
             alone = first if r == 0 else sequential()[1]
-            served = level(16, LEVELS[16])
+            served, older = {}, {}
+            order = list(servers) if r % 2 == 0 else list(reversed(servers))
+            for name in order:
+                url = servers[name][1]
+                (served if name == "this" else older)[name] = level(16, LEVELS[16])
+            served = served["this"]
             rounds.append(
                 {
                     "sequential_router_generate": alone,
@@ -202,16 +242,23 @@ def main() -> None:
                     "ratio": round(served["requests_per_s"] / alone["requests_per_s"], 2),
                 }
             )
-            print(f"round {r}: ratio {rounds[-1]['ratio']}", flush=True)
-        health = httpx.get(f"{url}/health", timeout=5).json()
+            if args.compare:
+                then = older[args.compare]
+                rounds[-1] |= {
+                    "compared_server_16_clients": then,
+                    "tokens_per_s_over_compared": round(served["tokens_per_s"] / then["tokens_per_s"], 2),
+                }
+            print(f"round {r}: {json.dumps({k: v for k, v in rounds[-1].items() if 'ratio' in k or 'over' in k})}")
+        health = httpx.get(f"{servers['this'][1]}/health", timeout=5).json()
     finally:
-        stop_server(process)
+        for process, _ in servers.values():
+            stop_server(process)
 
     ratios = sorted(r["ratio"] for r in rounds)
     record = {
         "command": (
             f"python benchmarks/serving_load.py {args.run_dir} --data {args.data} --max-tokens {args.max_tokens} "
-            f"--rounds {args.rounds}"
+            f"--rounds {args.rounds}" + (f" --compare {args.compare}" if args.compare else "")
         ),
         "commit": commit(),
         "machine": machine(),
@@ -221,6 +268,8 @@ def main() -> None:
         "baseline_routing_accuracy": round(
             sum(majority.get(e) == s["task"] for e, s in zip(expected, samples, strict=True)) / len(samples), 4
         ),
+        "compared_commit": args.compare,
+        "first_and_tenth_request": starts,
         "server": levels,
         "rounds": rounds,
         "server_steps": health["steps"],
@@ -230,6 +279,9 @@ def main() -> None:
             "max": ratios[-1],
         },
     }
+    if args.compare:
+        gains = sorted(r["tokens_per_s_over_compared"] for r in rounds)
+        record["tokens_per_s_16_clients_over_compared"] = {"median": gains[len(gains) // 2], "min": gains[0]}
     OUT.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record["throughput_ratio_16_clients_vs_sequential"]))
     print(f"wrote {OUT}")
