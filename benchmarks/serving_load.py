@@ -1,7 +1,7 @@
 """Load test of `fedrouter serve` on loopback: throughput, latency and routing at 1, 4 and 16 concurrent clients.
 
     .venv/bin/python benchmarks/serving_load.py RUN_DIR [--data ../shared/data/paper4-raw] [--max-tokens 32]
-        [--compare REV]
+        [--compare REV] [--precision auto]
 
 RUN_DIR is a trained FedRouter run on that data. The script, side by side in one run:
 1. loads the run in this process (the sequential baseline: one `Router.generate` call per prompt, greedily; it
@@ -69,10 +69,13 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def start_server(run_dir: Path, log: Path, source: Path | None = None) -> tuple[subprocess.Popen, str]:
+def start_server(
+    run_dir: Path, log: Path, source: Path | None = None, precision: str | None = None
+) -> tuple[subprocess.Popen, str]:
     """`fedrouter serve RUN_DIR` on a free loopback port, from ``source`` (a ``src`` folder) or this checkout."""
     port = free_port()
     command = [sys.executable, "-m", "fedrouter.cli", "serve", str(run_dir), "--port", str(port), "--max-batch", "16"]
+    command += ["--precision", precision] if precision else []
     env = os.environ if source is None else {**os.environ, "PYTHONPATH": str(source)}
     process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -162,6 +165,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="sequential / 16-client rounds, alternated")
     parser.add_argument("--note", default="", help="what else ran on the machine meanwhile")
     parser.add_argument("--compare", metavar="REV", help="an older commit whose server takes the same load")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), help="instead of the run's recorded one")
     args = parser.parse_args()
 
     metrics = json.loads((args.run_dir / "metrics.json").read_text())
@@ -171,7 +175,7 @@ def main() -> None:
     }
     samples = prompts(args.data / "test.jsonl", max(LEVELS.values()))
 
-    router = Router.load(args.run_dir)
+    router = Router.load(args.run_dir, precision=args.precision)
     router.generate([samples[0]["instruction"]], max_new_tokens=2)  # warm-up: adapters loaded, first call paid
 
     def sequential() -> tuple[list, dict]:
@@ -216,10 +220,10 @@ def main() -> None:
     expected = [f"cluster_{a.adapter}" for a in baseline]
     levels, rounds, starts = {}, [], {}
     scratch = Path(tempfile.mkdtemp(prefix="fedrouter-load-"))
-    servers = {"this": start_server(args.run_dir, scratch / "server.log")}
+    servers = {"this": start_server(args.run_dir, scratch / "server.log", precision=args.precision)}
     if args.compare:
         source = older_source(args.compare, scratch / "older")
-        servers[args.compare] = start_server(args.run_dir, scratch / "older-server.log", source)
+        servers[args.compare] = start_server(args.run_dir, scratch / "older-server.log", source, args.precision)
     try:
         for name, (_, address) in servers.items():
             starts[name] = first_and_tenth(address, samples[0], args.max_tokens)
@@ -258,13 +262,16 @@ def main() -> None:
     record = {
         "command": (
             f"python benchmarks/serving_load.py {args.run_dir} --data {args.data} --max-tokens {args.max_tokens} "
-            f"--rounds {args.rounds}" + (f" --compare {args.compare}" if args.compare else "")
+            f"--rounds {args.rounds}"
+            + (f" --compare {args.compare}" if args.compare else "")
+            + (f" --precision {args.precision}" if args.precision else "")
         ),
         "commit": commit(),
         "machine": machine(),
         "note": args.note,
         "run": str(args.run_dir),
         "max_tokens": args.max_tokens,
+        "precision": args.precision or "as recorded",
         "baseline_routing_accuracy": round(
             sum(majority.get(e) == s["task"] for e, s in zip(expected, samples, strict=True)) / len(samples), 4
         ),
