@@ -59,3 +59,16 @@ def test_stacked_decoding_gives_peft_mixed_batch_answers(tiny_base):
         peft = decoding.decode(tiny_base, rows, max_rows=5, stacked=False)
     assert [c.text for c in ours] == [c.text for c in peft]
     assert len({c.text for c in ours}) > 1
+
+
+def test_a_vanishing_temperature_is_greedy_not_a_failed_batch(tiny_base):
+    """A temperature of 1e-40 would overflow the logits it divides (fuzzing found it failing a whole batch)."""
+    ids = _ids(tiny_base, 2)
+    greedy = decoding.Sampling(max_new_tokens=6)
+    rows = [
+        decoding.Row(ids[0], decoding.BASE, decoding.Sampling(max_new_tokens=6, temperature=1e-40)),
+        decoding.Row(ids[1], decoding.BASE, greedy),
+    ]
+    tiny, other = decoding.decode(tiny_base, rows)
+    assert tiny.text == decoding.decode(tiny_base, [decoding.Row(ids[0], decoding.BASE, greedy)])[0].text
+    assert other.completion_tokens > 0

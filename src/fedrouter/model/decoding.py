@@ -39,11 +39,16 @@ from fedrouter.model.batched_lora import BASE, Stack
 from fedrouter.model.loading import BaseModel
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit on ``top_logprobs``
+# Below this a temperature is greedy, as in vLLM (its ``_SAMPLING_EPS``): sampling at it would pick the most likely
+# token anyway, and dividing the logits by a temperature near float32's smallest (1e-37 or less) overflows them to
+# infinity, which failed the decoding step of every row in the batch (found by fuzzing ``fedrouter serve``).
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True)
 class Sampling:
-    """How one answer is decoded. ``temperature`` 0 is greedy (``top_p`` and ``seed`` then do nothing).
+    """How one answer is decoded. ``temperature`` 0 (or below ``GREEDY_BELOW``) is greedy (``top_p`` and ``seed``
+    then do nothing).
 
     ``presence_penalty`` and ``frequency_penalty`` (-2 to 2, OpenAI's meaning) lower a token's logit, before the
     choice, greedy or sampled, by ``presence_penalty`` once it appears in the answer so far and by
@@ -60,6 +65,10 @@ class Sampling:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
 
     @property
     def penalized(self) -> bool:
@@ -443,9 +452,7 @@ class Batch:
             mask = torch.cat([mask.new_ones(len(rows), skip), mask], dim=1)
         logits = self._forward(ids, mask, positions, cache, [r.adapter for r in rows])
         joining = [
-            _Live(
-                r, _RowState(r, self._text), _Sampler(r.sampling) if r.sampling.temperature > 0 else None, 0, len(r.ids)
-            )
+            _Live(r, _RowState(r, self._text), None if r.sampling.greedy else _Sampler(r.sampling), 0, len(r.ids))
             for r in rows
         ]
         finished, kept = self._advance(joining, logits)
