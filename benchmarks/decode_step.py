@@ -147,7 +147,7 @@ def main() -> None:
 
     record: dict = {
         "command": " ".join(["PYTHONPATH=src .venv/bin/python benchmarks/decode_step.py", *sys.argv[1:]]),
-        "commit": commit(),
+        "commit": commit(args.out.parent),  # other results written there are no change of the code
         "machine": machine(),
         "dtype": str(base.dtype),
         "rows": args.rows,
