@@ -217,3 +217,18 @@ def test_prompts_are_prefilled_in_groups_of_similar_length():
     groups = decoding._prefill_groups(rows)
     # Padding to a group's longest prompt stays within 25% of its rows' own tokens.
     assert [[len(r.ids) for r in g] for g in groups] == [[10, 11, 12], [40, 50], [300]]
+
+
+def test_penalties_and_logprobs_through_router_generate(router):
+    """``Router.generate`` takes the penalties and log-probabilities ``fedrouter serve`` takes (the same loop)."""
+    plain, logged = (router.generate([ANCHORS[0]], mode="base", max_new_tokens=16, logprobs=k)[0] for k in (None, 3))
+    assert plain.logprobs == () and logged.text == plain.text  # asking for them changes no answer
+    assert len(logged.logprobs) == logged.completion_tokens
+    for token in logged.logprobs:
+        assert token.logprob <= 0 and len(token.top) == 3
+        assert token.top[0][0] == token.token  # greedy: the chosen token is the most likely one
+        assert [p for _, p in token.top] == sorted((p for _, p in token.top), reverse=True)
+    penalized = router.generate([ANCHORS[0]], mode="base", max_new_tokens=16, frequency_penalty=2.0)[0]
+    assert penalized.text != plain.text  # the tiny model repeats a few tokens greedily: a penalty must change it
+    with pytest.raises(ValueError, match="presence_penalty"):
+        router.generate([ANCHORS[0]], presence_penalty=3.0)

@@ -76,6 +76,8 @@ class Answer:
     completion_tokens: int = 0
     name: str = ""  # the adapter's readable name (``Router.name``): 'base' for the base model
     fallback: bool = False  # served by the fallback (``Choice.fallback``)
+    # one per answer token when ``generate`` was asked for ``logprobs``: its log-probability and the alternatives
+    logprobs: tuple[decoding.TokenLogprob, ...] = ()
 
 
 def routing_text(prompt: Prompt) -> str:
@@ -280,18 +282,25 @@ class Router:
         stop: Sequence[str] = (),
         seed: int | None = None,
         batch_size: int = 16,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        logprobs: int | None = None,
     ) -> list[Answer]:
         """Route every prompt, then generate up to ``batch_size`` at once, adapters mixed in one batch; answers keep
         the prompts' order.
 
         ``temperature`` 0 decodes greedily; above 0 it samples (with ``top_p``), reproducibly when ``seed`` is
         given. Each answer ends at the end token, at the first of the ``stop`` strings (not included) or after
-        ``max_new_tokens`` tokens.
+        ``max_new_tokens`` tokens. ``presence_penalty`` and ``frequency_penalty`` (-2 to 2) lower the logits of
+        tokens the answer already holds, as OpenAI's do; ``logprobs`` (0 to 20) gives each answer token's
+        log-probability and that many most likely alternatives (``Answer.logprobs``), as ``fedrouter serve`` does.
         """
         prompts = list(prompts)
         if not prompts:
             return []
-        sampling = decoding.Sampling(max_new_tokens, temperature, top_p, tuple(stop), seed)
+        sampling = decoding.Sampling(
+            max_new_tokens, temperature, top_p, tuple(stop), seed, presence_penalty, frequency_penalty, logprobs
+        )
         choices = self.choose(prompts, [Route(mode, client, cluster)] * len(prompts))
         rows = [
             decoding.Row(self.encode(p, max_new_tokens), self.slot(c.adapter), sampling)
@@ -309,6 +318,7 @@ class Router:
                 done.completion_tokens,
                 self.name(c.adapter),
                 c.fallback,
+                done.logprobs,
             )
             for p, c, done in zip(prompts, choices, completions, strict=True)
         ]
