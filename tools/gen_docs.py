@@ -234,18 +234,98 @@ def serving_load_tables() -> str:
             _pct(level["same_text_as_router_generate"]) if "same_text_as_router_generate" in level else "",
         ]
 
+    older = r.get("compared_commit")
     rows = [row(n, level) for n, level in r["server"].items()]
     for i, rnd in enumerate(r["rounds"], 1):
         rows.append(row(f"sequential `Router.generate`, round {i}", rnd["sequential_router_generate"]))
         rows.append(row(f"16, round {i}", rnd["server_16_clients"]))
+        if older:
+            rows.append(row(f"16, round {i}, server of {older}", rnd["compared_server_16_clients"]))
     ratio = r["throughput_ratio_16_clients_vs_sequential"]
     per_round = ", ".join(f"{rnd['ratio']}x" for rnd in r["rounds"])
-    return (
+    text = (
         f"At most {r['max_tokens']} new tokens per request, greedy; the sequential baseline's routing accuracy "
         f"{_pct(r['baseline_routing_accuracy'])}; {r['server_steps']} decoding steps in the server.\n\n"
         + _table(header, rows)
         + f"\n\nThroughput of 16 clients against the sequential calls just before them, per round: {per_round} "
         f"(median {ratio['median']}x, min {ratio['min']}x, max {ratio['max']}x)."
+    )
+    if older:
+        gains = ", ".join(f"{rnd['tokens_per_s_over_compared']}x" for rnd in r["rounds"])
+        gain = r["tokens_per_s_16_clients_over_compared"]
+        text += (
+            f"\n\nTokens per second at 16 clients, this server against {older}'s under the same load in the same "
+            f"round: {gains} (median {gain['median']}x, min {gain['min']}x)."
+        )
+    if "first_and_tenth_request" in r:
+        starts = [
+            [
+                name if name != "this" else r["commit"],
+                _num(s["first_s"], 2),
+                _num(s["tenth_s"], 2),
+                s["first_over_tenth"],
+            ]
+            for name, s in r["first_and_tenth_request"].items()
+        ]
+        text += "\n\nThe same prompt ten times to a freshly started server, one request after the other:\n\n"
+        text += _table(["server", "first request s", "tenth request s", "first / tenth"], starts)
+    return text
+
+
+def decode_step_tables() -> str:
+    r = _json("decode_step.json")
+    rows = [
+        [name.replace("_", " "), _num(r[name]["step_s_median"] * 1e3), _num(r[name]["step_s_min"] * 1e3)]
+        for name in ("stacked_adapters", "peft_mixed_adapters", "base_only")
+    ]
+    bounds = [
+        [
+            "frozen weights read once",
+            f"{_num(r['weight_bytes'] / 1e6, 0)} MB",
+            f"{_num(r['memory_bandwidth_bytes_per_s'] / 1e9)} GB/s",
+            _num(r["bound_weights_read_s"] * 1e3, 2),
+            f"{_num(r['step_over_bandwidth_bound'])}x",
+        ],
+        [
+            "the step's FLOPs",
+            f"{_num(r['step_flops'] / 1e9, 2)} GFLOP",
+            f"{_num(r['matmul_peak_flops_per_s'] / 1e9, 0)} GFLOP/s",
+            _num(r["bound_flops_s"] * 1e3, 2),
+            f"{_num(r['step_over_flops_bound'])}x",
+        ],
+    ]
+    kept = r["answers_stacked_vs_peft"]
+    return (
+        f"{r['rows']} rows, {r['dtype']}, cache width {r['stacked_adapters']['width']} columns at the end.\n\n"
+        + _table(["step", "median ms", "min ms"], rows)
+        + f"\n\nStacked adapters against PEFT's mixed batch: {_num(r['stacked_speedup_over_peft'], 2)}x faster "
+        "per step (medians).\n\n"
+        + _table(["bound", "amount", "measured rate", "bound ms", "stacked step / bound"], bounds)
+        + f"\n\nAnswers kept: {kept['same_text']} of {kept['prompts']} paper4-raw test prompts get the same greedy "
+        f"answer with the stacked adapters as with PEFT's mixed batch ({kept['other_text_than_base_model']} of "
+        "them differ from the base model's own answer, so the adapters matter).\n\n"
+        "Where the stacked step's time goes (`torch.profiler`, 5 steps):\n\n```\n" + r["profile_top_ops"] + "\n```"
+    )
+
+
+def evaluation_phase_tables() -> str:
+    r = _json("speed-evaluation.json")
+    runs = r["evaluation_runs"]
+    rows = [
+        [
+            name if name == "new" else f"old ({r['evaluation_old_commit']})",
+            _num(run["evaluation_s"], 0),
+            _num(run["wall_s"], 0),
+            run["eval_tokens"],
+            ", ".join(f"{k} {_num(v)}" for k, v in run["rouge1"].items()),
+        ]
+        for name, run in runs.items()
+    ]
+    return (
+        _table(["code", "evaluation phase s", "whole run s", "tokens decoded", "ROUGE-1"], rows)
+        + f"\n\nEvaluation phase {_num(r['evaluation_speedup'], 2)}x faster; "
+        f"{r['evaluation_clients_same_answers']} of {len(runs['old']['answers_crc32'])} clients gave the same "
+        "answers (CRC-32 of all their answers) under both."
     )
 
 
@@ -652,9 +732,26 @@ MEASUREMENTS = (
         "measurements/serving-load.md",
         "Serving: throughput, latency, routing",
         "`fedrouter serve` on loopback under 1, 4 and 16 concurrent clients, against sequential `Router.generate` "
-        "calls over the same prompts.",
+        "calls over the same prompts, and an older commit's server under the same 16-client load.",
         ("serving.json",),
         tables=serving_load_tables,
+    ),
+    Measurement(
+        "measurements/decode-step.md",
+        "One 16-row decode step against the hardware's bounds",
+        "A decode step of the embedded model with every row on one of four adapters, stacked or through PEFT's "
+        "mixed batch, and on the base model alone, against the weights read once at the measured memory bandwidth "
+        "and the step's FLOPs at the measured matrix-product peak.",
+        ("decode_step.json",),
+        tables=decode_step_tables,
+    ),
+    Measurement(
+        "measurements/evaluation-phase.md",
+        "The evaluation phase, before and after one decoder",
+        "The evaluation phase of `configs/paper4-raw-cpu.toml` (scenario single, seed 0) under an older commit's "
+        "code and this one's, one after the other on one machine, each a whole `fedrouter run`.",
+        ("speed-evaluation.json",),
+        tables=evaluation_phase_tables,
     ),
     Measurement(
         "measurements/serving-routing.md",
