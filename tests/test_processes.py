@@ -116,10 +116,15 @@ def test_a_killed_run_leaves_no_ray_process(tmp_path, watcher_killed):
         _wait_for_training(proc, run_dir)
         record = json.loads((run_dir / RAY_RECORD).read_text())
         root = record["ray_root"]
+
+        def agents_up() -> bool:  # Ray starts its agents a little after training can begin (later on a busy host)
+            titles = {" ".join(p.cmdline()) for p in _session(sid)}
+            return any("DashboardAgent" in t for t in titles) and any("RuntimeEnvAgent" in t for t in titles)
+
+        # The processes that used to outlive a killed run are there, and all of Ray's use the run's root.
+        assert _wait_until(agents_up, 30), {" ".join(p.cmdline()) for p in _session(sid)}
         running = _session(sid)
         titles = {" ".join(p.cmdline()) for p in running}
-        # The processes that used to outlive a killed run are there, and all of Ray's use the run's root.
-        assert any("DashboardAgent" in t for t in titles) and any("RuntimeEnvAgent" in t for t in titles), titles
         ray = {p.pid for p in ray_root_processes(root)}
         assert {p.pid for p in running} - ray <= {proc.pid, record["watcher"]}, titles
 
