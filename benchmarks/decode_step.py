@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from speed import timed  # this folder is on sys.path when a benchmark runs
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedrouter.bench import commit, machine
@@ -42,14 +43,7 @@ PAPER4_RAW_TEST = ROOT.parent / "shared" / "data" / "paper4-raw" / "test.jsonl"
 
 
 def best_seconds(fn, repeats: int = 10, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return min(times)
+    return min(timed(fn, repeats, warmup)[1])
 
 
 def memory_bandwidth() -> float:

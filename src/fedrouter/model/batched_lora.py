@@ -43,7 +43,6 @@ class Stack:
     while a stack is in use: a ``decoding.Batch`` builds one for its life)."""
 
     def __init__(self, base: BaseModel, slots: Sequence[str]) -> None:
-        self.base = base
         self.slots = list(slots)
         self.index = {slot: i for i, slot in enumerate(self.slots)}
         dtype = base.dtype  # the autocast dtype (the model's own in fp32, where autocast is off)
