@@ -7,14 +7,15 @@ Side by side in one run:
   bandwidth (a large tensor summed, the best of several), and the step's FLOPs (counted by torch's
   ``FlopCounterMode``) at its measured matrix-product peak (a large product in the model's dtype);
 - ``Batch.step`` of ``--rows`` rows (random prompts of paper4-raw-like length, each row on one of ``--adapters``
-  random LoRA adapters), as the server and evaluation run it: with the adapters stacked
-  (``model.batched_lora``), with PEFT's own mixed-adapter inference (how every step ran before), and with every
-  row on the base model (no adapter at all). The three batches take their steps in turn, so a drift in this
-  machine's speed slows all three alike;
+  random LoRA adapters), as the server and evaluation run it: through ``model.llama_step`` with the adapters
+  stacked (``model.batched_lora``); through transformers' forward with the adapters stacked (before
+  ``llama_step``); through it with PEFT's own mixed-adapter inference (before the stack); and through it with
+  every row on the base model (no adapter at all). The four batches take their steps in turn, so a drift in this
+  machine's speed slows all of them alike;
 - where the step's time goes (``torch.profiler``, self CPU time by operator);
 - the answers kept: ``--answers`` paper4-raw test prompts (chat template, greedy, 48 tokens, each on one of the
-  adapters in turn), decoded with the stacked adapters and with PEFT's own mixed-adapter inference, in the
-  model's dtype: how many answers are the same text.
+  adapters in turn), decoded as the server does and with PEFT's own mixed-adapter inference through
+  transformers' forward, in the model's dtype: how many answers are the same text.
 
 Writes benchmarks/results/decode_step.json.
 """
@@ -66,9 +67,11 @@ def random_adapter(base: loading.BaseModel, seed: int) -> dict[str, np.ndarray]:
     }
 
 
-def prefilled_batch(base, rows: int, adapters: list[str], prompt_tokens: int, stacked=True) -> decoding.Batch:
+def prefilled_batch(
+    base, rows: int, adapters: list[str], prompt_tokens: int, stacked=True, lean=True
+) -> decoding.Batch:
     generator = np.random.default_rng(0)
-    batch = decoding.Batch(base, stacked=stacked)
+    batch = decoding.Batch(base, stacked=stacked, lean=lean)
     batch.eos = set()  # no row may finish while it is timed
     sampling = decoding.Sampling(max_new_tokens=10_000)
     lengths = generator.integers(prompt_tokens // 2, prompt_tokens * 3 // 2, rows)
@@ -105,7 +108,7 @@ def steps_in_turn(batches: dict[str, decoding.Batch], steps: int) -> dict[str, d
 
 
 def answers_kept(base, slots: list[str], count: int) -> dict:
-    """Greedy answers to paper4-raw test prompts, stacked adapters vs PEFT's mixed batch: how many are the same."""
+    """Greedy answers to paper4-raw test prompts, as served vs PEFT's mixed batch: how many are the same."""
     lines = PAPER4_RAW_TEST.read_text(encoding="utf-8").splitlines()
     samples = [json.loads(line) for line in lines[:: max(1, len(lines) // count)]][:count]
     sampling = decoding.Sampling(max_new_tokens=48)
@@ -114,11 +117,13 @@ def answers_kept(base, slots: list[str], count: int) -> dict:
         for i, s in enumerate(samples)
     ]
     stacked = decoding.decode(base, rows)
+    forward = decoding.decode(base, rows, lean=False)
     peft = decoding.decode(base, rows, stacked=False)
     alone = decoding.decode(base, [decoding.Row(r.ids, decoding.BASE, sampling) for r in rows])
     return {
         "prompts": len(rows),
         "same_text": sum(a.text == b.text for a, b in zip(stacked, peft, strict=True)),
+        "same_text_as_stacked_forward": sum(a.text == b.text for a, b in zip(stacked, forward, strict=True)),
         "other_text_than_base_model": sum(a.text != b.text for a, b in zip(stacked, alone, strict=True)),
         "tokens": sum(c.completion_tokens for c in stacked),
     }
@@ -147,14 +152,18 @@ def main() -> None:
         "rows": args.rows,
     }
     batches = {
-        "stacked_adapters": prefilled_batch(base, args.rows, slots, args.prompt_tokens),
+        "lean_step": prefilled_batch(base, args.rows, slots, args.prompt_tokens),
+        "stacked_adapters": prefilled_batch(base, args.rows, slots, args.prompt_tokens, lean=False),
         "peft_mixed_adapters": prefilled_batch(base, args.rows, slots, args.prompt_tokens, stacked=False),
-        "base_only": prefilled_batch(base, args.rows, [decoding.BASE], args.prompt_tokens),
+        "base_only": prefilled_batch(base, args.rows, [decoding.BASE], args.prompt_tokens, lean=False),
     }
     record |= steps_in_turn(batches, args.steps)
-    record["stacked_speedup_over_peft"] = (
-        record["peft_mixed_adapters"]["step_s_median"] / record["stacked_adapters"]["step_s_median"]
+    peft = record["peft_mixed_adapters"]["step_s_median"]
+    record["stacked_speedup_over_peft"] = peft / record["stacked_adapters"]["step_s_median"]
+    record["lean_speedup_over_stacked"] = (
+        record["stacked_adapters"]["step_s_median"] / record["lean_step"]["step_s_median"]
     )
+    record["lean_speedup_over_peft"] = peft / record["lean_step"]["step_s_median"]
     del batches
 
     batch = prefilled_batch(base, args.rows, slots, args.prompt_tokens)
@@ -169,7 +178,7 @@ def main() -> None:
     record["answers_stacked_vs_peft"] = answers_kept(base, slots, args.answers)
     bandwidth = memory_bandwidth()
     peak = matmul_peak(base.dtype)
-    step = record["stacked_adapters"]["step_s_median"]
+    step = record["lean_step"]["step_s_median"]
     record |= {
         "weight_bytes": weight_bytes,
         "step_flops": flops,

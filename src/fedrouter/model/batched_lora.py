@@ -16,9 +16,10 @@ added to the base layer's output.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from peft.tuners.lora import LoraLayer
@@ -61,32 +62,43 @@ class Stack:
                 scaling[i] = module.scaling[s]
             self.layers[module] = _Layer(a, b, block, scaling.to(a.device))
 
+    def adders(self, adapters: Sequence[str]) -> dict[LoraLayer, Callable[[torch.Tensor], torch.Tensor]]:
+        """For each adapted layer, the function of its input ``x`` (``[rows, ..., in]``) that gives what row i's
+        adapter ``adapters[i]`` (a slot of this stack, or ``BASE`` for none) adds to its output (in the stack's
+        dtype); empty when no row has an adapter."""
+        unknown = sorted(set(adapters) - set(self.index) - {BASE})
+        if unknown:
+            raise ValueError(f"no adapter slot named {unknown[0]!r} (slots: {', '.join(self.slots)})")
+        if not self.layers or not any(a in self.index for a in adapters):
+            return {}
+        device = next(iter(self.layers.values())).a.device
+        rows = torch.tensor([self.index.get(a, len(self.slots)) for a in adapters], device=device)
+        adds = {}
+        for module, layer in self.layers.items():
+            own = (layer.block[None, :] == rows[:, None]).to(layer.a.dtype)[:, None, :]  # [rows, 1, ranks]
+            scaling = layer.scaling[rows][:, None, None]  # [rows, 1, 1]
+            adds[module] = partial(_delta, layer, own, scaling)
+        return adds
+
     @contextmanager
     def applied(self, adapters: Sequence[str]) -> Iterator[None]:
         """While the block runs, each adapted layer adds row i's adapter ``adapters[i]`` (a slot of this stack,
         or ``BASE`` for none) to its output; the model itself must run without its own adapters."""
-        unknown = sorted(set(adapters) - set(self.index) - {BASE})
-        if unknown:
-            raise ValueError(f"no adapter slot named {unknown[0]!r} (slots: {', '.join(self.slots)})")
-        device = next(iter(self.layers.values())).a.device if self.layers else torch.device("cpu")
-        rows = torch.tensor([self.index.get(a, len(self.slots)) for a in adapters], device=device)
-        handles = []
+        handles = [module.register_forward_hook(_adds(add)) for module, add in self.adders(adapters).items()]
         try:
-            for module, layer in self.layers.items() if any(a in self.index for a in adapters) else ():
-                own = (layer.block[None, :] == rows[:, None]).to(layer.a.dtype)[:, None, :]  # [rows, 1, ranks]
-                scaling = layer.scaling[rows][:, None, None]  # [rows, 1, 1]
-                handles.append(module.register_forward_hook(_adds(layer, own, scaling)))
             yield
         finally:
             for handle in handles:
                 handle.remove()
 
 
-def _adds(layer: _Layer, own: torch.Tensor, scaling: torch.Tensor):
+def _delta(layer: _Layer, own: torch.Tensor, scaling: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    hidden = torch.nn.functional.linear(x.to(layer.a.dtype), layer.a) * own
+    return torch.nn.functional.linear(hidden, layer.b) * scaling
+
+
+def _adds(add: Callable[[torch.Tensor], torch.Tensor]):
     def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        x = args[0]
-        hidden = torch.nn.functional.linear(x.to(layer.a.dtype), layer.a) * own
-        delta = torch.nn.functional.linear(hidden, layer.b) * scaling
-        return output + delta.to(output.dtype)
+        return output + add(args[0]).to(output.dtype)
 
     return hook

@@ -6,7 +6,8 @@ served. Per row of one batch:
 
 - its own adapter: every adapter is loaded once into its own PEFT slot (``BASE`` for no adapter), and a step
   runs all rows' adapters at once, stacked (``batched_lora.Stack``: what PEFT's mixed-adapter inference computes,
-  in two products per adapted layer instead of two per adapter);
+  in two products per adapted layer instead of two per adapter); a Llama model's decode steps run through
+  ``llama_step``, the same operations without transformers' and PEFT's per-call machinery;
 - its own sampling: greedy, or temperature / top-p (transformers' own warpers) with the next token drawn from a
   generator seeded for that row alone, so a seeded request gets the same answer whatever else shares its batch
   (up to the last bits of the logits that padding can change);
@@ -34,8 +35,9 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from fedrouter.errors import ModelError
-from fedrouter.model import lora
+from fedrouter.model import llama_step, lora
 from fedrouter.model.batched_lora import BASE, Stack
+from fedrouter.model.llama_step import LlamaStep
 from fedrouter.model.loading import BaseModel
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit on ``top_logprobs``
@@ -250,6 +252,12 @@ class _Layer(DynamicLayer):
         self.values = self._values[: self.rows, :, self.start : end]
         return self.keys, self.values
 
+    def whole(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows' whole buffers, ``[rows, heads, column capacity, head_dim]``: contiguous, so a matrix product
+        reads them without the copy that the batch's columns (a strided view) cost it; the columns outside
+        ``start:length`` hold finite numbers (zeros or an earlier row's) for a mask to hide."""
+        return self._keys[: self.rows], self._values[: self.rows]
+
     def join(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Add rows (``[rows, heads, columns, head_dim]``, right-aligned): the batch widens to them if needed."""
         count, columns = keys.shape[0], keys.shape[2]
@@ -287,8 +295,7 @@ class _Layer(DynamicLayer):
         capacity = max(columns, left + self.width) + max(_SPARE, columns // 4)
         for name in ("_keys", "_values"):
             old = getattr(self, name)
-            new = old.new_empty(row_capacity, old.shape[1], capacity, old.shape[-1])
-            new[: self.rows, :, :left] = 0
+            new = old.new_zeros(row_capacity, old.shape[1], capacity, old.shape[-1])  # finite everywhere: ``whole``
             new[: self.rows, :, left : left + self.width] = old[: self.rows, :, self.start : self.length]
             setattr(self, name, new)
         self.start, self.length = 0, left + self.width
@@ -342,6 +349,7 @@ class Batch:
         prefixes: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] | None = None,
         *,
         stacked: bool = True,
+        lean: bool = True,
     ) -> None:
         _check_full_attention(base)
         self.base = base
@@ -361,6 +369,10 @@ class Batch:
         # Every slot's weights stacked once: a step runs each adapted layer's adapters for all rows at once.
         # ``stacked=False`` runs PEFT's own mixed-adapter inference instead (the reference the stack is checked on).
         self._stack = Stack(base, list(base.model.peft_config)) if stacked else None
+        # A Llama model's decode steps (not its prefills) run through ``llama_step``: the same operations without
+        # transformers' and PEFT's per-call machinery (``benchmarks/decode_step.py`` times both; ``lean=False``:
+        # every step through the model's forward).
+        self._lean = LlamaStep(base, self._stack) if lean and stacked and llama_step.supports(base) else None
 
     def __len__(self) -> int:
         return len(self.live)
@@ -391,7 +403,11 @@ class Batch:
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.live), 1)], dim=1)
         positions = torch.tensor([[live.position] for live in self.live], device=device)
         tokens = torch.tensor([[live.token] for live in self.live], device=device)
-        logits = self._forward(tokens, self.mask, positions, self.cache, [live.row.adapter for live in self.live])
+        adapters = [live.row.adapter for live in self.live]
+        if self._lean is not None:
+            logits = self._lean(tokens, positions, self.mask, self.cache, adapters)
+        else:
+            logits = self._forward(tokens, self.mask, positions, self.cache, adapters)
         for live in self.live:
             live.position += 1
         finished, kept = self._advance(self.live, logits)
@@ -550,16 +566,18 @@ def decode(
     prefix: Sequence[int] = (),
     prefixes: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] | None = None,
     stacked: bool = True,
+    lean: bool = True,
 ) -> list[Completion]:
     """Decode every row, at most ``max_rows`` at a time (a finished row's place goes to the next one); prompts
     that start with ``prefix`` share its keys and values (``Batch``; ``stacked=False``: PEFT's own mixed-adapter
-    inference, the reference the stacked adapters are checked against)."""
+    inference, the reference the stacked adapters are checked against; ``lean=False``: every step through
+    transformers' forward, as prefill)."""
     if max_rows < 1:
         raise ValueError(f"max_rows: expected at least 1, got {max_rows}")
     index = {row: i for i, row in enumerate(rows)}
     done: list[Completion | None] = [None] * len(rows)
     waiting = list(rows)
-    batch = Batch(base, prefix, prefixes, stacked=stacked)
+    batch = Batch(base, prefix, prefixes, stacked=stacked, lean=lean)
     while waiting or len(batch):
         finished = []
         if waiting and len(batch) < max_rows:

@@ -1,0 +1,164 @@
+"""One decode step of a Llama model in plain tensor operations: what transformers' forward computes for one new
+token per row, without its per-call machinery.
+
+A 16-row decode step of the embedded model spent about as long outside its matrix products and attention as in
+them (``benchmarks/decode_step.py``'s profile): per layer, PEFT's mixed-batch bookkeeping and forward hooks, the
+mask builder, the attention dispatcher and the module calls of 7 projections, 2 norms and the rotary embedding,
+30 times per token. vLLM writes its own model code for the same reason. ``LlamaStep`` runs the same operations as
+``LlamaDecoderLayer`` (norms in float32, the model's own rotary embedding, the softmax in float32 as transformers'
+eager attention), reading the model's own weights and ``decoding.Batch``'s cache, and adds each row's adapter from
+a ``batched_lora.Stack``. Attention reads each key/value head once for its group of query heads (one batched
+product instead of transformers' copy of the cache per query head, ``repeat_kv``, or its CPU flash kernel,
+which is slow for one query). The answers stay transformers': its forward still prefills every prompt, and
+``tests/test_llama_step.py`` checks a step's logits against it.
+
+Only models whose type is ``llama`` (Llama 2 and 3, SmolLM, the tiny test model) take this path; other
+architectures decode through transformers' forward (``supports``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from fedrouter.model.batched_lora import Stack
+from fedrouter.model.loading import BaseModel
+
+_PARTS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+
+
+def supports(base: BaseModel) -> bool:
+    """Whether ``base`` is a Llama model whose layers are transformers' own (not quantized, not replaced)."""
+    from transformers.models.llama import modeling_llama as llama
+
+    model = base.model.get_base_model()
+    if model.config.model_type != "llama" or not isinstance(model, llama.LlamaForCausalLM):
+        return False
+    if getattr(model, "is_quantized", False):
+        return False
+    return all(
+        type(layer) is llama.LlamaDecoderLayer
+        and type(layer.self_attn) is llama.LlamaAttention
+        and type(layer.mlp) is llama.LlamaMLP
+        for layer in model.model.layers
+    )
+
+
+def _linear(module: nn.Module) -> nn.Linear:
+    return module.base_layer if isinstance(module, LoraLayer) else module
+
+
+def _product(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``linear(x)`` for a few rows, computed as ``weight @ x.T``.
+
+    A decode step reads every weight once, from memory, for 16 rows: with the weight as the product's first
+    operand, bf16 products of the embedded model's shapes took 190 instead of 263 us (1536 x 576, 60 weights in
+    turn so that none is cached; 2-core AVX-512 BF16 CPU). The rows' outputs come back transposed, a strided view
+    that the next operations read as it is."""
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch.mm(linear.weight, rows.t()).t()
+    if linear.bias is not None:
+        out = out + linear.bias
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """``LlamaRMSNorm``, operation for operation."""
+    hidden = x.to(torch.float32)
+    hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * hidden.to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``apply_rotary_pos_emb`` for one tensor."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+class LlamaStep:
+    """The decode step of ``base`` (``supports(base)`` must hold), with the adapters of ``stack``."""
+
+    def __init__(self, base: BaseModel, stack: Stack) -> None:
+        model = base.model.get_base_model()
+        config = model.config
+        self.stack = stack
+        self.embed = model.model.embed_tokens
+        self.rotary = model.model.rotary_emb
+        self.norm = model.model.norm
+        self.head = model.lm_head
+        self.heads = int(config.num_attention_heads)
+        self.kv_heads = int(config.num_key_value_heads)
+        first = model.model.layers[0].self_attn
+        self.head_dim, self.scaling = int(first.head_dim), float(first.scaling)
+        self.layers = [
+            (layer, [layer.get_submodule(part) for part in _PARTS], layer.mlp.act_fn) for layer in model.model.layers
+        ]
+
+    @torch.inference_mode()
+    def __call__(
+        self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache, adapters: Sequence[str]
+    ) -> torch.Tensor:
+        """The next-token logits of every row (``[rows, vocabulary]``): ``tokens`` and ``positions`` are
+        ``[rows, 1]``, ``mask`` ``[rows, columns]`` (1 at a row's tokens, the new one included), ``cache`` the
+        batch's ``Cache`` of ``decoding._Layer`` (each layer's new keys and values are written into it)."""
+        rows = tokens.shape[0]
+        adds = self.stack.adders(adapters)
+        x = self.embed(tokens)
+        dtype = x.dtype
+        cos, sin = (t[:, None] for t in self.rotary(x, position_ids=positions))  # [rows, 1, 1, head_dim]
+        masked = None  # the attention mask, once the first layer's cache has taken the new token (and perhaps moved)
+        groups = self.heads // self.kv_heads
+
+        def project(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
+            linear = _linear(module)
+            out = _product(linear, h) if type(linear) is nn.Linear else linear(h)
+            add = adds.get(module)
+            return out if add is None else out + add(h).to(out.dtype)
+
+        for index, (layer, (q, k, v, o, gate, up, down), act) in enumerate(self.layers):
+            h = _norm(x, layer.input_layernorm)
+            query = project(q, h).view(rows, 1, self.heads, self.head_dim).transpose(1, 2)
+            key = project(k, h).view(rows, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+            value = project(v, h).view(rows, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+            layer_cache = cache.layers[index]
+            layer_cache.update(_rotate(key, cos, sin), value)
+            keys, values = layer_cache.whole()  # [rows, kv heads, column capacity, d]
+            if masked is None:
+                masked = self._mask(mask, layer_cache, dtype)
+            elif keys.shape[2] != masked.shape[-1] or layer_cache.start != cache.layers[0].start:
+                raise RuntimeError(f"the batch's cache layers {index} and 0 differ in their columns")
+            # Query head j reads key/value head j // groups (transformers' repeat_kv), so a key/value head's group
+            # of query heads is one [groups, d] block of the rotated queries.
+            grouped = _rotate(query, cos, sin).reshape(rows, self.kv_heads, groups, self.head_dim)
+            scores = torch.matmul(grouped, keys.transpose(2, 3)) * self.scaling + masked
+            weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
+            attended = torch.matmul(weights, values).reshape(rows, 1, self.heads * self.head_dim)
+            x = x + project(o, attended)
+            h = _norm(x, layer.post_attention_layernorm)
+            x = x + project(down, act(project(gate, h)) * project(up, h))
+        last = _norm(x, self.norm)[:, -1]
+        return _product(self.head, last) if type(self.head) is nn.Linear else self.head(last)
+
+    @staticmethod
+    def _mask(mask: torch.Tensor, layer, dtype: torch.dtype) -> torch.Tensor:
+        """The additive attention mask over a cache layer's whole buffer (``_Layer.whole``), ``[rows, 1, 1,
+        capacity]``: 0 at each row's tokens (``mask``, the layer's columns ``start:length``), the dtype's lowest
+        number elsewhere (transformers' eager mask)."""
+        lowest = torch.finfo(dtype).min
+        masked = torch.full((mask.shape[0], layer.whole()[0].shape[2]), lowest, dtype=dtype, device=mask.device)
+        columns = masked[:, layer.start : layer.length]
+        columns.zero_()
+        columns.masked_fill_(mask == 0, lowest)
+        return masked[:, None, None, :]
