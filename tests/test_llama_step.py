@@ -1,14 +1,15 @@
 """``llama_step.LlamaStep`` computes a decode step as transformers' forward does: the same next-token logits for
 rows on different adapters and none, prompt lengths and positions, while rows join and leave (tiny model, fp32);
-models of other types decode through transformers' forward."""
+its packed bf16 weights change no bit; models of other types decode through transformers' forward."""
 
+import pytest
 import torch
 from test_answering import _random_adapter
 from test_batched_lora import _ids, _slots
 from transformers import AutoModelForCausalLM, MistralConfig
 
 from fedrouter.model import decoding, llama_step, lora
-from fedrouter.model.loading import LoraSettings, wrap_base_model
+from fedrouter.model.loading import LoraSettings, load_base_model, wrap_base_model
 
 
 def _recording(batch: decoding.Batch) -> list[torch.Tensor]:
@@ -81,3 +82,30 @@ def test_other_model_types_decode_through_transformers(tiny_base):
         ours, peft = decoding.decode(base, rows), decoding.decode(base, rows, stacked=False)
     assert [c.text for c in ours] == [c.text for c in peft]
     assert all(c.completion_tokens > 0 for c in ours)
+
+
+def test_packed_weights_give_bitwise_the_same_step():
+    """In bf16 on a CPU the step reads oneDNN's packed copies of the weights: the logits must not move a bit."""
+    base = load_base_model("tiny-random", precision="bf16")
+    packed = llama_step.packed_weights(base)
+    if not packed:
+        pytest.skip("this build of torch packs no bf16 weights on this CPU (the step uses F.linear)")
+    layers = base.model.get_base_model().config.num_hidden_layers
+    assert len(packed) == 7 * layers + 1  # every projection and the LM head
+    adapters = ["one", decoding.BASE, "pair", "two"]
+    rows = [
+        decoding.Row(r, a, decoding.Sampling(max_new_tokens=6))
+        for r, a in zip(_ids(base, len(adapters)), adapters, strict=True)
+    ]
+    logits = {}
+    with lora.loaded(base, _slots(base)):
+        for name in ("packed", "plain"):
+            batch = decoding.Batch(base)
+            if name == "plain":
+                batch._lean.packed = {}
+            logits[name] = _recording(batch)
+            batch.add(rows)
+            while len(batch):
+                batch.step()
+    assert len(logits["packed"]) == len(logits["plain"]) > 4
+    assert all(torch.equal(a, b) for a, b in zip(logits["packed"], logits["plain"], strict=True))

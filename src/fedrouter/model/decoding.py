@@ -506,7 +506,9 @@ class Batch:
 
     def _advance(self, lives: list[_Live], logits: torch.Tensor) -> tuple[list[tuple[Row, Completion]], list[int]]:
         """Take each row's next token: the rows that finished (with their completions) and the indices of the rest."""
-        greedy = logits.argmax(dim=-1).tolist()
+        # The same arg-max as in the logits' own dtype (every bf16 value is a float32 one), 4x faster in float32
+        # on a CPU for 16 rows of a 49k vocabulary (1.4 ms against 0.37 ms).
+        greedy = logits.float().argmax(dim=-1).tolist()
         finished, kept = [], []
         for i, live in enumerate(lives):
             token, logprob = _choose(live, logits[i], greedy[i])
