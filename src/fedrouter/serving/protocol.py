@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 from fedrouter.model.decoding import GREEDY_BELOW, MAX_TOP_LOGPROBS, Sampling
 from fedrouter.serving.errors import ApiError
@@ -37,6 +37,12 @@ Text = Annotated[str, AfterValidator(_encodable)]  # every string a request send
 # An answer ends before its stop string, so an empty one would end it at once (the schema says so too).
 Stop = Annotated[Text, AfterValidator(_nonempty), WithJsonSchema({"type": "string", "minLength": 1})]
 Penalty = Annotated[float, Field(ge=-2, le=2)]
+
+
+def _count_or_flag(value: object) -> object:
+    if value is False:
+        return None
+    return 0 if value is True else value
 
 
 class _Strict(BaseModel):
@@ -146,7 +152,9 @@ class CompletionRequest(GenerationRequest):
     """``POST /v1/completions``: one prompt, answered as one user turn (the way the adapters were trained)."""
 
     prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1)]
-    logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    # How many alternatives per token (OpenAI's legacy field is a number); ``false`` asks for none, as chat's
+    # ``logprobs: false`` does, and ``true`` for the chosen tokens' alone (0), instead of a boolean read as 0 or 1.
+    logprobs: Annotated[Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None, BeforeValidator(_count_or_flag)] = None
 
     def text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
