@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import threading
 import time
 
@@ -14,6 +15,7 @@ import httpx
 import openai
 import pytest
 from conftest import ANCHORS, Server, write_tiny_router
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from fedrouter import Router
 from fedrouter.model.decoding import Sampling
@@ -23,6 +25,7 @@ from fedrouter.serving.options import ServeOptions
 from fedrouter.serving.router import Route
 
 MAX_QUEUE = 2
+REQUEST_TIMEOUT_S = 5  # --request-timeout, short for its test (the default is 30)
 CHAT = "/v1/chat/completions"
 # The tiny random model answers this greedily by repeating a few tokens: what a penalty must change.
 REPEATS = [{"role": "user", "content": ANCHORS[0]}]
@@ -35,7 +38,11 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(run_dir, tmp_path_factory):
-    served = Server(run_dir, tmp_path_factory.mktemp("logs") / "serve.log", "--max-queue", str(MAX_QUEUE))
+    served = Server(
+        run_dir,
+        tmp_path_factory.mktemp("logs") / "serve.log",
+        *("--max-queue", str(MAX_QUEUE), "--request-timeout", str(REQUEST_TIMEOUT_S)),
+    )
     yield served
     served.stop()
 
@@ -164,6 +171,12 @@ def test_legacy_completions_logprobs_whole_and_streamed(client):
     assert streamed == logprobs.tokens
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
     assert client.completions.create(model="fedrouter", prompt="x", max_tokens=2).choices[0].logprobs is None
+    # A boolean, as chat's field takes: false asks for none (not for 0 alternatives), true for the chosen tokens'.
+    off = client.completions.create(model="fedrouter", prompt="x", max_tokens=2, extra_body={"logprobs": False})
+    assert off.choices[0].logprobs is None
+    on = client.completions.create(model="fedrouter", prompt="x", max_tokens=2, extra_body={"logprobs": True})
+    assert len(on.choices[0].logprobs.token_logprobs) == on.usage.completion_tokens
+    assert all(not top for top in on.choices[0].logprobs.top_logprobs or [])
 
 
 def test_response_format_text_and_user_are_accepted_and_change_nothing(client):
@@ -313,7 +326,7 @@ def test_a_client_that_disconnects_before_its_whole_answer_frees_its_place(serve
 
 def test_uvicorn_bounds_headers_and_connections(server):
     settings = ServeOptions(max_queue=MAX_QUEUE).uvicorn()
-    assert settings["http"] == "h11" and settings["limit_concurrency"] > MAX_QUEUE
+    assert issubclass(settings["http"], H11Protocol) and settings["limit_concurrency"] > MAX_QUEUE
     assert settings["timeout_keep_alive"] > 0 and settings["timeout_graceful_shutdown"] > 0
     # h11 refuses headers once more than the limit is buffered and still incomplete (one read may hold a little
     # more whole): 1 MiB of header is refused by uvicorn itself, not held.
@@ -321,6 +334,44 @@ def test_uvicorn_bounds_headers_and_connections(server):
     with contextlib.suppress(httpx.TransportError):
         assert httpx.get(server.url + "/health", headers={"X-Big": "a" * (1 << 20)}).status_code == 400
     assert _until(lambda: "Invalid HTTP request received" in server.log.read_text(), 10)
+    assert server.health()["status"] == "ready"
+
+
+def test_a_request_that_never_finishes_arriving_is_cut_off(server):
+    """uvicorn holds such a connection for ever; the server closes it ``--request-timeout`` after it began,
+    whatever part of the request is missing, and a slow request that does arrive in time is answered."""
+    address = ("127.0.0.1", server.port)
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    body = json.dumps({"model": "fedrouter", "prompt": ANCHORS[0], "max_tokens": 2}).encode()
+    partial = [
+        b"",  # connected, sent nothing
+        b"POST /v1/compl",  # half a request line
+        head,  # headers without their end
+        head + b"Content-Length: %d\r\n\r\n" % len(body) + body[:10],  # a body shorter than its length
+    ]
+    started = time.monotonic()
+    connections = [socket.create_connection(address) for _ in partial]
+    for connection, sent in zip(connections, partial, strict=True):
+        connection.sendall(sent)
+    # A whole request, then half of a second one on the same kept-alive connection.
+    kept = socket.create_connection(address)
+    kept.sendall(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    kept.settimeout(60)
+    assert kept.recv(65536).startswith(b"HTTP/1.1 200")
+    kept.sendall(b"GET /hea")
+    for connection in [*connections, kept]:
+        connection.settimeout(30)
+        with contextlib.suppress(ConnectionResetError):
+            assert connection.recv(65536) == b""  # closed by the server
+        connection.close()
+    assert time.monotonic() - started >= REQUEST_TIMEOUT_S  # by the deadline, not before
+    # A request whose body comes in two parts within the deadline is answered.
+    with socket.create_connection(address) as slow:
+        slow.sendall(head + b"Content-Length: %d\r\n\r\n" % len(body) + body[:10])
+        time.sleep(REQUEST_TIMEOUT_S / 3)
+        slow.sendall(body[10:])
+        slow.settimeout(60)
+        assert slow.recv(65536).startswith(b"HTTP/1.1 200")
     assert server.health()["status"] == "ready"
 
 

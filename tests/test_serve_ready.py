@@ -57,10 +57,10 @@ def _until(condition, timeout: float = 30.0) -> None:
 def test_every_serve_flag_reaches_the_options_and_the_defaults_are_the_options():
     parser = build_parser()
     flags = "--host 0.0.0.0 --port 9001 --api-key k --max-batch 3 --max-queue 5 --max-batch-tokens 77"
-    flags += " --backend vllm --vllm-url http://x:1 --vllm-model m"
+    flags += " --backend vllm --vllm-url http://x:1 --vllm-model m --request-timeout 7"
     args = parser.parse_args(["serve", "RUN", *flags.split()])
     options = ServeOptions.of(vars(args))
-    assert options == ServeOptions("0.0.0.0", 9001, "k", 3, 5, 77, "vllm", "http://x:1", "m")
+    assert options == ServeOptions("0.0.0.0", 9001, "k", 3, 5, 77, "vllm", "http://x:1", "m", 7.0)
     assert all(getattr(options, f) != getattr(ServeOptions(), f) for f in ServeOptions.__dataclass_fields__)
     # Every other flag says what to load, not how to serve; a new serve flag must be added to ServeOptions.
     defaults = vars(parser.parse_args(["serve", "RUN"]))
@@ -78,13 +78,14 @@ def test_every_serve_flag_reaches_the_options_and_the_defaults_are_the_options()
 
 def test_bad_options_are_refused_with_one_line_each():
     with pytest.raises(ConfigError) as refused:
-        ServeOptions(max_batch=0, max_queue=-1, max_batch_tokens=True, port=70000)
+        ServeOptions(max_batch=0, max_queue=-1, max_batch_tokens=True, port=70000, request_timeout=0)
     lines = str(refused.value).splitlines()
     assert lines == [
         "max_batch (--max-batch) is 0: expected a whole number of at least 1",
         "max_queue (--max-queue) is -1: expected a whole number of at least 1",
         "max_batch_tokens (--max-batch-tokens) is True: expected a whole number of at least 1",
         "port (--port) is 70000: expected 1 to 65535",
+        "request_timeout (--request-timeout) is 0: expected seconds above 0, at most 3600",
     ]
     with pytest.raises(ConfigError, match="--backend vllm needs --vllm-url"):
         ServeOptions(backend="vllm")

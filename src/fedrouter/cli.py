@@ -120,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=served.max_batch_tokens,
         help="most padded positions (rows x longest prompt + answer) in one batch; a longer request runs alone",
     )
+    serve.add_argument(
+        "--request-timeout",
+        type=float,
+        default=served.request_timeout,
+        metavar="SECONDS",
+        help="close a connection whose request has not fully arrived this long after it began",
+    )
     serve.add_argument("--model", help="base model to load instead of the recorded one")
     serve.add_argument(
         "--force-base",

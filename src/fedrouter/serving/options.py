@@ -47,6 +47,9 @@ class ServeOptions:
         The vLLM server's base URL; set exactly when ``backend`` is "vllm".
     vllm_model : str or None, default None
         The base model's name on the vLLM server (None: the artifact's recorded one).
+    request_timeout : float, default 30
+        Seconds a connection has to deliver a whole request (line, headers and body) from when it opened or
+        from the request's first byte; past it the connection is closed (``transport.TimedH11Protocol``).
     """
 
     host: str = "127.0.0.1"
@@ -58,11 +61,13 @@ class ServeOptions:
     backend: str = "local"
     vllm_url: str | None = None
     vllm_model: str | None = None
+    request_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         problems = [
             *(_at_least_one(self, name) for name in ("max_batch", "max_queue", "max_batch_tokens")),
             _port(self.port),
+            _seconds(self.request_timeout),
             None if isinstance(self.host, str) and self.host else f"host {self.host!r}: expected an address",
             None if self.api_key is None or self.api_key else "api_key (--api-key): must not be empty when given",
             None if self.backend in BACKENDS else f"backend {self.backend!r}: expected one of {', '.join(BACKENDS)}",
@@ -82,13 +87,16 @@ class ServeOptions:
 
     def uvicorn(self) -> dict[str, object]:
         """The keyword arguments of ``uvicorn.run`` that bound what clients can hold: h11 (pure Python, whose
-        header limit holds; httptools' has none) with headers up to ``MAX_HEADER_BYTES``, idle connections closed
-        after ``KEEP_ALIVE_S``, at most ``max_queue + SPARE_CONNECTIONS`` connections or requests at once (past
-        it uvicorn answers 503 itself), and a shutdown that waits ``SHUTDOWN_S`` at most."""
+        header limit holds; httptools' has none) with headers up to ``MAX_HEADER_BYTES`` and each request's
+        arrival within ``request_timeout`` (``transport.TimedH11Protocol``), idle connections closed after
+        ``KEEP_ALIVE_S``, at most ``max_queue + SPARE_CONNECTIONS`` connections or requests at once (past it
+        uvicorn answers 503 itself), and a shutdown that waits ``SHUTDOWN_S`` at most."""
+        from fedrouter.serving.transport import timed_protocol
+
         return {
             "host": self.host,
             "port": self.port,
-            "http": "h11",
+            "http": timed_protocol(self.request_timeout),
             "h11_max_incomplete_event_size": MAX_HEADER_BYTES,
             "timeout_keep_alive": KEEP_ALIVE_S,
             "limit_concurrency": self.max_queue + SPARE_CONNECTIONS,
@@ -106,6 +114,12 @@ def _at_least_one(options: ServeOptions, name: str) -> str | None:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
         return None
     return f"{name} (--{name.replace('_', '-')}) is {value!r}: expected a whole number of at least 1"
+
+
+def _seconds(value: object) -> str | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 3600:
+        return None
+    return f"request_timeout (--request-timeout) is {value!r}: expected seconds above 0, at most 3600"
 
 
 def _port(port: object) -> str | None:
