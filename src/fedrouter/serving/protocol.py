@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
-from fedrouter.model.decoding import GREEDY_BELOW, MAX_TOP_LOGPROBS, Sampling
+from fedrouter.model.decoding import MAX_TOP_LOGPROBS, Sampling
 from fedrouter.serving.errors import ApiError
 from fedrouter.serving.router import Prompt
 
@@ -107,7 +107,7 @@ class GenerationRequest(_Strict):
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return Sampling(
             self.budget(),
-            self.temperature if self.temperature >= GREEDY_BELOW else 0.0,
+            self.temperature,  # below decoding.GREEDY_BELOW, greedy (Sampling.greedy)
             self.top_p,
             stop,
             self.seed,
