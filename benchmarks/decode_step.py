@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from speed import timed  # this folder is on sys.path when a benchmark runs
+from speed import matmul_peak, timed  # this folder is on sys.path when a benchmark runs
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedrouter.bench import commit, machine
@@ -51,12 +51,6 @@ def memory_bandwidth() -> float:
     """Bytes/s read by summing a 1 GiB tensor (the best of several)."""
     data = torch.ones(2**28, dtype=torch.float32)
     return data.numel() * 4 / best_seconds(lambda: data.sum(), repeats=5)
-
-
-def matmul_peak(dtype: torch.dtype) -> float:
-    size = 2048
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    return 2 * size**3 / best_seconds(lambda: torch.mm(a, b))
 
 
 def random_adapter(base: loading.BaseModel, seed: int) -> dict[str, np.ndarray]:
@@ -120,10 +114,22 @@ def answers_kept(base, slots: list[str], count: int) -> dict:
     forward = decoding.decode(base, rows, lean=False)
     peft = decoding.decode(base, rows, stacked=False)
     alone = decoding.decode(base, [decoding.Row(r.ids, decoding.BASE, sampling) for r in rows])
+    # What another attention kernel alone does to the answers in this dtype: transformers' eager attention instead
+    # of its SDPA kernel, through the same forward.
+    model = base.model.get_base_model()
+    kernel = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        eager = decoding.decode(base, rows, lean=False)
+    finally:
+        model.set_attn_implementation(kernel)
     return {
         "prompts": len(rows),
         "same_text": sum(a.text == b.text for a, b in zip(stacked, peft, strict=True)),
         "same_text_as_stacked_forward": sum(a.text == b.text for a, b in zip(stacked, forward, strict=True)),
+        "eager_attention_same_text_as_stacked_forward": sum(
+            a.text == b.text for a, b in zip(eager, forward, strict=True)
+        ),
         "other_text_than_base_model": sum(a.text != b.text for a, b in zip(stacked, alone, strict=True)),
         "tokens": sum(c.completion_tokens for c in stacked),
     }
@@ -168,9 +174,13 @@ def main() -> None:
 
     batch = prefilled_batch(base, args.rows, slots, args.prompt_tokens)
     step_seconds(batch, 3)
+    # FlopCounterMode counts aten's products, not oneDNN's packed ones: count a step with plain weights (the same
+    # products, bit for bit: llama_step.packed_weights).
+    packed, batch._lean.packed = batch._lean.packed, {}
     with FlopCounterMode(display=False) as counter:
         batch.step()
     flops = counter.get_total_flops()
+    batch._lean.packed = packed
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         step_seconds(batch, 5)
     table = profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)

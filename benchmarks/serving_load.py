@@ -191,7 +191,7 @@ def main() -> None:
             "tokens_per_s": round(sum(a.completion_tokens for a in answers) / wall, 2),
         }
 
-    def level(clients: int, count: int) -> dict:
+    def level(url: str, clients: int, count: int) -> dict:
         results, wall = load_level(url, samples[:count], clients, args.max_tokens)
         done = [(i, r) for i, r in enumerate(results) if "error" not in r]
         latencies = [r["latency_s"] for _, r in done]
@@ -228,16 +228,14 @@ def main() -> None:
         for name, (_, address) in servers.items():
             starts[name] = first_and_tenth(address, samples[0], args.max_tokens)
             print(f"{name}: first and tenth request {json.dumps(starts[name])}", flush=True)
-        url = servers["this"][1]
         for clients in (1, 4):
-            levels[str(clients)] = level(clients, LEVELS[clients])
+            levels[str(clients)] = level(servers["this"][1], clients, LEVELS[clients])
         for r in range(args.rounds):
             alone = first if r == 0 else sequential()[1]
             served, older = {}, {}
             order = list(servers) if r % 2 == 0 else list(reversed(servers))
             for name in order:
-                url = servers[name][1]
-                (served if name == "this" else older)[name] = level(16, LEVELS[16])
+                (served if name == "this" else older)[name] = level(servers[name][1], 16, LEVELS[16])
             served = served["this"]
             rounds.append(
                 {

@@ -88,10 +88,10 @@ def project_step(base, optimizer, ids, mask, labels) -> float:
     return float(loss.detach())
 
 
-def bf16_matmul_peak() -> float:
-    """FLOP/s of a large bf16 matrix product on this machine (the best of several)."""
-    a = torch.randn(2048, 2048, dtype=torch.bfloat16)
-    b = torch.randn(2048, 2048, dtype=torch.bfloat16)
+def matmul_peak(dtype: torch.dtype = torch.bfloat16) -> float:
+    """FLOP/s of a large matrix product in ``dtype`` on this machine (the best of several)."""
+    a = torch.randn(2048, 2048, dtype=dtype)
+    b = torch.randn(2048, 2048, dtype=dtype)
     best, _ = timed(lambda: torch.mm(a, b), repeats=10, warmup=3)
     return 2 * 2048**3 / best
 
@@ -116,7 +116,7 @@ def bench_train_step(base, samples) -> dict:
     base.model.eval()
     lora.set_adapter(base, start_adapter)
     flops = counter.get_total_flops()
-    peak = bf16_matmul_peak()
+    peak = matmul_peak()
     return {
         "train_step_speedup": naive_s / project_s,
         "train_step_naive_s": naive_s,

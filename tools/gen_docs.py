@@ -309,7 +309,11 @@ def decode_step_tables() -> str:
         f"answer as served (lean step) as with PEFT's mixed batch through transformers' forward, and "
         f"{kept['same_text_as_stacked_forward']} the same as with the stacked forward "
         f"({kept['other_text_than_base_model']} of them differ from the base model's own answer, so the adapters "
-        "matter).\n\n"
+        "matter). For scale, in the same dtype transformers' own forward gives "
+        f"{kept['eager_attention_same_text_as_stacked_forward']} of them the same answer with its eager attention as "
+        "with its SDPA kernel: in bf16 a different order of the same operations moves logits by about a tenth and "
+        "flips near-ties, and a greedy answer differs from its first flip on (in fp32, `tests/test_llama_step.py` "
+        "finds the lean step's logits within 1e-5 of the forward's).\n\n"
         "Where the lean step's time goes (`torch.profiler`, 5 steps):\n\n```\n" + r["profile_top_ops"] + "\n```"
     )
 
