@@ -171,13 +171,20 @@ class LlamaStep:
             # Query head j reads key/value head j // groups (transformers' repeat_kv), so a key/value head's group
             # of query heads is one [groups, d] block of the rotated queries.
             grouped = _rotate(query, cos, sin).reshape(rows, self.kv_heads, groups, self.head_dim)
-            scores = torch.matmul(grouped, keys.transpose(2, 3)) * self.scaling + masked
-            weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
-            attended = torch.matmul(weights, values).reshape(rows, 1, self.heads * self.head_dim)
+            attended = self._attend(grouped, keys, values, masked).reshape(rows, 1, self.heads * self.head_dim)
             x = x + project(o, attended)
             h = _norm(x, layer.post_attention_layernorm)
             x = x + project(down, act(project(gate, h)) * project(up, h))
         return self._product(self.head, _norm(x, self.norm)[:, -1])
+
+    def _attend(
+        self, grouped: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, masked: torch.Tensor
+    ) -> torch.Tensor:
+        """Each key/value head's group of queries (``[rows, kv heads, groups, d]``) attended over its whole cache
+        buffer (``[rows, kv heads, capacity, d]``), as transformers' eager attention computes it."""
+        scores = torch.matmul(grouped, keys.transpose(2, 3)) * self.scaling + masked
+        weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(grouped.dtype)
+        return torch.matmul(weights, values)
 
     def _product(self, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
         packed = self.packed.get(linear)
