@@ -13,8 +13,8 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 import torch.nn.functional as F
-from peft.tuners.tuners_utils import BaseTunerLayer
 
+from fedrouter.model import lora
 from fedrouter.model.loading import BaseModel
 from fedrouter.model.prompts import Prompt, chat_head, chat_tail, embedding_ids, prompt_ids, training_ids
 
@@ -52,26 +52,6 @@ def _length_batches(
         ids = pad_rows([encoded[i] for i in index], base.tokenizer.pad_token_id).to(base.device)
         mask = pad_rows([[1] * len(encoded[i]) for i in index], 0).to(base.device)
         yield index, ids, mask
-
-
-_LORA_LAYERS = ("compute", "LoRA layers")  # ``BaseModel.derived``: the model's LoRA layers, found once
-
-
-@contextmanager
-def _adapters_off(base: BaseModel) -> Iterator[None]:
-    """The frozen model alone: PEFT's ``disable_adapter()`` for LoRA without the scan of every layer's status it
-    begins with (28 ms a call on the embedded model, a quarter of embedding one prompt to route it). The adapters
-    are on again after it, as they always are outside it."""
-    layers = base.derived.get(_LORA_LAYERS)
-    if layers is None:  # PEFT's own switch looks for them among every module at every call (6 ms)
-        layers = base.derived[_LORA_LAYERS] = [m for m in base.model.modules() if isinstance(m, BaseTunerLayer)]
-    for layer in layers:
-        layer.enable_adapters(False)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.enable_adapters(True)
 
 
 def embedding_layer(base: BaseModel, depth: float) -> int:
@@ -155,7 +135,7 @@ def embed_prompts(
     layers = sorted({layer for layer, _ in parts})
     out = [np.zeros((len(encoded), base.hidden_size), dtype=np.float32) for _ in parts]
     backbone = base.model.get_base_model().base_model
-    with _adapters_off(base), base.autocast():
+    with lora.switched_off(base), base.autocast():
         for index, ids, mask in _length_batches(base, encoded, batch_size):
             hidden = _hidden_layers(backbone, ids, mask, layers)
             for p, (layer, edge) in enumerate(parts):
@@ -250,7 +230,7 @@ def _hidden_layers(
 def _pooled(base: BaseModel, encoded: list[list[int]], batch_size: int, layer: int | None) -> np.ndarray:
     out = np.zeros((len(encoded), base.hidden_size), dtype=np.float32)
     backbone = base.model.get_base_model().base_model
-    with _adapters_off(base), base.autocast():
+    with lora.switched_off(base), base.autocast():
         for index, ids, mask in _length_batches(base, encoded, batch_size):
             hidden = _hidden(backbone, ids, mask, layer).float()
             weights = mask.unsqueeze(-1).float()

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,7 +35,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopP
 
 from fedrouter.errors import ModelError
 from fedrouter.model import llama_step, lora
-from fedrouter.model.batched_lora import BASE, Stack
+from fedrouter.model.batched_lora import BASE, Stack  # noqa: F401  (BASE: ``decoding.BASE`` for callers)
 from fedrouter.model.llama_step import LlamaStep
 from fedrouter.model.loading import BaseModel
 
@@ -438,18 +437,26 @@ class Batch:
         return rows
 
     def _forward(self, ids, mask, positions, cache, adapters) -> torch.Tensor:
-        stacked = self._stack is not None
-        with self.base.autocast(), self._stack.applied(adapters) if stacked else nullcontext():
-            out = self.base.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                use_cache=True,
-                adapter_names=[BASE] * len(adapters) if stacked else adapters,  # the stack adds the adapters
-                logits_to_keep=1,
-                **{self._cache_arg: cache},
-            )
+        if self._stack is None:  # PEFT's mixed batch: each row's slot by name
+            with self.base.autocast():
+                out = self.base.model(**self._inputs(ids, mask, positions, cache), adapter_names=adapters)
+            return out.logits[:, -1]
+        # The stack adds every row's adapter to the frozen layers' outputs; PEFT's own LoRA layers are switched off
+        # (as with ``adapter_names`` all on the base model, without the hooks PEFT registers on every layer for
+        # them at each call).
+        with self.base.autocast(), lora.switched_off(self.base), self._stack.applied(adapters):
+            out = self.base.model(**self._inputs(ids, mask, positions, cache))
         return out.logits[:, -1]
+
+    def _inputs(self, ids, mask, positions, cache) -> dict:
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "position_ids": positions,
+            "use_cache": True,
+            "logits_to_keep": 1,
+            self._cache_arg: cache,
+        }
 
     def _prefill(self, rows: Sequence[Row], skip: int) -> list[tuple[Row, Completion]]:
         """Prefill rows whose first ``skip`` tokens are the cached prefix (0: none), left-padded to their longest."""

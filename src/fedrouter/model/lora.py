@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from fedrouter.arrays import Arrays
 from fedrouter.model.loading import BaseModel
@@ -113,6 +114,27 @@ def fresh_adapter(base: BaseModel, seed: int) -> Arrays:
             if hasattr(module, "reset_lora_parameters") and SLOT in getattr(module, "lora_A", {}):
                 module.reset_lora_parameters(SLOT, True)
     return get_adapter(base)
+
+
+_LORA_LAYERS = ("lora", "LoRA layers")  # ``BaseModel.derived``: the model's LoRA layers, found once
+
+
+@contextmanager
+def switched_off(base: BaseModel) -> Iterator[None]:
+    """Every LoRA layer computes its frozen layer alone: PEFT's ``disable_adapter()`` for LoRA without the scan of
+    every layer's status it begins with (28 ms a call on the embedded model, a quarter of embedding one prompt to
+    route it) and without looking the layers up among every module at each switch (6 ms). The adapters are on
+    again after it, as they always are outside it."""
+    layers = base.derived.get(_LORA_LAYERS)
+    if layers is None:
+        layers = base.derived[_LORA_LAYERS] = [m for m in base.model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 @contextmanager
