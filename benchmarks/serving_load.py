@@ -264,7 +264,7 @@ def main() -> None:
             + (f" --compare {args.compare}" if args.compare else "")
             + (f" --precision {args.precision}" if args.precision else "")
         ),
-        "commit": commit(),
+        "commit": commit(OUT.parent),  # other results written there are no change of the code
         "machine": machine(),
         "note": args.note,
         "run": str(args.run_dir),

@@ -80,7 +80,7 @@ def main() -> None:
     record = {
         "command": "python benchmarks/serving_routing.py "
         + " ".join([str(args.run_dir), "--data", str(args.data), "--per-task", str(args.per_task)]),
-        "commit": commit(),
+        "commit": commit(OUT.parent),  # other results written there are no change of the code
         "machine": machine(),
         "run": str(args.run_dir),
         "global_clusters": router.num_adapters,

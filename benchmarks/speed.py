@@ -374,7 +374,7 @@ def main() -> None:
     if sys.argv[1:2] == ["--evaluation-phase"]:  # old commit and this tree side by side, nothing else
         with tempfile.TemporaryDirectory() as tmp:
             result = evaluation_phase(sys.argv[2], Path(tmp))
-        result |= {"machine": machine(), "commit": commit(), "command": " ".join(["python", *sys.argv])}
+        result |= {"machine": machine(), "commit": commit(OUT.parent), "command": " ".join(["python", *sys.argv])}
         (OUT.parent / "speed-evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
         print({key: value for key, value in result.items() if key != "evaluation_runs"})
         return
