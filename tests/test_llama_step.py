@@ -1,15 +1,18 @@
 """``llama_step.LlamaStep`` computes a decode step as transformers' forward does: the same next-token logits for
 rows on different adapters and none, prompt lengths and positions, while rows join and leave (tiny model, fp32);
-its packed bf16 weights change no bit; models of other types decode through transformers' forward."""
+its packed bf16 weights change no bit; its prefill and the hidden states embeddings read are transformers' forward
+bit for bit; models of other types decode through transformers' forward."""
 
+import numpy as np
 import pytest
 import torch
 from test_answering import _random_adapter
 from test_batched_lora import _ids, _slots
 from transformers import AutoModelForCausalLM, MistralConfig
 
-from fedrouter.model import decoding, llama_step, lora
+from fedrouter.model import compute, decoding, llama_step, lora
 from fedrouter.model.loading import LoraSettings, load_base_model, wrap_base_model
+from fedrouter.model.prompts import chat_head
 
 
 def _recording(batch: decoding.Batch) -> list[torch.Tensor]:
@@ -109,3 +112,41 @@ def test_packed_weights_give_bitwise_the_same_step():
                 batch.step()
     assert len(logits["packed"]) == len(logits["plain"]) > 4
     assert all(torch.equal(a, b) for a, b in zip(logits["packed"], logits["plain"], strict=True))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_prefill_is_transformers_forward_bit_for_bit(tiny_base, precision):
+    """The prefill uses transformers' own mask builder and attention function: the same logits and the same keys and
+    values in the cache, bit for bit, with the chat template's head cached as a prefix or not."""
+    base = tiny_base if precision == "fp32" else load_base_model("tiny-random", precision="bf16")
+    adapters = ["one", decoding.BASE, "pair", "two", "one"]
+    head = tuple(chat_head(base.tokenizer))
+    ids = [[*head, *r] for r in _ids(base, len(adapters))]
+    rows = [decoding.Row(r, a, decoding.Sampling(max_new_tokens=3)) for r, a in zip(ids, adapters, strict=True)]
+    with lora.loaded(base, _slots(base)):
+        for prefix in ((), head):
+            batches = {lean: decoding.Batch(base, prefix, lean=lean) for lean in (True, False)}
+            logits = {lean: _recording(batch) for lean, batch in batches.items()}
+            for batch in batches.values():
+                batch.add(rows)
+            assert len(logits[True]) == len(logits[False]) >= 1  # prompts of several lengths: left padding
+            assert all(torch.equal(a, b) for a, b in zip(logits[True], logits[False], strict=True))
+            for ours, theirs in zip(batches[True].cache.layers, batches[False].cache.layers, strict=True):
+                assert all(torch.equal(a, b) for a, b in zip(ours.whole(), theirs.whole(), strict=True))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_hidden_states_are_the_forwards_bit_for_bit(tiny_base, precision):
+    """Embeddings (routing and clustering) read hidden states through ``LlamaStep.hidden_states``: the same numbers
+    as the model's forward, for the token embeddings, an inner layer and the last (after the final norm)."""
+    base = tiny_base if precision == "fp32" else load_base_model("tiny-random", precision="bf16")
+    texts = ["Summarize: the cat sat on the mat.", "Translate to German: good morning", "Is this review positive? Yes"]
+    parts = ((0, 0), (1, 0), (2, 3))
+    lean = compute.embed_prompts(base, texts, parts)
+    base.derived[llama_step._FROZEN] = None  # transformers' forward, as for a model of another type
+    try:
+        forward = compute.embed_prompts(base, texts, parts)
+    finally:
+        base.derived.pop(llama_step._FROZEN)
+    assert all(np.array_equal(a, b) for a, b in zip(lean, forward, strict=True))
+    assert llama_step.frozen(base) is not None

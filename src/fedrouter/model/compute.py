@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedrouter.model import lora
+from fedrouter.model import llama_step, lora
 from fedrouter.model.loading import BaseModel
 from fedrouter.model.prompts import Prompt, chat_head, chat_tail, embedding_ids, prompt_ids, training_ids
 
@@ -134,10 +134,9 @@ def embed_prompts(
     head, tail = len(chat_head(tokenizer)), len(chat_tail(tokenizer))
     layers = sorted({layer for layer, _ in parts})
     out = [np.zeros((len(encoded), base.hidden_size), dtype=np.float32) for _ in parts]
-    backbone = base.model.get_base_model().base_model
     with lora.switched_off(base), base.autocast():
         for index, ids, mask in _length_batches(base, encoded, batch_size):
-            hidden = _hidden_layers(backbone, ids, mask, layers)
+            hidden = _hidden_layers(base, ids, mask, layers)
             for p, (layer, edge) in enumerate(parts):
                 weights = torch.zeros(mask.shape, device=mask.device)
                 for row, i in enumerate(index):
@@ -176,15 +175,15 @@ class _Reached(Exception):
         self.hidden = hidden
 
 
-def _hidden(backbone: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, layer: int | None) -> torch.Tensor:
+def _hidden(base: BaseModel, ids: torch.Tensor, mask: torch.Tensor, layer: int | None) -> torch.Tensor:
     """Hidden states after decoder layer ``layer`` (``hidden_states[layer]``), without running the layers above it."""
     if layer is None:
-        layer = int(backbone.config.num_hidden_layers)
-    return _hidden_layers(backbone, ids, mask, [layer])[layer]
+        layer = int(base.model.get_base_model().config.num_hidden_layers)
+    return _hidden_layers(base, ids, mask, [layer])[layer]
 
 
 def _hidden_layers(
-    backbone: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, layers: Sequence[int]
+    base: BaseModel, ids: torch.Tensor, mask: torch.Tensor, layers: Sequence[int]
 ) -> dict[int, torch.Tensor]:
     """``hidden_states[layer]`` for each of ``layers``, without running the decoder layers above the deepest.
 
@@ -192,6 +191,10 @@ def _hidden_layers(
     them all. Hooks keep the wanted layers' outputs and stop the forward pass after the deepest (at depth 0.2, a
     fifth of the decoder layers run). The last layer (after the final norm) needs the whole pass.
     """
+    lean = llama_step.frozen(base)  # a Llama model: the same numbers without the forward's per-call machinery
+    if lean is not None:
+        return lean.hidden_states(ids, mask, layers)
+    backbone = base.model.get_base_model().base_model
     last = int(backbone.config.num_hidden_layers)
     found: dict[int, torch.Tensor] = {}
     if 0 in layers:
@@ -229,10 +232,9 @@ def _hidden_layers(
 
 def _pooled(base: BaseModel, encoded: list[list[int]], batch_size: int, layer: int | None) -> np.ndarray:
     out = np.zeros((len(encoded), base.hidden_size), dtype=np.float32)
-    backbone = base.model.get_base_model().base_model
     with lora.switched_off(base), base.autocast():
         for index, ids, mask in _length_batches(base, encoded, batch_size):
-            hidden = _hidden(backbone, ids, mask, layer).float()
+            hidden = _hidden(base, ids, mask, layer).float()
             weights = mask.unsqueeze(-1).float()
             pooled = (hidden * weights).sum(1) / weights.sum(1)
             out[index] = pooled.cpu().numpy()

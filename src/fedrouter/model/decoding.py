@@ -6,8 +6,8 @@ served. Per row of one batch:
 
 - its own adapter: every adapter is loaded once into its own PEFT slot (``BASE`` for no adapter), and a step
   runs all rows' adapters at once, stacked (``batched_lora.Stack``: what PEFT's mixed-adapter inference computes,
-  in two products per adapted layer instead of two per adapter); a Llama model's decode steps run through
-  ``llama_step``, the same operations without transformers' and PEFT's per-call machinery;
+  in two products per adapted layer instead of two per adapter); a Llama model's prefills and decode steps run
+  through ``llama_step``, the same operations without transformers' and PEFT's per-call machinery;
 - its own sampling: greedy, or temperature / top-p (transformers' own warpers) with the next token drawn from a
   generator seeded for that row alone, so a seeded request gets the same answer whatever else shares its batch
   (up to the last bits of the logits that padding can change);
@@ -368,9 +368,9 @@ class Batch:
         # Every slot's weights stacked once: a step runs each adapted layer's adapters for all rows at once.
         # ``stacked=False`` runs PEFT's own mixed-adapter inference instead (the reference the stack is checked on).
         self._stack = Stack(base, list(base.model.peft_config)) if stacked else None
-        # A Llama model's decode steps (not its prefills) run through ``llama_step``: the same operations without
+        # A Llama model's decode steps and prefills run through ``llama_step``: the same operations without
         # transformers' and PEFT's per-call machinery (``benchmarks/decode_step.py`` times both; ``lean=False``:
-        # every step through the model's forward).
+        # everything through the model's forward).
         self._lean = LlamaStep(base, self._stack) if lean and stacked and llama_step.supports(base) else None
 
     def __len__(self) -> int:
@@ -448,6 +448,13 @@ class Batch:
             out = self.base.model(**self._inputs(ids, mask, positions, cache))
         return out.logits[:, -1]
 
+    def _prefill_forward(self, ids, mask, positions, cache, adapters) -> torch.Tensor:
+        """A prefill's last-position logits: through ``llama_step`` where the decode steps go (its result is the
+        forward's, without the forward's per-call machinery: a prompt admitted alone pays it whole)."""
+        if self._lean is not None:
+            return self._lean.prefill(ids, mask, positions, cache, adapters)
+        return self._forward(ids, mask, positions, cache, adapters)
+
     def _inputs(self, ids, mask, positions, cache) -> dict:
         return {
             "input_ids": ids,
@@ -473,7 +480,7 @@ class Batch:
             for index in range(self._layers):
                 cache.update(torch.cat([s[index][0] for s in stored]), torch.cat([s[index][1] for s in stored]), index)
             mask = torch.cat([mask.new_ones(len(rows), skip), mask], dim=1)
-        logits = self._forward(ids, mask, positions, cache, [r.adapter for r in rows])
+        logits = self._prefill_forward(ids, mask, positions, cache, [r.adapter for r in rows])
         joining = [
             _Live(r, _RowState(r, self._text), None if r.sampling.greedy else _Sampler(r.sampling), 0, len(r.ids))
             for r in rows
@@ -502,7 +509,7 @@ class Batch:
             device = self.base.device
             ids = torch.tensor([self.prefix], device=device)
             cache = DynamicCache()
-            self._forward(
+            self._prefill_forward(
                 ids, torch.ones_like(ids), torch.arange(len(self.prefix), device=device)[None], cache, [adapter]
             )
             self._prefixes[adapter] = [(layer.keys, layer.values) for layer in cache.layers]
@@ -579,8 +586,8 @@ def decode(
 ) -> list[Completion]:
     """Decode every row, at most ``max_rows`` at a time (a finished row's place goes to the next one); prompts
     that start with ``prefix`` share its keys and values (``Batch``; ``stacked=False``: PEFT's own mixed-adapter
-    inference, the reference the stacked adapters are checked against; ``lean=False``: every step through
-    transformers' forward, as prefill)."""
+    inference, the reference the stacked adapters are checked against; ``lean=False``: every prefill and step
+    through transformers' forward)."""
     if max_rows < 1:
         raise ValueError(f"max_rows: expected at least 1, got {max_rows}")
     index = {row: i for i, row in enumerate(rows)}

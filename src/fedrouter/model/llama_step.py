@@ -1,5 +1,5 @@
-"""One decode step of a Llama model in plain tensor operations: what transformers' forward computes for one new
-token per row, without its per-call machinery.
+"""A Llama model's decode step, prefill and hidden states in plain tensor operations: what transformers' forward
+computes, without its per-call machinery.
 
 A 16-row decode step of the embedded model spent about as long outside its matrix products and attention as in
 them (``benchmarks/decode_step.py``'s profile): per layer, PEFT's mixed-batch bookkeeping and forward hooks, the
@@ -10,10 +10,15 @@ eager attention), reading the model's own weights and ``decoding.Batch``'s cache
 a ``batched_lora.Stack``. Attention reads each key/value head once for its group of query heads (one batched
 product over the cache's contiguous buffers instead of transformers' copy of the cache per query head,
 ``repeat_kv``, or its CPU flash kernel, which is slow for one query). In bf16 on a CPU the products read their
-weights in oneDNN's blocked layout (``packed_weights``). Its forward still prefills every prompt. The logits are
-transformers' up to the order of operations: within 1e-5 of its forward's in fp32 (``tests/test_llama_step.py``);
-in bf16 they move as much as transformers' own eager attention moves them from its SDPA kernel, which changes
-some greedy answers from the first near-tie they flip on (``benchmarks/decode_step.py`` counts them).
+weights in oneDNN's blocked layout (``packed_weights``). A step's logits are transformers' up to the order of
+operations: within 1e-5 of its forward's in fp32 (``tests/test_llama_step.py``); in bf16 they move as much as
+transformers' own eager attention moves them from its SDPA kernel, which changes some greedy answers from the
+first near-tie they flip on (``benchmarks/decode_step.py`` counts them).
+
+A prefill (``prefill``) and the hidden states embeddings read (``hidden_states``) have many positions per row,
+where the per-call machinery weighed most on a prompt admitted alone (a server's request that joins a running
+batch). They use transformers' own mask builder and the model's own attention function, so their numbers are
+its forward's bit for bit (tested); only the machinery goes.
 
 Only models whose type is ``llama`` (Llama 2 and 3, SmolLM, the tiny test model) take this path; other
 architectures decode through transformers' forward (``supports``).
@@ -27,6 +32,10 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
 from torch import nn
+from transformers.cache_utils import Cache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from fedrouter.model.batched_lora import Stack
 from fedrouter.model.loading import BaseModel
@@ -118,12 +127,22 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
+_FROZEN = ("llama_step", "frozen model")  # ``BaseModel.derived``: a LlamaStep without adapters, for hidden states
+
+
+def frozen(base: BaseModel) -> LlamaStep | None:
+    """The model's ``LlamaStep`` without adapters (for ``hidden_states``), made once; None where not ``supports``."""
+    if _FROZEN not in base.derived:
+        base.derived[_FROZEN] = LlamaStep(base) if supports(base) else None
+    return base.derived[_FROZEN]
+
+
 class LlamaStep:
     """The decode step of ``base`` (``supports(base)`` must hold), with the adapters of ``stack``."""
 
-    def __init__(self, base: BaseModel, stack: Stack) -> None:
+    def __init__(self, base: BaseModel, stack: Stack | None = None) -> None:
         model = base.model.get_base_model()
-        config = model.config
+        config = self.config = model.config
         self.stack = stack
         self.packed = packed_weights(base)
         self.embed = model.model.embed_tokens
@@ -146,7 +165,7 @@ class LlamaStep:
         ``[rows, 1]``, ``mask`` ``[rows, columns]`` (1 at a row's tokens, the new one included), ``cache`` the
         batch's ``Cache`` of ``decoding._Layer`` (each layer's new keys and values are written into it)."""
         rows = tokens.shape[0]
-        adds = self.stack.adders(adapters)
+        adds = self._adders(adapters)
         x = self.embed(tokens)
         dtype = x.dtype
         cos, sin = (t[:, None] for t in self.rotary(x, position_ids=positions))  # [rows, 1, 1, head_dim]
@@ -154,9 +173,7 @@ class LlamaStep:
         groups = self.heads // self.kv_heads
 
         def project(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
-            out = self._product(_linear(module), h)
-            add = adds.get(module)
-            return out if add is None else out + add(h).to(out.dtype)
+            return self._project(adds, module, h)
 
         for index, (layer, (q, k, v, o, gate, up, down), act) in enumerate(self.layers):
             h = _norm(x, layer.input_layernorm)
@@ -187,6 +204,83 @@ class LlamaStep:
         scores = torch.matmul(grouped, keys.transpose(2, 3)) * self.scaling + masked
         weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(grouped.dtype)
         return torch.matmul(weights, values)
+
+    @torch.inference_mode()
+    def prefill(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Cache, adapters: Sequence[str]
+    ) -> torch.Tensor:
+        """The next-token logits after each row's prompt (``[rows, vocabulary]``), computed as transformers'
+        forward computes them: ``ids`` and ``positions`` ``[rows, width]`` (left-padded), ``mask`` ``[rows, columns]``
+        (the prefix already in ``cache``, then the rows' own), ``cache`` a ``DynamicCache`` that takes each layer's
+        keys and values. The attention mask comes from transformers' own builder and the attention from the model's
+        own attention function (SDPA by default), so the result is its forward's, bit for bit where the products
+        are (``tests/test_llama_step.py``); what goes is its per-call machinery and PEFT's."""
+        rows, width = ids.shape
+        adds = self._adders(adapters)
+        x = self.embed(ids)
+        causal = create_causal_mask(
+            config=self.config, inputs_embeds=x, attention_mask=mask, cache=cache, position_ids=positions
+        )
+        cos, sin = (t[:, None] for t in self.rotary(x, position_ids=positions))  # [rows, 1, width, head_dim]
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        for index, (layer, (q, k, v, o, gate, up, down), act) in enumerate(self.layers):
+            h = _norm(x, layer.input_layernorm)
+            query = self._project(adds, q, h).view(rows, width, self.heads, self.head_dim).transpose(1, 2)
+            key = self._project(adds, k, h).view(rows, width, self.kv_heads, self.head_dim).transpose(1, 2)
+            value = self._project(adds, v, h).view(rows, width, self.kv_heads, self.head_dim).transpose(1, 2)
+            keys, values = cache.update(_rotate(key, cos, sin), value, index)
+            attended, _ = attend(layer.self_attn, _rotate(query, cos, sin), keys, values, causal, scaling=self.scaling)
+            x = x + self._project(adds, o, attended.reshape(rows, width, -1).contiguous())
+            h = _norm(x, layer.post_attention_layernorm)
+            x = x + self._project(adds, down, act(self._project(adds, gate, h)) * self._project(adds, up, h))
+        return self._product(self.head, _norm(x[:, -1], self.norm))
+
+    @torch.inference_mode()
+    def hidden_states(self, ids: torch.Tensor, mask: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        """transformers' ``hidden_states[layer]`` of the frozen model (no adapter, no cache) for each of ``layers``
+        (0: the token embeddings; the model's number of layers: the last, after the final norm), running no decoder
+        layer above the deepest asked: ``ids`` and ``mask`` ``[rows, width]``, right-padded. The same operations as
+        ``prefill``, so the same numbers as the model's forward, bit for bit."""
+        last = len(self.layers)
+        x = self.embed(ids)
+        found = {0: x} if 0 in layers else {}
+        deepest = max(layers)
+        if deepest == 0:
+            return found
+        positions = torch.arange(ids.shape[1], device=ids.device)[None]  # as the forward numbers an uncached input
+        causal = create_causal_mask(
+            config=self.config, inputs_embeds=x, attention_mask=mask, cache=None, position_ids=positions
+        )
+        cos, sin = (t[:, None] for t in self.rotary(x, position_ids=positions))
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        rows, width = ids.shape
+        for index, (layer, (q, k, v, o, gate, up, down), act) in enumerate(self.layers[: min(deepest, last)]):
+            h = _norm(x, layer.input_layernorm)
+            query = self._product(_linear(q), h).view(rows, width, self.heads, self.head_dim).transpose(1, 2)
+            key = self._product(_linear(k), h).view(rows, width, self.kv_heads, self.head_dim).transpose(1, 2)
+            value = self._product(_linear(v), h).view(rows, width, self.kv_heads, self.head_dim).transpose(1, 2)
+            attended, _ = attend(
+                layer.self_attn, _rotate(query, cos, sin), _rotate(key, cos, sin), value, causal, scaling=self.scaling
+            )
+            x = x + self._product(_linear(o), attended.reshape(rows, width, -1).contiguous())
+            h = _norm(x, layer.post_attention_layernorm)
+            x = x + self._product(_linear(down), act(self._product(_linear(gate), h)) * self._product(_linear(up), h))
+            if index + 1 in layers and index + 1 < last:
+                found[index + 1] = x
+        if last in layers:
+            found[last] = _norm(x, self.norm)
+        return found
+
+    def _project(self, adds: dict, module: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        """A projection of the frozen model plus each row's adapter where the stack has one for it."""
+        out = self._product(_linear(module), h)
+        add = adds.get(module)
+        return out if add is None else out + add(h).to(out.dtype)
+
+    def _adders(self, adapters: Sequence[str]) -> dict:
+        if self.stack is None:
+            raise ValueError("this LlamaStep has no adapter stack: it computes the frozen model's hidden states only")
+        return self.stack.adders(adapters)
 
     def _product(self, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
         packed = self.packed.get(linear)
