@@ -138,7 +138,8 @@ def frozen(base: BaseModel) -> LlamaStep | None:
 
 
 class LlamaStep:
-    """The decode step of ``base`` (``supports(base)`` must hold), with the adapters of ``stack``."""
+    """``base``'s decode step and prefill with the adapters of ``stack``, and its frozen hidden states (no stack
+    needed); ``supports(base)`` must hold."""
 
     def __init__(self, base: BaseModel, stack: Stack | None = None) -> None:
         model = base.model.get_base_model()
@@ -171,15 +172,11 @@ class LlamaStep:
         cos, sin = (t[:, None] for t in self.rotary(x, position_ids=positions))  # [rows, 1, 1, head_dim]
         masked = None  # the attention mask, once the first layer's cache has taken the new token (and perhaps moved)
         groups = self.heads // self.kv_heads
-
-        def project(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
-            return self._project(adds, module, h)
-
         for index, (layer, (q, k, v, o, gate, up, down), act) in enumerate(self.layers):
             h = _norm(x, layer.input_layernorm)
-            query = project(q, h).view(rows, 1, self.heads, self.head_dim).transpose(1, 2)
-            key = project(k, h).view(rows, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-            value = project(v, h).view(rows, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+            query = self._project(adds, q, h).view(rows, 1, self.heads, self.head_dim).transpose(1, 2)
+            key = self._project(adds, k, h).view(rows, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+            value = self._project(adds, v, h).view(rows, 1, self.kv_heads, self.head_dim).transpose(1, 2)
             layer_cache = cache.layers[index]
             layer_cache.update(_rotate(key, cos, sin), value)
             keys, values = layer_cache.whole()  # [rows, kv heads, column capacity, d]
@@ -191,9 +188,9 @@ class LlamaStep:
             # of query heads is one [groups, d] block of the rotated queries.
             grouped = _rotate(query, cos, sin).reshape(rows, self.kv_heads, groups, self.head_dim)
             attended = self._attend(grouped, keys, values, masked).reshape(rows, 1, self.heads * self.head_dim)
-            x = x + project(o, attended)
+            x = x + self._project(adds, o, attended)
             h = _norm(x, layer.post_attention_layernorm)
-            x = x + project(down, act(project(gate, h)) * project(up, h))
+            x = x + self._project(adds, down, act(self._project(adds, gate, h)) * self._project(adds, up, h))
         return self._product(self.head, _norm(x, self.norm)[:, -1])
 
     def _attend(
