@@ -26,7 +26,8 @@ architectures decode through transformers' forward (``supports``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -212,9 +213,36 @@ class LlamaStep:
         keys and values. The attention mask comes from transformers' own builder and the attention from the model's
         own attention function (SDPA by default), so the result is its forward's, bit for bit where the products
         are (``tests/test_llama_step.py``); what goes is its per-call machinery and PEFT's."""
+        (x,) = deque(self._through_layers(ids, mask, positions, cache, self._adders(adapters)), maxlen=1)  # the last
+        return self._product(self.head, _norm(x[:, -1], self.norm))
+
+    @torch.inference_mode()
+    def hidden_states(self, ids: torch.Tensor, mask: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        """transformers' ``hidden_states[layer]`` of the frozen model (no adapter, no cache) for each of ``layers``
+        (0: the token embeddings; the model's number of layers: the last, after the final norm), running no decoder
+        layer above the deepest asked: ``ids`` and ``mask`` ``[rows, width]``, right-padded. The same operations as
+        ``prefill``, so the same numbers as the model's forward, bit for bit."""
+        last, deepest = len(self.layers), max(layers)
+        positions = torch.arange(ids.shape[1], device=ids.device)[None]  # as the forward numbers an uncached input
+        found: dict[int, torch.Tensor] = {}
+        for depth, x in enumerate(self._through_layers(ids, mask, positions, None, {})):
+            if depth in layers and depth < last:
+                found[depth] = x
+            if depth == deepest:
+                break  # the layers above it never run
+        if last in layers:
+            found[last] = _norm(x, self.norm)
+        return found
+
+    def _through_layers(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Cache | None, adds: dict
+    ) -> Iterator[torch.Tensor]:
+        """The token embeddings, then the hidden states after each decoder layer in turn, as transformers' forward
+        computes them (its mask builder, the model's attention function); ``cache`` (or None) takes each layer's
+        keys and values."""
         rows, width = ids.shape
-        adds = self._adders(adapters)
         x = self.embed(ids)
+        yield x
         causal = create_causal_mask(
             config=self.config, inputs_embeds=x, attention_mask=mask, cache=cache, position_ids=positions
         )
@@ -225,48 +253,13 @@ class LlamaStep:
             query = self._project(adds, q, h).view(rows, width, self.heads, self.head_dim).transpose(1, 2)
             key = self._project(adds, k, h).view(rows, width, self.kv_heads, self.head_dim).transpose(1, 2)
             value = self._project(adds, v, h).view(rows, width, self.kv_heads, self.head_dim).transpose(1, 2)
-            keys, values = cache.update(_rotate(key, cos, sin), value, index)
+            key = _rotate(key, cos, sin)
+            keys, values = (key, value) if cache is None else cache.update(key, value, index)
             attended, _ = attend(layer.self_attn, _rotate(query, cos, sin), keys, values, causal, scaling=self.scaling)
             x = x + self._project(adds, o, attended.reshape(rows, width, -1).contiguous())
             h = _norm(x, layer.post_attention_layernorm)
             x = x + self._project(adds, down, act(self._project(adds, gate, h)) * self._project(adds, up, h))
-        return self._product(self.head, _norm(x[:, -1], self.norm))
-
-    @torch.inference_mode()
-    def hidden_states(self, ids: torch.Tensor, mask: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
-        """transformers' ``hidden_states[layer]`` of the frozen model (no adapter, no cache) for each of ``layers``
-        (0: the token embeddings; the model's number of layers: the last, after the final norm), running no decoder
-        layer above the deepest asked: ``ids`` and ``mask`` ``[rows, width]``, right-padded. The same operations as
-        ``prefill``, so the same numbers as the model's forward, bit for bit."""
-        last = len(self.layers)
-        x = self.embed(ids)
-        found = {0: x} if 0 in layers else {}
-        deepest = max(layers)
-        if deepest == 0:
-            return found
-        positions = torch.arange(ids.shape[1], device=ids.device)[None]  # as the forward numbers an uncached input
-        causal = create_causal_mask(
-            config=self.config, inputs_embeds=x, attention_mask=mask, cache=None, position_ids=positions
-        )
-        cos, sin = (t[:, None] for t in self.rotary(x, position_ids=positions))
-        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-        rows, width = ids.shape
-        for index, (layer, (q, k, v, o, gate, up, down), act) in enumerate(self.layers[: min(deepest, last)]):
-            h = _norm(x, layer.input_layernorm)
-            query = self._product(_linear(q), h).view(rows, width, self.heads, self.head_dim).transpose(1, 2)
-            key = self._product(_linear(k), h).view(rows, width, self.kv_heads, self.head_dim).transpose(1, 2)
-            value = self._product(_linear(v), h).view(rows, width, self.kv_heads, self.head_dim).transpose(1, 2)
-            attended, _ = attend(
-                layer.self_attn, _rotate(query, cos, sin), _rotate(key, cos, sin), value, causal, scaling=self.scaling
-            )
-            x = x + self._product(_linear(o), attended.reshape(rows, width, -1).contiguous())
-            h = _norm(x, layer.post_attention_layernorm)
-            x = x + self._product(_linear(down), act(self._product(_linear(gate), h)) * self._product(_linear(up), h))
-            if index + 1 in layers and index + 1 < last:
-                found[index + 1] = x
-        if last in layers:
-            found[last] = _norm(x, self.norm)
-        return found
+            yield x
 
     def _project(self, adds: dict, module: nn.Module, h: torch.Tensor) -> torch.Tensor:
         """A projection of the frozen model plus each row's adapter where the stack has one for it."""
