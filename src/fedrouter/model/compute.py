@@ -25,30 +25,37 @@ def pad_rows(rows: Sequence[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
-# A batch is padded to at most this times its sequences' own tokens. A few prompts of mixed length (a server's
-# requests) padded to their longest doubled the tokens embedded: 16 paper4-raw prompts of 44-160 tokens, 2,560
-# positions for 1,329 tokens, and routing them took longer than prefilling them.
-_PADDING = 1.25
+PADDING = 1.25  # a batch of sequences is padded to at most this times their total length (``padded_groups``)
+
+
+def padded_groups(
+    lengths: Sequence[int], *, max_rows: int | None = None, max_positions: int | None = None
+) -> list[list[int]]:
+    """The indices of ``lengths`` in groups of similar length, shortest first: each group is padded to its longest,
+    so a group grows only while that padding stays within ``PADDING`` times its sequences' own length, and within
+    ``max_rows`` sequences and ``max_positions`` positions (rows x longest) where given. Embedding batches and
+    ``decoding``'s prefill groups both use it: a few prompts of mixed length (a server's requests) padded to their
+    longest had doubled the tokens embedded (16 paper4-raw prompts of 44-160 tokens: 2,560 positions for 1,329)."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        group = groups[-1] if groups else None
+        if group is not None:
+            size, total = lengths[i] * (len(group) + 1), sum(lengths[j] for j in group) + lengths[i]
+            fits = size <= PADDING * total
+            fits = fits and (max_rows is None or len(group) < max_rows)
+            if fits and (max_positions is None or size <= max_positions):
+                group.append(i)
+                continue
+        groups.append([i])
+    return groups
 
 
 def _length_batches(
     base: BaseModel, encoded: Sequence[list[int]], batch_size: int
 ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
-    """Batches of similar-length sequences, shortest first: (their positions, right-padded ids, attention mask).
-
-    A batch holds at most ``batch_size`` sequences and ends before one whose length would pad it beyond
-    ``_PADDING`` times its sequences' total length."""
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    batches: list[list[int]] = []
-    for i in order:
-        batch = batches[-1] if batches else None
-        if batch is not None and len(batch) < batch_size:
-            total = sum(len(encoded[j]) for j in batch) + len(encoded[i])
-            if len(encoded[i]) * (len(batch) + 1) <= _PADDING * total:
-                batch.append(i)
-                continue
-        batches.append([i])
-    for index in batches:
+    """Batches of similar-length sequences, shortest first: (their positions, right-padded ids, attention mask),
+    at most ``batch_size`` sequences each and padded within ``PADDING`` (``padded_groups``)."""
+    for index in padded_groups([len(e) for e in encoded], max_rows=batch_size):
         ids = pad_rows([encoded[i] for i in index], base.tokenizer.pad_token_id).to(base.device)
         mask = pad_rows([[1] * len(encoded[i]) for i in index], 0).to(base.device)
         yield index, ids, mask

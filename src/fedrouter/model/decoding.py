@@ -36,6 +36,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopP
 from fedrouter.errors import ModelError
 from fedrouter.model import llama_step, lora
 from fedrouter.model.batched_lora import BASE, Stack  # noqa: F401  (BASE: ``decoding.BASE`` for callers)
+from fedrouter.model.compute import padded_groups
 from fedrouter.model.llama_step import LlamaStep
 from fedrouter.model.loading import BaseModel
 
@@ -301,8 +302,9 @@ class _Layer(DynamicLayer):
 
 
 _SPARE = 32  # columns of spare capacity a cache layer keeps for the next tokens
-_PADDING = 1.25  # a prefill group is padded to at most this times its rows' total length
-_PREFILL_TOKENS = 4096  # and holds at most this many positions (rows x longest prompt), unless one prompt is longer
+_PREFILL_TOKENS = (
+    4096  # a prefill group holds at most this many positions (rows x longest), unless one prompt is longer
+)
 
 
 @dataclass
@@ -558,20 +560,10 @@ def _choose(live: _Live, logits: torch.Tensor, greedy: int) -> tuple[int, TokenL
 
 
 def _prefill_groups(rows: Sequence[Row], skip: int = 0) -> list[list[Row]]:
-    """Rows in groups of similar prompt length (after their first ``skip`` tokens): each group is padded to its
-    longest prompt, so a group grows only while that padding stays within ``_PADDING`` of its rows' own length
-    and ``_PREFILL_TOKENS`` positions."""
-    groups: list[list[Row]] = []
-    for row in sorted(rows, key=lambda r: len(r.ids)):
-        group = groups[-1] if groups else None
-        if group is not None:
-            longest, total = len(row.ids) - skip, sum(len(r.ids) - skip for r in group) + len(row.ids) - skip
-            size = longest * (len(group) + 1)
-            if size <= _PADDING * total and size <= _PREFILL_TOKENS:
-                group.append(row)
-                continue
-        groups.append([row])
-    return groups
+    """Rows in groups of similar prompt length (after their first ``skip`` tokens), each padded to its longest
+    prompt: ``compute.padded_groups``, within ``_PREFILL_TOKENS`` positions."""
+    lengths = [len(r.ids) - skip for r in rows]
+    return [[rows[i] for i in group] for group in padded_groups(lengths, max_positions=_PREFILL_TOKENS)]
 
 
 def decode(
