@@ -141,7 +141,7 @@ def embed_prompts(
     head, tail = len(chat_head(tokenizer)), len(chat_tail(tokenizer))
     layers = sorted({layer for layer, _ in parts})
     out = [np.zeros((len(encoded), base.hidden_size), dtype=np.float32) for _ in parts]
-    with lora.switched_off(base), base.autocast():
+    with base.autocast():
         for index, ids, mask in _length_batches(base, encoded, batch_size):
             hidden = _hidden_layers(base, ids, mask, layers)
             for p, (layer, edge) in enumerate(parts):
@@ -222,10 +222,11 @@ def _hidden_layers(
 
     handles = [backbone.layers[layer - 1].register_forward_hook(keep(layer)) for layer in inner]
     try:
-        if deepest is None:
-            found[last] = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        else:
-            backbone(input_ids=ids, attention_mask=mask, use_cache=False)
+        with lora.switched_off(base):  # the frozen model: its LoRA layers compute their base layer alone
+            if deepest is None:
+                found[last] = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            else:
+                backbone(input_ids=ids, attention_mask=mask, use_cache=False)
     except _Reached:
         pass
     finally:
@@ -239,7 +240,7 @@ def _hidden_layers(
 
 def _pooled(base: BaseModel, encoded: list[list[int]], batch_size: int, layer: int | None) -> np.ndarray:
     out = np.zeros((len(encoded), base.hidden_size), dtype=np.float32)
-    with lora.switched_off(base), base.autocast():
+    with base.autocast():
         for index, ids, mask in _length_batches(base, encoded, batch_size):
             hidden = _hidden(base, ids, mask, layer).float()
             weights = mask.unsqueeze(-1).float()
