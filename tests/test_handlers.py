@@ -30,8 +30,8 @@ from fedrouter.serving.router import Route, Router
 ROUTER = SimpleNamespace(clients=[0, 1], num_adapters=2, names=["qqp (92%)", "cluster_1"])
 
 
-async def _still_here() -> bool:
-    return False
+async def _still_here() -> None:
+    await asyncio.Event().wait()  # the client never goes away
 
 
 def _refusal(body: dict, model=ChatRequest) -> dict:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import asynccontextmanager
+from functools import partial
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
@@ -75,7 +76,14 @@ routes = APIRouter(responses=ERRORS)
 
 
 def _call(http: Request) -> Call:
-    return Call(http.is_disconnected, access_notes(http))
+    return Call(partial(_gone, http.receive), access_notes(http))
+
+
+async def _gone(receive) -> None:
+    """Returns once the client has gone: after the body (read before a handler runs), the ASGI server's next
+    message is ``http.disconnect``, sent when the connection closes (or the response is complete)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 @routes.post("/v1/chat/completions", responses=STREAMED)
