@@ -37,8 +37,9 @@ from fedrouter.serving.router import Choice, Prompt, PromptTooLong, Route, Route
 
 # How often a request waiting for its answer checks that the engine still runs. A failing engine tells every request
 # it holds at once; this only bounds the wait should one ever be missed. A client that goes away is not polled for
-# (``watch``): 16 waiting requests polling 5 times a second took the engine's thread the interpreter lock often
-# enough to cost the server 15% of its tokens per second (16 clients, 2-core CPU; /tmp-style A/B, 21 s vs 25 s).
+# (``watch``): 16 waiting requests polling 5 times a second kept the event loop busy enough, through the interpreter
+# lock the engine's thread needs between its tensor operations, to cost the server about 10% of its tokens per
+# second (16 clients, 2-core CPU: 64 requests in 25.7 s against 23.4 s, medians of 6 alternating runs, noisy).
 CHECK_S = 1.0
 PLAYGROUND = resources.files("fedrouter.serving") / "playground"
 PLAYGROUND_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
