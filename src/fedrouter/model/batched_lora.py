@@ -48,6 +48,9 @@ class Stack:
         self.index = {slot: i for i, slot in enumerate(self.slots)}
         dtype = base.dtype  # the autocast dtype (the model's own in fp32, where autocast is off)
         self.layers: dict[LoraLayer, _Layer] = {}
+        # Layers with the same slots, ranks and scalings share one ``block`` and one ``scaling`` tensor, so that
+        # ``adders`` makes each row's selection once for all of them (usually once for the whole model).
+        shared: dict[tuple, torch.Tensor] = {}
         for module in base.model.modules():
             if not isinstance(module, LoraLayer) or not any(s in module.lora_A for s in self.slots):
                 continue
@@ -60,7 +63,9 @@ class Stack:
             scaling = torch.zeros(len(self.slots) + 1, dtype=torch.float32)
             for i, s in held:
                 scaling[i] = module.scaling[s]
-            self.layers[module] = _Layer(a, b, block, scaling.to(a.device))
+            block = shared.setdefault(("block", a.device, *block.tolist()), block)
+            scaling = shared.setdefault(("scaling", a.device, *scaling.tolist()), scaling.to(a.device))
+            self.layers[module] = _Layer(a, b, block, scaling)
 
     def adders(self, adapters: Sequence[str]) -> dict[LoraLayer, Callable[[torch.Tensor], torch.Tensor]]:
         """For each adapted layer, the function of its input ``x`` (``[rows, ..., in]``) that gives what row i's
@@ -73,11 +78,13 @@ class Stack:
             return {}
         device = next(iter(self.layers.values())).a.device
         rows = torch.tensor([self.index.get(a, len(self.slots)) for a in adapters], device=device)
-        adds = {}
+        adds, selections = {}, {}
         for module, layer in self.layers.items():
-            own = (layer.block[None, :] == rows[:, None]).to(layer.a.dtype)[:, None, :]  # [rows, 1, ranks]
-            scaling = layer.scaling[rows][:, None, None]  # [rows, 1, 1]
-            adds[module] = partial(_delta, layer, own, scaling)
+            key = (id(layer.block), id(layer.scaling), layer.a.dtype)
+            if key not in selections:
+                own = (layer.block[None, :] == rows[:, None]).to(layer.a.dtype)[:, None, :]  # [rows, 1, ranks]
+                selections[key] = own, layer.scaling[rows][:, None, None]  # and [rows, 1, 1]
+            adds[module] = partial(_delta, layer, *selections[key])
         return adds
 
     @contextmanager
