@@ -8,7 +8,8 @@
 - ``health_report`` (``GET /health``), ``playground_page`` and ``playground_file`` (``GET /``, its two files).
 
 A handler sees its HTTP request only as a ``Call``: an awaitable that returns once its client has gone away, and
-the access-log notes it adds (model, adapter, token counts). It raises ``errors.ApiError`` for what a caller gets as an error.
+the access-log notes it adds (model, adapter, token counts). It raises ``errors.ApiError`` for what a caller gets
+as an error.
 """
 
 from __future__ import annotations
@@ -374,13 +375,12 @@ class ServingGeneration:
         request = self.serving.admit(prompt, body, self.param)
         watcher = watch(self.serving.engine, call, request)
         reply = Reply.of(self.prefix, body)
+        if body.stream:
+            return await self.streamed(body, request, reply, call, watcher)  # the stream cancels it when it ends
         try:
-            if body.stream:
-                return await self.streamed(body, request, reply, call, watcher)
             return await self.whole(request, reply, call)
         finally:
-            if not body.stream:
-                watcher.cancel()
+            watcher.cancel()
 
     async def whole(self, request: EngineRequest, reply: Reply, call: Call) -> JSONResponse:
         choice, done = await self.serving.answer(request)
