@@ -340,15 +340,21 @@ def test_uvicorn_bounds_headers_and_connections(server):
 def _whole_response(connection: socket.socket) -> bytes:
     """One HTTP response read off a raw socket: its head, then as many body bytes as its Content-Length says (the
     two may come in separate reads)."""
+
+    def more() -> bytes:
+        got = connection.recv(65536)
+        assert got, "the server closed the connection before its whole response"
+        return got
+
     data = b""
     while b"\r\n\r\n" not in data:
-        data += connection.recv(65536)
+        data += more()
     head, _, body = data.partition(b"\r\n\r\n")
     length = next(
         int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")
     )
     while len(body) < length:
-        body += connection.recv(65536)
+        body += more()
     return head + b"\r\n\r\n" + body
 
 

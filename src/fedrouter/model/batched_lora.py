@@ -80,7 +80,7 @@ class Stack:
         rows = torch.tensor([self.index.get(a, len(self.slots)) for a in adapters], device=device)
         adds, selections = {}, {}
         for module, layer in self.layers.items():
-            key = (id(layer.block), id(layer.scaling), layer.a.dtype)
+            key = (id(layer.block), id(layer.scaling))  # every layer's ``a`` has the stack's one dtype
             if key not in selections:
                 own = (layer.block[None, :] == rows[:, None]).to(layer.a.dtype)[:, None, :]  # [rows, 1, ranks]
                 selections[key] = own, layer.scaling[rows][:, None, None]  # and [rows, 1, 1]

@@ -302,9 +302,8 @@ class _Layer(DynamicLayer):
 
 
 _SPARE = 32  # columns of spare capacity a cache layer keeps for the next tokens
-_PREFILL_TOKENS = (
-    4096  # a prefill group holds at most this many positions (rows x longest), unless one prompt is longer
-)
+# A prefill group holds at most this many positions (rows x longest), unless one prompt is longer.
+_PREFILL_TOKENS = 4096
 
 
 @dataclass
