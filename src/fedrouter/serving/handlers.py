@@ -509,6 +509,8 @@ class EventStream:
                 kind, value = await self.next()
                 for line in on.get(kind, _nothing)(value):
                     yield line
+        except ClientGone:  # the client left (``watch``): nobody to send the rest to, and nothing went wrong
+            return
         finally:
             self.watcher.cancel()
             self.engine.cancel(self.request)  # no-op once done; frees the row when the client left mid-stream
